@@ -1,0 +1,79 @@
+"""Shared pieces of the kernel benchmarks: shapes, providers, bytes moved, the copy bandwidth."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+import vital_fast
+from vital_fast import reference as R
+
+# ResNet-50 matched-layer shapes at 224 px: (C, H, W).
+RESNET50_SHAPES = [(64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+PAPER_K = 10  # reference images the paper-style baseline re-sorts inside the loss at every call
+
+
+def make_inputs(B: int, C: int, H: int, W: int, seed: int = 0, k: int = PAPER_K):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g)
+    refs = torch.randn(k, C, H, W, generator=g) * 1.3 + 0.2
+    proto = vital_fast.sorted_prototype(refs)
+    return x, refs, proto
+
+
+def providers(x: torch.Tensor, refs: torch.Tensor, proto: torch.Tensor) -> Dict[str, Callable[[], None]]:
+    """Forward + backward closures: the pure-torch reference, the paper-style baseline, the fused op."""
+    xr = x.clone().requires_grad_(True)
+
+    def reference() -> None:
+        xr.grad = None
+        R.sort_match_reference(xr, proto).backward()
+
+    def paper_style() -> None:
+        xr.grad = None
+        R.paper_style_sort_match_loss(xr, refs).backward()
+
+    def fused() -> None:
+        xr.grad = None
+        vital_fast.sort_match_loss(xr, proto, check_values=False).backward()
+
+    return {"reference": reference, "paper-style": paper_style, "vital_fast": fused}
+
+
+def fused_bytes(x: torch.Tensor) -> int:
+    """Bytes the fused forward+backward must move: read x, write and read back x − t, write the grad."""
+    return 4 * x.numel() * x.element_size()
+
+
+def copy_bandwidth_gbs(nbytes: int = 256 << 20, rounds: int = 5) -> float:
+    """Memory copy bandwidth into an existing buffer, counting read + write, in GB/s."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / min(times) / 1e9
+
+
+def interleaved_times(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Run each closure in turn, round after round, so machine noise hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs)

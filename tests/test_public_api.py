@@ -1,0 +1,30 @@
+"""The public surface: a snapshot of __all__, and the docstring examples run."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+import vital_fast
+
+
+def test_all_snapshot():
+    assert sorted(vital_fast.__all__) == sorted([
+        "LRPWeightFunction", "SortMatchLoss", "SortMatchLossFunction", "__version__",
+        "available_backends", "channel_importance", "lrp_weight", "sort_match_loss",
+        "sorted_prototype",
+    ])
+    for name in vital_fast.__all__:
+        assert getattr(vital_fast, name) is not None
+
+
+@pytest.mark.parametrize("module", [
+    "vital_fast._backend", "vital_fast.ops.sort_match", "vital_fast.ops.lrp_weight",
+    "vital_fast.ops.prototype",
+])
+def test_docstring_examples(module):
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0

@@ -1,0 +1,71 @@
+"""Argument checks for the public ops: metadata first, values only when asked.
+
+Messages follow one template: ``"<op>: '<arg>' must <expectation>, got <actual>"``.
+Dtype problems raise ``TypeError``; rank, shape and device problems raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    op: str,
+    *,
+    ndim: Optional[Sequence[int]] = None,
+    min_ndim: Optional[int] = None,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+    like: Optional[torch.Tensor] = None,
+    like_name: str = "features",
+) -> torch.Tensor:
+    """Check type, dtype, rank and device of one tensor argument; return it unchanged."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: '{name}' must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{op}: '{name}' must have dtype in ({_dtype_names(dtypes)}), got {x.dtype}")
+    if ndim is not None and x.dim() not in ndim:
+        want = " or ".join(f"{n}-D" for n in ndim)
+        raise ValueError(f"{op}: '{name}' must be {want}, got {x.dim()}-D with shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(
+            f"{op}: '{name}' must have at least {min_ndim} dimensions, got {x.dim()}-D "
+            f"with shape {tuple(x.shape)}"
+        )
+    if like is not None and x.device != like.device:
+        raise ValueError(
+            f"{op}: '{name}' must be on the same device as '{like_name}' ({like.device}), got {x.device}"
+        )
+    return x
+
+
+def check_finite(x: torch.Tensor, name: str, op: str) -> None:
+    """Raise ValueError when ``x`` holds NaN or Inf (reads the values: a device sync on GPU)."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(
+            f"{op}: '{name}' must be finite, got {n_nan} NaN and {n_inf} Inf values "
+            f"(pass check_values=False to skip this check)"
+        )
+
+
+def check_sorted(ref: torch.Tensor, name: str, op: str) -> None:
+    """Raise ValueError when the rows of ``ref`` (last dim) are not sorted ascending."""
+    if ref.shape[-1] > 1:
+        bad = ref[..., 1:] < ref[..., :-1]
+        if bool(bad.any()):
+            n_rows = int(bad.reshape(-1, bad.shape[-1]).any(-1).sum())
+            raise ValueError(
+                f"{op}: '{name}' must be sorted ascending along its last dimension (quantiles), "
+                f"got {n_rows} unsorted rows; build it with vital_fast.sorted_prototype()"
+            )

@@ -1,0 +1,1 @@
+"""Launchers of the compiled kernels. Importing this package imports nothing compiled."""

@@ -1,0 +1,98 @@
+"""Argument handling shared by the matching ops: validation, the row view, the launchers."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from vital_fast import _validate
+from vital_fast.reference import as_rows, math_dtype, resample_quantiles
+
+REDUCTIONS = ("mean", "none", "sum")
+
+
+def launchers(op: str, backend: str) -> Tuple[Callable, Callable]:
+    """The ``(<op>_fwd, <op>_bwd)`` launchers of a compiled backend."""
+    if backend == "cpp":
+        from vital_fast.kernels import cpu as mod
+    else:
+        from vital_fast.kernels import triton as _t  # noqa: F401  (import guard)
+        import importlib
+
+        mod = importlib.import_module(f"vital_fast.kernels.triton.{op}")
+    return getattr(mod, f"{op}_fwd"), getattr(mod, f"{op}_bwd")
+
+
+def prepare(
+    op: str,
+    features: torch.Tensor,
+    reference: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    channel_dim: int,
+    reduction: str,
+    check_values: bool,
+    relevance: Optional[torch.Tensor] = None,
+    features_name: str = "features",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Validate the arguments; return ``(x, rel, ref)`` as ``(B, C, D)`` rows and ``(Bref, C, D)``.
+
+    ``ref`` is resampled to D points when its Q differs, cast to the math dtype and made
+    contiguous (it is small for a shared reference: one image's worth).
+    """
+    _validate.check_tensor(features, features_name, op, min_ndim=3)
+    if not isinstance(channel_dim, int) or not (-features.dim() <= channel_dim < features.dim()):
+        raise ValueError(
+            f"{op}: 'channel_dim' must be an int in [-{features.dim()}, {features.dim() - 1}] "
+            f"for {features_name} of shape {tuple(features.shape)}, got {channel_dim!r}"
+        )
+    if channel_dim % features.dim() == 0:
+        raise ValueError(f"{op}: 'channel_dim' must not be the batch dimension 0, got {channel_dim}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: 'reduction' must be one of {REDUCTIONS}, got {reduction!r}")
+    _validate.check_tensor(reference, "reference", op, ndim=(2, 3), like=features, like_name=features_name)
+    x = as_rows(features, channel_dim)
+    B, C, D = x.shape
+    if D == 0:
+        raise ValueError(f"{op}: rows of '{features_name}' are empty (D = 0) for shape {tuple(features.shape)}")
+    if B == 0 or C == 0:
+        raise ValueError(f"{op}: '{features_name}' has no rows (B = {B}, C = {C}), shape {tuple(features.shape)}")
+    want = f"(C, Q) = ({C}, Q) or (B, C, Q) = ({B}, {C}, Q)"
+    if reference.shape[-2] != C or (reference.dim() == 3 and reference.shape[0] != B):
+        raise ValueError(
+            f"{op}: 'reference' must have shape {want} for {features_name} of shape "
+            f"{tuple(features.shape)} (channel_dim={channel_dim}), got {tuple(reference.shape)}"
+        )
+    if reference.shape[-1] == 0:
+        raise ValueError(f"{op}: 'reference' has Q = 0 quantiles, shape {tuple(reference.shape)}")
+    rel = None
+    if relevance is not None:
+        _validate.check_tensor(relevance, "relevance", op, like=features, like_name=features_name)
+        if relevance.shape != features.shape:
+            raise ValueError(
+                f"{op}: 'relevance' must have the shape of '{features_name}' {tuple(features.shape)}, "
+                f"got {tuple(relevance.shape)}"
+            )
+        rel = as_rows(relevance.detach(), channel_dim)
+    if weight is not None:
+        _validate.check_tensor(weight, "weight", op, ndim=(1, 2), like=features, like_name=features_name)
+        if weight.shape[-1] != C or (weight.dim() == 2 and weight.shape[0] != B):
+            raise ValueError(
+                f"{op}: 'weight' must have shape (C,) = ({C},) or (B, C) = ({B}, {C}), "
+                f"got {tuple(weight.shape)}"
+            )
+    if check_values:
+        _validate.check_finite(features, features_name, op)
+        _validate.check_finite(reference, "reference", op)
+        _validate.check_sorted(reference, "reference", op)
+        if rel is not None:
+            _validate.check_finite(relevance, "relevance", op)
+        if weight is not None:
+            _validate.check_finite(weight, "weight", op)
+    ref = reference.detach().to(math_dtype(features.dtype))
+    ref = resample_quantiles(ref, D)
+    if ref.dim() == 2:
+        ref = ref.unsqueeze(0)
+    # The kernels read the reference with plain row offsets; it is small (or temporary when
+    # per-element and resampled), so a contiguous copy here costs little.
+    return x, rel, ref.contiguous()
