@@ -1,0 +1,74 @@
+"""Settings of a visualization run, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+
+@dataclass
+class Settings:
+    """Every knob of the optimizer; recorded in full with each result.
+
+    ``stages`` is the multi-resolution schedule: ``(scale, steps)`` pairs, scale relative to the
+    model's input size (e.g. ``[(0.5, 100), (1.0, 100)]``). References are recomputed at each
+    resolution and the image is upsampled between stages.
+    """
+
+    stages: List[Tuple[float, int]] = field(default_factory=lambda: [(1.0, 2000)])
+    lr: float = 1.0
+    betas: Tuple[float, float] = (0.5, 0.9)
+    warmup: int = 100                 # linear warm-up steps (per stage), then cosine to 0
+    jitter: float = 30 / 224          # max circular roll, as a fraction of the side (paper: 30 px at 224)
+    flip: bool = False                # random horizontal flip per step
+    init_std: float = 1.0             # randn init in the model's normalized space (the paper's)
+    tv_l1: float = 0.0                # total variation, L1 form (mean over the four neighbour differences)
+    tv_l2: float = 0.0                # total variation, L2 form
+    l2: float = 0.0                   # mean squared pixel value (normalized space)
+    quantiles: int = 256              # Q: quantiles stored per channel in a prototype
+    n_refs: int = 50                  # reference images per target (class: first n; channel: top-k)
+    ref_crops: int = 0                # random resized crops per reference image (0: one center crop)
+    lrp_every: int = 1                # relevance of the synthetic image every k steps (channel targets)
+    lrp_composite: str = "paper"
+    class_relevance: bool = False     # weight class targets by relevance from the logit (off: the paper)
+    channel_refs: str = "image"       # "image" (full images, the paper's code) or "patch" (crops at the unit)
+    channel_stem_weight: float = 0.1  # weight of the first matched layer for channel targets (paper: 0.1)
+
+    @property
+    def steps(self) -> int:
+        return sum(s for _, s in self.stages)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw: Any) -> "Settings":
+        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}; valid: {sorted(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **kw)
+
+
+def _paper() -> Settings:
+    # DESIGN.md §5: 2000 steps at full resolution, Adam lr 1.0 betas (0.5, 0.9), 100-step warm-up
+    # then cosine, roll jitter up to 30 px, flip off, 50 references, relevance every step.
+    return Settings()
+
+
+def _fast() -> Settings:
+    # A CPU-practical schedule: half resolution first (references recomputed there), then full;
+    # a smaller learning rate suits the short schedule (DESIGN.md §6: lr 0.25 over 300 steps).
+    return Settings(
+        stages=[(0.5, 60), (1.0, 90)], lr=0.2, warmup=10, init_std=0.5, n_refs=8, ref_crops=16,
+        quantiles=128, lrp_every=1, tv_l2=0.0, l2=0.0,
+    )
+
+
+PRESETS = {"paper": _paper, "fast": _fast}
+
+
+def get_preset(name: str) -> Settings:
+    """The settings of a named preset (``paper`` or ``fast``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()

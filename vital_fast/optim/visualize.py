@@ -1,0 +1,357 @@
+"""The batched VITAL optimizer: many targets (any mix of classes and channels) in one pass.
+
+``visualize`` returns tensors and writes nothing; :mod:`vital_fast.results` saves them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from vital_fast.ops import lrp_weight, sort_match_loss
+from vital_fast.optim.presets import Settings, get_preset
+from vital_fast.optim.regularizers import l2_penalty, lr_factor, total_variation
+from vital_fast.optim.targets import Target, parse_target
+from vital_fast.optim.transforms import draw_jitter, roll_flip
+from vital_fast.references.cache import DiskCache
+from vital_fast.references.images import ImageSet, load_images
+from vital_fast.references.prototypes import TargetReferences, channel_references, class_references
+
+
+@dataclass
+class VisualizationResult:
+    """What :func:`visualize` returns: one image per target, and how it was made."""
+
+    targets: List[Target]
+    images: torch.Tensor          # (B, 3, H, W) in [0, 1]
+    transparency: torch.Tensor    # (B, 1, H, W): accumulated |dL/dx|, per element scaled to [0, 1]
+    losses: torch.Tensor          # (B, steps): each target's total loss at every step
+    settings: Settings
+    seeds: List[int]
+    references: List[ImageSet]    # the reference images (or patches) each target used
+    layers: List[List[Tuple[str, float]]]  # matched layers and weights per target
+    timings: Dict[str, float] = field(default_factory=dict)
+    model_name: str = ""
+    fingerprint: str = ""
+
+
+ProgressFn = Callable[[int, int, torch.Tensor], None]
+
+
+def _as_loaded(model):
+    from vital_fast.models import LoadedModel, load_model
+
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def layers_before(loaded, target_layer: str, candidates: Sequence[Tuple[str, float]], stem_weight: float) -> List[Tuple[str, float]]:
+    """The matched layers that run before ``target_layer`` (execution order), the first weighted ``stem_weight``.
+
+    A target in the first matched layer, with nothing before it, is matched at its own layer.
+    """
+    from vital_fast.models import resolve_layer
+
+    order = {d["name"]: i for i, d in enumerate(_layer_table(loaded))}
+    if target_layer not in order:
+        resolve_layer(loaded.model, target_layer)  # raises with the closest valid names
+        raise ValueError(f"layer {target_layer!r} produces no tensor output")
+    before = [l for l, _ in candidates if l in order and order[l] < order[target_layer]]
+    if not before:
+        return [(target_layer, 1.0)]
+    return [(l, stem_weight if i == 0 and len(before) > 1 else 1.0) for i, l in enumerate(before)]
+
+
+_LAYER_TABLES: Dict[Tuple[int, int], List[dict]] = {}
+
+
+def _layer_table(loaded) -> List[dict]:
+    from vital_fast.models import list_layers
+
+    key = (id(loaded.model), loaded.input_size)
+    if key not in _LAYER_TABLES:
+        dev = next(iter(loaded.model.parameters())).device
+        _LAYER_TABLES[key] = list_layers(loaded.model, loaded.input_size, device=dev)
+    return _LAYER_TABLES[key]
+
+
+def _check_targets(loaded, targets: Sequence[Target]) -> Dict[str, tuple]:
+    """Stop before any optimization on an unknown layer or an index out of range."""
+    from vital_fast.models import resolve_layer
+
+    shapes = {d["name"]: d["shape"] for d in _layer_table(loaded)}
+    for t in targets:
+        if t.kind == "class":
+            n = loaded.num_classes
+            if n is not None and t.index >= n:
+                raise ValueError(f"target {t.key}: the model has {n} classes (0-{n - 1})")
+        else:
+            resolve_layer(loaded.model, t.layer)
+            shape = shapes.get(t.layer)
+            if shape is None:
+                raise ValueError(f"target {t.key}: layer {t.layer!r} produces no tensor output")
+            c = shape[-1] if loaded.channel_dim_of(t.layer) == -1 else shape[0]
+            if t.index >= c:
+                raise ValueError(f"target {t.key}: layer {t.layer!r} has {c} channels (0-{c - 1})")
+    return shapes
+
+
+def _check_resolution(loaded, size: int) -> None:
+    dev = next(iter(loaded.model.parameters())).device
+    try:
+        with torch.no_grad():
+            loaded.model(torch.zeros(1, 3, size, size, device=dev))
+    except Exception as exc:
+        raise ValueError(
+            f"the model fails on a {size}x{size} input ({type(exc).__name__}: {exc}); choose another "
+            f"--size or a stage schedule whose resolutions the model accepts (its native size is "
+            f"{loaded.input_size})"
+        ) from None
+
+
+def visualize(
+    model,
+    targets: Sequence[Union[str, Target]],
+    references: Optional[Mapping[str, Union[ImageSet, str, Sequence, torch.Tensor]]] = None,
+    *,
+    preset: str = "fast",
+    settings: Optional[Settings] = None,
+    seed: int = 0,
+    size: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    class_layers: Optional[Sequence[Tuple[str, float]]] = None,
+    cache: Optional[DiskCache] = None,
+    progress: Optional[ProgressFn] = None,
+) -> VisualizationResult:
+    """Visualize several targets in one batched optimization.
+
+    Each batch element is its own target with its own references, seed and random transforms, so
+    B targets in one pass give the images of B single-target runs with the same seeds.
+
+    Parameters
+    ----------
+    model : LoadedModel or torch.nn.Module
+        The network (see :func:`vital_fast.models.load_model`); its parameters are frozen.
+    targets : sequence of str or Target
+        ``"class:285"``, ``"channel:layer3:17"``, or :class:`Target` objects.
+    references : mapping
+        Target key -> reference images (an :class:`ImageSet`, a folder, a list of files or
+        ``(3, H, W)`` tensors, or a ``(K, 3, H, W)`` tensor). For channel targets these are the
+        top-k images or patches (see :mod:`vital_fast.references.mining`).
+    preset : {"fast", "paper"}
+        Named settings (:mod:`vital_fast.optim.presets`); ``settings`` overrides them whole.
+    seed : int
+        The run's seed; each target's seed is derived from it and the target.
+    size : int, optional
+        Final resolution (default: the model's input size).
+    device : str or torch.device, optional
+        Where to run (default: where the model's parameters are).
+    class_layers : sequence of (layer, weight), optional
+        Matched layers of class targets (default: the architecture family's preset).
+    cache : DiskCache, optional
+        Where prototypes are cached (default: the user cache folder).
+    progress : callable, optional
+        Called as ``progress(step, total_steps, losses)`` after every step.
+
+    Returns
+    -------
+    VisualizationResult
+
+    Raises
+    ------
+    ValueError
+        Unknown layer, target index out of range, missing or empty references, reference
+        channels that do not match the layer, or a resolution the model cannot run, all before
+        any optimization step.
+    """
+    t_start = time.perf_counter()
+    loaded = _as_loaded(model)
+    if device is not None:
+        loaded = loaded.to(device)
+    dev = next(iter(loaded.model.parameters())).device
+    settings = settings if settings is not None else get_preset(preset)
+    cache = cache if cache is not None else DiskCache()
+    targets = [parse_target(t) for t in targets]
+    if not targets:
+        raise ValueError("visualize: no targets given")
+    keys = [t.key for t in targets]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"visualize: duplicate targets in {keys}")
+    from vital_fast.models import default_layers
+
+    shapes = _check_targets(loaded, targets)
+    final = int(size or loaded.input_size)
+    stage_sizes = [max(16, int(round(s * final))) for s, _ in settings.stages]
+    for s in sorted(set(stage_sizes)):
+        _check_resolution(loaded, s)
+    cls_layers = list(class_layers) if class_layers is not None else list(default_layers(loaded))
+    for l, _ in cls_layers:
+        if l not in shapes:
+            from vital_fast.models import resolve_layer
+
+            resolve_layer(loaded.model, l)
+    # references, checked up front
+    refs_in = dict(references or {})
+    ref_sets: List[ImageSet] = []
+    for t in targets:
+        src = refs_in.get(t.key, refs_in.get(t))  # type: ignore[arg-type]
+        if src is None:
+            raise ValueError(f"visualize: no reference images for target {t.key}; pass references={{'{t.key}': ...}}")
+        ref_sets.append(src if isinstance(src, ImageSet) else load_images(src, what=f"references of {t.key}"))
+        if len(ref_sets[-1]) == 0:
+            raise ValueError(f"visualize: the reference set of {t.key} is empty")
+    layer_plan: List[List[Tuple[str, float]]] = []
+    for t in targets:
+        if t.kind == "class":
+            layer_plan.append(cls_layers)
+        else:
+            layer_plan.append(layers_before(loaded, t.layer, cls_layers, settings.channel_stem_weight))
+
+    seeds = [t.seed(seed) for t in targets]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    B = len(targets)
+    lo = torch.tensor([(0 - m) / s for m, s in zip(loaded.mean, loaded.std)], device=dev).view(1, 3, 1, 1)
+    hi = torch.tensor([(1 - m) / s for m, s in zip(loaded.mean, loaded.std)], device=dev).view(1, 3, 1, 1)
+    total_steps = settings.steps
+    losses = torch.zeros(B, total_steps)
+    x: Optional[torch.Tensor] = None
+    alpha: Optional[torch.Tensor] = None
+    t_refs = t_opt = t_lrp = 0.0
+    step_global = 0
+    for (scale, n_steps), S in zip(settings.stages, stage_sizes):
+        # --- references at this resolution (recomputed per stage; cached on disk) ---
+        t0 = time.perf_counter()
+        stage_refs: List[TargetReferences] = []
+        for t, rs, plan, sd in zip(targets, ref_sets, layer_plan, seeds):
+            if t.kind == "class":
+                stage_refs.append(class_references(loaded, t.key, rs, plan, S, settings, sd, cache))
+            else:
+                stage_refs.append(channel_references(loaded, t.key, t.layer, t.index, rs.subset(range(min(len(rs), settings.n_refs))),
+                                                     plan, S, settings, cache))
+        groups = _build_groups(targets, stage_refs, dev)
+        t_refs += time.perf_counter() - t0
+        # --- the image: randn init, or the previous stage upsampled ---
+        if x is None:
+            x0 = torch.stack([torch.randn(3, S, S, generator=g) for g in gens]) * settings.init_std
+            x = x0.to(dev)
+            alpha = torch.zeros(B, 1, S, S, device=dev)
+        else:
+            x = F.interpolate(x.detach(), size=(S, S), mode="bilinear", align_corners=False)
+            alpha = F.interpolate(alpha, size=(S, S), mode="bilinear", align_corners=False)
+        x = torch.max(torch.min(x, hi), lo).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=settings.lr, betas=tuple(settings.betas))
+        max_shift = int(round(settings.jitter * S))
+        layer_names = sorted({l for g in groups for l, _ in g["layers"]})
+        rel_cache: Dict[int, Dict[str, torch.Tensor]] = {}
+        t0 = time.perf_counter()
+        for step in range(n_steps):
+            for pg in opt.param_groups:
+                pg["lr"] = settings.lr * lr_factor(step, n_steps, settings.warmup)
+            dy, dx, fl = draw_jitter(gens, max_shift, settings.flip)
+            xt = roll_flip(x, dy, dx, fl)
+            if step % max(1, settings.lrp_every) == 0:
+                tl = time.perf_counter()
+                rel_cache = _synthetic_relevance(loaded, xt, groups, settings)
+                t_lrp += time.perf_counter() - tl
+            feats = _forward_taps(loaded, xt, layer_names)
+            per_elem = torch.zeros(B, device=dev)
+            for gi, g in enumerate(groups):
+                idx = g["index"]
+                for l, w in g["layers"]:
+                    f = feats[l].index_select(0, idx) if len(idx) < B else feats[l]
+                    cd = loaded.channel_dim_of(l)
+                    if g["kind"] == "class":
+                        lv = sort_match_loss(f, g["protos"][l], channel_dim=cd, reduction="none", check_values=False)
+                    else:
+                        lv = lrp_weight(f, rel_cache[gi][l], g["protos"][l], g["importance"][l],
+                                        channel_dim=cd, reduction="none", check_values=False)
+                    per_elem = per_elem.index_add(0, idx, w * lv)
+            reg = 0
+            if settings.tv_l1:
+                reg = reg + settings.tv_l1 * total_variation(x, 1)
+            if settings.tv_l2:
+                reg = reg + settings.tv_l2 * total_variation(x, 2)
+            if settings.l2:
+                reg = reg + settings.l2 * l2_penalty(x)
+            total = per_elem + reg
+            opt.zero_grad(set_to_none=True)
+            total.sum().backward()
+            alpha += x.grad.detach().abs().sum(1, keepdim=True)
+            opt.step()
+            with torch.no_grad():
+                x.copy_(torch.max(torch.min(x, hi), lo))
+            losses[:, step_global] = total.detach().float().cpu()
+            step_global += 1
+            if progress is not None:
+                progress(step_global, total_steps, losses[:, step_global - 1])
+        t_opt += time.perf_counter() - t0
+    with torch.no_grad():
+        images = loaded.denormalize(x.detach()).clamp(0, 1).cpu()
+        a = alpha.cpu()
+        amax = a.flatten(1).amax(1).clamp_min(1e-12).view(B, 1, 1, 1)
+        transparency = a / amax
+    timings = {
+        "total_s": time.perf_counter() - t_start, "references_s": t_refs, "optimize_s": t_opt,
+        "relevance_s": t_lrp, "steps": total_steps, "s_per_step": t_opt / max(1, total_steps),
+        "s_per_target_step": t_opt / max(1, total_steps) / B,
+    }
+    return VisualizationResult(targets, images, transparency, losses, settings, seeds, ref_sets, layer_plan,
+                               timings, loaded.name, loaded.fingerprint)
+
+
+def _build_groups(targets: Sequence[Target], refs: Sequence[TargetReferences], dev) -> List[dict]:
+    """Batch elements grouped so each group shares its matched layers: all class targets, and the
+    channel targets of each target layer. Prototypes are stacked to ``(B_group, C, Q)``."""
+    groups: Dict[tuple, dict] = {}
+    for i, (t, r) in enumerate(zip(targets, refs)):
+        gkey = ("class",) if t.kind == "class" else ("channel", t.layer)
+        g = groups.setdefault(gkey, {"kind": t.kind, "layer": t.layer, "members": [], "layers": r.layers})
+        g["members"].append((i, t, r))
+    out = []
+    for g in groups.values():
+        members = g["members"]
+        g["index"] = torch.tensor([i for i, _, _ in members], device=dev)
+        g["channels"] = torch.tensor([t.index for _, t, _ in members], device=dev)
+        g["protos"] = {}
+        g["importance"] = {}
+        for l, _ in g["layers"]:
+            ps = [r.prototypes[l] for _, _, r in members]
+            q = min(p.shape[-1] for p in ps)
+            g["protos"][l] = torch.stack([p if p.shape[-1] == q else _requantize(p, q) for p in ps]).to(dev)
+            if g["kind"] == "channel":
+                g["importance"][l] = torch.stack([r.importance[l] for _, _, r in members]).to(dev)
+        del g["members"]
+        out.append(g)
+    return out
+
+
+def _requantize(p: torch.Tensor, q: int) -> torch.Tensor:
+    from vital_fast.reference import resample_quantiles
+
+    return resample_quantiles(p, q)
+
+
+def _forward_taps(loaded, x: torch.Tensor, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
+    from vital_fast.models import FeatureTaps
+
+    with FeatureTaps(loaded.model, list(layers)) as taps:
+        return dict(taps.run(x))
+
+
+def _synthetic_relevance(loaded, xt: torch.Tensor, groups: Sequence[dict], settings: Settings) -> Dict[int, Dict[str, torch.Tensor]]:
+    """Relevance of the current (jittered) synthetic images for each channel group: constant masks."""
+    out: Dict[int, Dict[str, torch.Tensor]] = {}
+    if not any(g["kind"] == "channel" for g in groups):
+        return out
+    from vital_fast.references.relevance import relevance_maps
+
+    for gi, g in enumerate(groups):
+        if g["kind"] != "channel":
+            continue
+        xs = xt.detach().index_select(0, g["index"])
+        out[gi] = relevance_maps(loaded.model, xs, g["layer"], g["channels"], [l for l, _ in g["layers"]],
+                                 family=loaded.family, composite=settings.lrp_composite)
+    return out

@@ -1,0 +1,1 @@
+"""Reference sets: images, prototypes, top-k mining, relevance, the on-disk cache."""

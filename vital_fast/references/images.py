@@ -1,0 +1,239 @@
+"""Reference images: reading files and folders, the offline photographs, preprocessing.
+
+Images are handled as float tensors ``(3, H, W)`` in [0, 1]. Unreadable and grayscale files are
+skipped with one warning that counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+@dataclass
+class ImageSet:
+    """Reference images with a name and a content hash each (the hash keys the cache)."""
+
+    images: List[torch.Tensor] = field(default_factory=list)  # (3, H, W) float32 in [0, 1]
+    names: List[str] = field(default_factory=list)
+    hashes: List[str] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def digest(self) -> str:
+        """One hash of the whole set (order-independent)."""
+        return hashlib.sha256("\n".join(sorted(self.hashes)).encode()).hexdigest()[:16]
+
+    def subset(self, idx: Sequence[int]) -> "ImageSet":
+        return ImageSet([self.images[i] for i in idx], [self.names[i] for i in idx],
+                        [self.hashes[i] for i in idx])
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Read one image file as ``(3, H, W)`` float32 in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        When the file cannot be read as an image, or is grayscale (not RGB).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                raise ValueError(f"{path}: not an RGB image (mode {im.mode})")
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{path}: unreadable image ({exc})") from exc
+    arr = np.asarray(rgb, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def list_image_files(folder: str, recursive: bool = True) -> List[str]:
+    """Image files under ``folder`` (by extension), sorted for a stable order."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."):
+                out.append(os.path.join(root, f))
+        if not recursive:
+            break
+    return out
+
+
+def load_images(
+    source: Union[str, Sequence[Union[str, torch.Tensor]], torch.Tensor], *, what: str = "reference images"
+) -> ImageSet:
+    """Load reference images from a folder, a list of files or tensors, or a ``(K, 3, H, W)`` tensor.
+
+    Unreadable or grayscale files are skipped with one warning that counts them. Tensors must be
+    ``(3, H, W)`` float in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        A missing path, or no usable image at all.
+    """
+    items: List[Union[str, torch.Tensor]]
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 4 or source.shape[1] != 3:
+            raise ValueError(f"{what}: a tensor of images must be (K, 3, H, W), got {tuple(source.shape)}")
+        items = list(source)
+    elif isinstance(source, (str, os.PathLike)):
+        source = os.fspath(source)
+        if os.path.isdir(source):
+            items = list_image_files(source)
+        elif os.path.isfile(source):
+            items = [source]
+        else:
+            raise ValueError(f"{what}: no such file or folder: {source}")
+    else:
+        items = list(source)
+    out = ImageSet()
+    reasons: List[str] = []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            if item.dim() != 3 or item.shape[0] != 3:
+                raise ValueError(f"{what}: an image tensor must be (3, H, W), got {tuple(item.shape)}")
+            img = item.detach().float().cpu().clamp(0, 1)
+            out.images.append(img)
+            out.names.append(f"tensor{len(out.names)}")
+            out.hashes.append(tensor_hash(img))
+            continue
+        path = os.fspath(item)
+        if not os.path.exists(path):
+            raise ValueError(f"{what}: no such file: {path}")
+        try:
+            img = load_image(path)
+        except ValueError as exc:
+            out.skipped += 1
+            reasons.append(str(exc))
+            continue
+        with open(path, "rb") as fh:
+            h = hashlib.sha256(fh.read()).hexdigest()[:16]
+        out.images.append(img)
+        out.names.append(path)
+        out.hashes.append(h)
+    if out.skipped:
+        warnings.warn(
+            f"{what}: skipped {out.skipped} of {len(items)} files that are unreadable or not RGB "
+            f"(first: {reasons[0]})",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not out.images:
+        raise ValueError(f"{what}: no usable image in {source if isinstance(source, str) else 'the given list'}")
+    return out
+
+
+def resize_center_crop(img: torch.Tensor, size: int, resize: Optional[int] = None) -> torch.Tensor:
+    """Resize the shorter side to ``resize`` (default ``size * 256 / 224``), then center-crop ``size``."""
+    resize = resize or int(round(size * 256 / 224))
+    _, h, w = img.shape
+    scale = resize / min(h, w)
+    nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    x = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top:top + size, left:left + size].clamp(0, 1)
+
+
+def random_resized_crops(
+    img: torch.Tensor, size: int, n: int, generator: torch.Generator, scale: Tuple[float, float] = (0.35, 1.0)
+) -> torch.Tensor:
+    """``n`` random resized crops ``(n, 3, size, size)`` of one image (aspect 3/4 to 4/3), seeded."""
+    _, h, w = img.shape
+    out = []
+    for _ in range(n):
+        area = h * w * float(torch.empty(1).uniform_(*scale, generator=generator))
+        ratio = float(torch.exp(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator)))
+        ch = int(round(min(h, np.sqrt(area / ratio))))
+        cw = int(round(min(w, np.sqrt(area * ratio))))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+        crop = img[:, top:top + ch, left:left + cw]
+        out.append(F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False,
+                                 antialias=True)[0])
+    return torch.stack(out).clamp(0, 1)
+
+
+# The photographs that ship inside installed packages, with the ImageNet class each shows
+# (DESIGN.md §6: what efficientnet-lite0 calls them). Paths are resolved lazily.
+_OFFLINE = {
+    "coffee": ("skimage", "coffee.png", 967),
+    "chelsea": ("skimage", "chelsea.png", 282),
+    "rocket": ("skimage", "rocket.jpg", 657),
+    "motorcycle_left": ("skimage", "motorcycle_left.png", 665),
+    "motorcycle_right": ("skimage", "motorcycle_right.png", 665),
+    "astronaut": ("skimage", "astronaut.png", None),
+    "china": ("sklearn", "china.jpg", 698),
+    "flower": ("sklearn", "flower.jpg", 985),
+    "grace_hopper": ("matplotlib", "grace_hopper.jpg", 400),
+}
+
+
+def offline_photo_path(name: str) -> str:
+    """Path of one photograph that ships in an installed package (scikit-image, scikit-learn, matplotlib)."""
+    if name not in _OFFLINE:
+        raise ValueError(f"unknown offline photograph {name!r}; known: {', '.join(sorted(_OFFLINE))}")
+    pkg, fname, _ = _OFFLINE[name]
+    try:
+        if pkg == "skimage":
+            import skimage
+
+            path = os.path.join(os.path.dirname(skimage.__file__), "data", fname)
+        elif pkg == "sklearn":
+            import sklearn.datasets
+
+            path = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", fname)
+        else:
+            import matplotlib
+
+            path = os.path.join(matplotlib.get_data_path(), "sample_data", fname)
+    except ImportError as exc:
+        raise RuntimeError(f"the offline photograph {name!r} needs the package {pkg}: pip install "
+                           f"{ {'skimage': 'scikit-image', 'sklearn': 'scikit-learn'}.get(pkg, pkg)}") from exc
+    if not os.path.isfile(path):
+        raise RuntimeError(f"the offline photograph {name!r} is missing from {pkg} (expected {path})")
+    return path
+
+
+def offline_class_photos() -> Dict[int, List[str]]:
+    """ImageNet class index -> paths of offline photographs showing that class."""
+    out: Dict[int, List[str]] = {}
+    for name, (_, _, cls) in _OFFLINE.items():
+        if cls is not None:
+            out.setdefault(cls, []).append(offline_photo_path(name))
+    return out
+
+
+def offline_photo_paths() -> List[str]:
+    """All offline photographs (a small candidate pool for channel top-k mining)."""
+    return [offline_photo_path(n) for n in _OFFLINE]
+
+
+def imagenet_labels() -> List[str]:
+    """The 1000 ImageNet class names (from torchvision's metadata, offline)."""
+    try:
+        from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+        return list(_IMAGENET_CATEGORIES)
+    except Exception:
+        return [f"class {i}" for i in range(1000)]

@@ -1,0 +1,193 @@
+"""Saving visualization results: images, transparency, references, a grid and a manifest.
+
+A run folder looks like::
+
+    OUT/manifest.json                 package version, model name and fingerprint, settings, seed,
+                                      every finished target with the paths of its files, timings
+    OUT/grid.png                      all targets side by side
+    OUT/targets/<slug>/image.png      the visualization
+    OUT/targets/<slug>/image_rgba.png the visualization with its transparency map as alpha
+    OUT/targets/<slug>/references.png the reference images or patches it was matched against
+    OUT/targets/<slug>/result.json    that target's record (the manifest's entry)
+
+Each target folder is written under a temporary name and renamed into place, and the manifest is
+replaced atomically after it: an interrupted run leaves complete targets or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vital_fast._version import __version__
+from vital_fast.references.cache import atomic_write_bytes
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """``(C, H, W)`` in [0, 1] -> ``(H, W, C)`` uint8."""
+    return (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def save_png(arr: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    mode = {3: "RGB", 4: "RGBA"}[arr.shape[-1]]
+    Image.fromarray(arr, mode=mode).save(path, format="PNG")
+
+
+def alpha_map(transparency: torch.Tensor, clip_percentile: float = 98.0) -> torch.Tensor:
+    """Transparency ``(1, H, W)`` -> alpha in [0, 1], clipped at a percentile (the paper's 98th)."""
+    t = transparency.float().flatten()
+    hi = torch.quantile(t, clip_percentile / 100.0).clamp_min(1e-12)
+    return (transparency.float() / hi).clamp(0, 1)
+
+
+def reference_strip(images: Sequence[torch.Tensor], size: int = 96, max_n: int = 8) -> torch.Tensor:
+    """Up to ``max_n`` reference thumbnails, center-cropped squares, side by side ``(3, size, n*size)``."""
+    thumbs = []
+    for img in list(images)[:max_n]:
+        _, h, w = img.shape
+        s = min(h, w)
+        sq = img[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        thumbs.append(F.interpolate(sq[None].float(), size=(size, size), mode="bilinear", align_corners=False,
+                                    antialias=True)[0])
+    return torch.cat(thumbs, dim=2) if thumbs else torch.ones(3, size, size)
+
+
+def make_grid(images: torch.Tensor, ncol: Optional[int] = None, pad: int = 4) -> torch.Tensor:
+    B, C, H, W = images.shape
+    ncol = ncol or min(B, 8)
+    nrow = -(-B // ncol)
+    grid = torch.ones(C, nrow * (H + pad) + pad, ncol * (W + pad) + pad)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = images[i]
+    return grid
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode("utf-8"))
+
+
+def read_manifest(out_dir: str) -> Dict[str, Any]:
+    """The manifest of a run folder; ValueError when the folder is not a vital_fast run."""
+    p = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(p):
+        raise ValueError(f"{out_dir} is not a vital_fast run folder (no {MANIFEST})")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            m = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{p}: unreadable manifest ({exc})") from None
+    if not isinstance(m, dict) or m.get("tool") != "vital_fast":
+        raise ValueError(f"{p} is not a vital_fast manifest")
+    return m
+
+
+def write_target(out_dir: str, slug: str, files: Dict[str, np.ndarray], record: Dict[str, Any]) -> Dict[str, str]:
+    """Write one target's files into ``targets/<slug>/`` atomically; return the relative paths."""
+    tdir = os.path.join(out_dir, "targets")
+    os.makedirs(tdir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{slug}-", dir=tdir)
+    rel = {}
+    try:
+        for name, arr in files.items():
+            save_png(arr, os.path.join(tmp, f"{name}.png"))
+            rel[name] = f"targets/{slug}/{name}.png"
+        record = dict(record, files=rel)
+        with open(os.path.join(tmp, "result.json"), "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        final = os.path.join(tdir, slug)
+        if os.path.exists(final):  # a re-run of this target: swap, then drop the old one
+            old = tempfile.mkdtemp(prefix=f".old-{slug}-", dir=tdir)
+            os.replace(final, os.path.join(old, "x"))
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return rel
+
+
+def target_records(result, labels: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+    """The manifest entries of a :class:`~vital_fast.optim.VisualizationResult` (without files)."""
+    recs = []
+    for i, t in enumerate(result.targets):
+        recs.append({
+            "key": t.key, "kind": t.kind, "index": t.index, "layer": t.layer, "slug": t.slug,
+            "label": (labels or {}).get(t.key, t.key), "seed": result.seeds[i],
+            "layers": [[l, w] for l, w in result.layers[i]],
+            "losses": [round(float(v), 6) for v in result.losses[i]],
+            "final_loss": float(result.losses[i, -1]) if result.losses.shape[1] else None,
+            "references": list(result.references[i].names),
+        })
+    return recs
+
+
+def run_header(result, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    return {
+        "tool": "vital_fast", "format": MANIFEST_FORMAT, "version": __version__,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "model": {"name": result.model_name, "fingerprint": result.fingerprint},
+        "settings": result.settings.to_dict(), **(extra or {}),
+    }
+
+
+def save_result(result, out_dir: str, *, labels: Optional[Dict[str, str]] = None, seed: Optional[int] = None,
+                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Write a result into ``out_dir`` (targets, grid, manifest); merge with targets already there.
+
+    Returns the manifest written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        manifest = read_manifest(out_dir)
+    except ValueError:
+        manifest = None
+    header = run_header(result, dict(extra or {}, seed=seed))
+    if manifest is None:
+        manifest = dict(header, targets=[], timings={})
+    else:
+        manifest.update({k: v for k, v in header.items() if k not in ("targets",)})
+    records = target_records(result, labels)
+    by_key = {r["key"]: r for r in manifest.get("targets", [])}
+    for i, rec in enumerate(records):
+        files = {
+            "image": to_uint8(result.images[i]),
+            "image_rgba": np.concatenate([to_uint8(result.images[i]), to_uint8(alpha_map(result.transparency[i]))], axis=-1),
+            "references": to_uint8(reference_strip(result.references[i].images)),
+        }
+        rec["timings"] = {"s_per_target_step": result.timings.get("s_per_target_step")}
+        rec["files"] = write_target(out_dir, rec["slug"], files, rec)
+        by_key[rec["key"]] = rec
+    manifest["targets"] = list(by_key.values())
+    manifest["timings"] = result.timings
+    grid_imgs = []
+    from PIL import Image
+
+    for rec in manifest["targets"]:
+        with Image.open(os.path.join(out_dir, rec["files"]["image"])) as im:
+            arr = np.asarray(im.convert("RGB").resize((160, 160)), dtype=np.float32) / 255.0
+        grid_imgs.append(torch.from_numpy(arr).permute(2, 0, 1))
+    if grid_imgs:
+        tmp = os.path.join(out_dir, ".tmp-grid.png")
+        save_png(to_uint8(make_grid(torch.stack(grid_imgs))), tmp)
+        os.replace(tmp, os.path.join(out_dir, "grid.png"))
+        manifest["grid"] = "grid.png"
+    write_json_atomic(manifest, os.path.join(out_dir, MANIFEST))
+    return manifest
