@@ -13,51 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 
-import torch
-
-import vital_fast
-from benchmarks._common import (
-    RESNET50_SHAPES,
-    copy_bandwidth_gbs,
-    fused_bytes,
-    interleaved_times,
-    make_inputs,
-    median,
-    providers,
-)
-
-
-def run(batches, threads: int, rounds: int, shapes=RESNET50_SHAPES, out=sys.stdout):
-    torch.set_num_threads(threads)
-    backends = vital_fast.available_backends()
-    fused_backend = "cpp" if backends["cpp"]["available"] else "reference (C++ extension not built)"
-    bw = copy_bandwidth_gbs()
-    print(f"vital_fast {vital_fast.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{threads} threads; fused op backend: {fused_backend}", file=out)
-    print(f"memory copy bandwidth (read + write): {bw:.1f} GB/s; {rounds} interleaved rounds, median", file=out)
-    print("", file=out)
-    header = f"| shape (B, C, H, W) | provider | fwd+bwd ms | vital_fast speed-up | GB/s (% of copy) |"
-    print(header, file=out)
-    print("|---|---|---:|---:|---:|", file=out)
-    rows = []
-    for B in batches:
-        for C, H, W in shapes:
-            x, refs, proto = make_inputs(B, C, H, W)
-            times = interleaved_times(providers(x, refs, proto), rounds=rounds)
-            med = {k: median(v) for k, v in times.items()}
-            gbs = fused_bytes(x) / med["vital_fast"] / 1e9
-            for name in ("reference", "paper-style", "vital_fast"):
-                speed = med[name] / med["vital_fast"]
-                extra = f"{gbs:.1f} ({100 * gbs / bw:.0f} %)" if name == "vital_fast" else ""
-                print(f"| ({B}, {C}, {H}, {W}) | {name} | {1e3 * med[name]:.1f} | "
-                      f"{speed:.1f}x | {extra} |", file=out, flush=True)
-                rows.append({"shape": [B, C, H, W], "provider": name, "ms": 1e3 * med[name],
-                             "speedup_of_vital_fast": speed, "gbs": gbs if name == "vital_fast" else None})
-            del x, refs, proto
-    return {"copy_gbs": bw, "threads": threads, "rounds": rounds, "rows": rows}
+from vital_fast.bench import run
 
 
 def main(argv=None) -> int:

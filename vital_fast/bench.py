@@ -1,10 +1,16 @@
-"""Shared pieces of the kernel benchmarks: shapes, providers, bytes moved, the copy bandwidth."""
+"""The kernel benchmark: shapes, providers, bytes moved, the copy bandwidth, and the table.
+
+Used by ``vital-fast bench``, ``python -m benchmarks.table`` and the pytest-benchmark suites.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
 from typing import Callable, Dict, List
+
+import platform
+import sys
 
 import torch
 
@@ -77,3 +83,33 @@ def interleaved_times(fns: Dict[str, Callable[[], None]], rounds: int, warmup: i
 
 def median(xs: List[float]) -> float:
     return statistics.median(xs)
+
+
+def run(batches, threads: int, rounds: int, shapes=RESNET50_SHAPES, out=sys.stdout):
+    torch.set_num_threads(threads)
+    backends = vital_fast.available_backends()
+    fused_backend = "cpp" if backends["cpp"]["available"] else "reference (C++ extension not built)"
+    bw = copy_bandwidth_gbs()
+    print(f"vital_fast {vital_fast.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{threads} threads; fused op backend: {fused_backend}", file=out)
+    print(f"memory copy bandwidth (read + write): {bw:.1f} GB/s; {rounds} interleaved rounds, median", file=out)
+    print("", file=out)
+    header = f"| shape (B, C, H, W) | provider | fwd+bwd ms | vital_fast speed-up | GB/s (% of copy) |"
+    print(header, file=out)
+    print("|---|---|---:|---:|---:|", file=out)
+    rows = []
+    for B in batches:
+        for C, H, W in shapes:
+            x, refs, proto = make_inputs(B, C, H, W)
+            times = interleaved_times(providers(x, refs, proto), rounds=rounds)
+            med = {k: median(v) for k, v in times.items()}
+            gbs = fused_bytes(x) / med["vital_fast"] / 1e9
+            for name in ("reference", "paper-style", "vital_fast"):
+                speed = med[name] / med["vital_fast"]
+                extra = f"{gbs:.1f} ({100 * gbs / bw:.0f} %)" if name == "vital_fast" else ""
+                print(f"| ({B}, {C}, {H}, {W}) | {name} | {1e3 * med[name]:.1f} | "
+                      f"{speed:.1f}x | {extra} |", file=out, flush=True)
+                rows.append({"shape": [B, C, H, W], "provider": name, "ms": 1e3 * med[name],
+                             "speedup_of_vital_fast": speed, "gbs": gbs if name == "vital_fast" else None})
+            del x, refs, proto
+    return {"copy_gbs": bw, "threads": threads, "rounds": rounds, "rows": rows}

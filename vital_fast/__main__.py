@@ -1,0 +1,5 @@
+import sys
+
+from vital_fast.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``vital-fast`` command-line tool: demo, layers, visualize, report, compare, bench."""

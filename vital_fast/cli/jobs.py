@@ -1,0 +1,138 @@
+"""The jobs behind the CLI, usable from Python too: reference gathering, batched runs into a folder."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from vital_fast.optim import Settings, Target, visualize
+from vital_fast.references.cache import DiskCache
+from vital_fast.references.images import ImageSet, imagenet_labels, list_image_files, load_images
+from vital_fast.references.mining import channel_reference_images, mine_topk
+from vital_fast.results import read_manifest, save_result
+
+
+def class_image_folder(root: str, index: int) -> Optional[str]:
+    """The subfolder of ``root`` holding class ``index``: named by the index (``285``) or a WordNet id."""
+    cand = os.path.join(root, str(index))
+    if os.path.isdir(cand):
+        return cand
+    wnid = _wnid(index)
+    if wnid and os.path.isdir(os.path.join(root, wnid)):
+        return os.path.join(root, wnid)
+    return None
+
+
+def _wnid(index: int) -> Optional[str]:
+    """The WordNet id of an ImageNet class, when a mapping is available offline.
+
+    A ``wnids.txt`` (1000 lines, in class order) or ``LOC_synset_mapping.txt`` beside the images,
+    or in ``$VITAL_FAST_WNIDS``, provides it.
+    """
+    path = os.environ.get("VITAL_FAST_WNIDS")
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            ids = [line.split()[0] for line in fh if line.strip()]
+        if 0 <= index < len(ids):
+            return ids[index]
+    return None
+
+
+def _find_wnid_file(root: str) -> Optional[str]:
+    for name in ("wnids.txt", "LOC_synset_mapping.txt", "synsets.txt"):
+        p = os.path.join(root, name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def gather_references(
+    loaded, targets: Sequence[Target], images: str, settings: Settings, cache: DiskCache, size: Optional[int] = None
+) -> Dict[str, ImageSet]:
+    """Reference images for each target from a folder (checked before any optimization).
+
+    Class targets read the subfolder named by the class index or WordNet id; channel targets
+    mine the top-k of every image under the folder, in one pass per layer.
+    """
+    if not os.path.isdir(images):
+        raise ValueError(f"--images: no such folder: {images}")
+    wn = _find_wnid_file(images)
+    if wn and not os.environ.get("VITAL_FAST_WNIDS"):
+        os.environ["VITAL_FAST_WNIDS"] = wn
+    refs: Dict[str, ImageSet] = {}
+    for t in targets:
+        if t.kind == "class":
+            folder = class_image_folder(images, t.index)
+            if folder is None:
+                raise ValueError(
+                    f"no reference images for {t.key}: expected a subfolder {os.path.join(images, str(t.index))}"
+                    f" (or named by its WordNet id, with a wnids.txt beside it)"
+                )
+            refs[t.key] = load_images(folder, what=f"references of {t.key}")
+    chan = [t for t in targets if t.kind == "channel"]
+    if chan:
+        files = list_image_files(images)
+        if not files:
+            raise ValueError(f"--images: no image files under {images} to mine channel references from")
+        pool = load_images(files, what=f"candidate images under {images}")
+        k = min(settings.n_refs, len(pool))
+        for layer in sorted({t.layer for t in chan}):
+            ts = [t for t in chan if t.layer == layer]
+            top = mine_topk(loaded, layer, pool, [t.index for t in ts], k, size or loaded.input_size, cache)
+            per = channel_reference_images(loaded, top, pool, settings.channel_refs, size or loaded.input_size)
+            for t in ts:
+                refs[t.key] = per[t.index]
+    return refs
+
+
+def labels_for(targets: Sequence[Target]) -> Dict[str, str]:
+    names = imagenet_labels()
+    out = {}
+    for t in targets:
+        if t.kind == "class" and t.index < len(names):
+            out[t.key] = f"{t.index} {names[t.index]}"
+        else:
+            out[t.key] = f"{t.layer} channel {t.index}" if t.kind == "channel" else t.key
+    return out
+
+
+def run_into_folder(
+    loaded,
+    targets: Sequence[Target],
+    refs: Dict[str, ImageSet],
+    out_dir: str,
+    settings: Settings,
+    *,
+    seed: int,
+    batch: int,
+    cache: DiskCache,
+    preset: str,
+    size: Optional[int] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+    extra: Optional[dict] = None,
+) -> dict:
+    """Visualize ``targets`` in batches of ``batch``, saving each batch's results as it finishes."""
+    labels = labels_for(targets)
+    manifest: dict = {}
+    done_steps = 0
+    for i in range(0, len(targets), batch):
+        chunk = list(targets[i:i + batch])
+
+        def progress(step, total, losses, _base=done_steps):
+            if on_step:
+                on_step(_base + step)
+
+        res = visualize(loaded, chunk, {t.key: refs[t.key] for t in chunk}, settings=settings, seed=seed,
+                        size=size, cache=cache, progress=progress)
+        done_steps += settings.steps
+        manifest = save_result(res, out_dir, labels=labels, seed=seed, extra=dict(extra or {}, preset=preset))
+    return manifest
+
+
+def finished_keys(out_dir: str) -> List[str]:
+    try:
+        return [t["key"] for t in read_manifest(out_dir).get("targets", [])]
+    except ValueError:
+        return []

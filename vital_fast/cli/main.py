@@ -1,0 +1,282 @@
+"""``vital-fast``: the command-line front end.
+
+Exit codes: 0 success; 2 bad usage or input (one line, no traceback); 1 anything else (the
+traceback only with ``--verbose``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from typing import List, Optional
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage or input: reported in one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: exit 2 with one line (plus usage)
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def _common_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="fast", help="settings preset: fast (CPU-practical) or paper (default: fast)")
+    p.add_argument("--steps", type=int, default=None, help="total optimization steps (stages scaled to fit)")
+    p.add_argument("--size", type=int, default=None, help="final resolution in pixels (default: the model's)")
+    p.add_argument("--batch", type=int, default=8, help="targets optimized together in one pass (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; each target's seed derives from it (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--cache", default=None, help="prototype cache folder (default: ~/.cache/vital_fast)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the prototype cache")
+    p.add_argument("--force", action="store_true", help="write into an existing output folder, replacing its targets")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run: skip finished targets")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vital-fast", description="Fast VITAL feature visualization: distribution-matched images of "
+                "what a class or a channel of a network responds to.")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks of unexpected errors")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="visualize a few classes and channels of efficientnet-lite0 with offline photos",
+                       description="Needs nothing from you and no network: efficientnet-lite0 and photographs that "
+                       "ship in installed packages; writes a run folder with an HTML gallery.")
+    d.add_argument("--out", default=None, help="run folder (default: runs/demo-YYYYmmdd-HHMMSS)")
+    _common_run_args(d)
+
+    l = sub.add_parser("layers", help="list a model's tappable layers with output shapes")
+    l.add_argument("model", help="efficientnet-lite0|1|2, torchvision:NAME, or a model file")
+    l.add_argument("--size", type=int, default=None, help="input size for the shapes (default: the model's)")
+    l.add_argument("--random-weights", action="store_true", help="torchvision models: do not need pretrained weights")
+
+    v = sub.add_parser("visualize", help="visualize class and channel targets of a model")
+    v.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, or a model file")
+    v.add_argument("--target", action="append", required=True, metavar="SPEC",
+                   help="class:285 or channel:LAYER:17 (repeat for more)")
+    v.add_argument("--images", required=True, help="folder: class subfolders (285/ or n02124075/); every image under "
+                   "it is a candidate for channel top-k mining")
+    v.add_argument("--out", required=True, help="run folder to write")
+    v.add_argument("--random-weights", action="store_true", help="torchvision models: random weights")
+    v.add_argument("--arch", default=None, help="architecture of a state_dict model file (e.g. torchvision:resnet50)")
+    v.add_argument("--channel-refs", choices=["image", "patch"], default=None,
+                   help="channel references: top-k full images or patches at the unit (default: the preset's)")
+    _common_run_args(v)
+
+    r = sub.add_parser("report", help="(re)build the HTML gallery of a run folder")
+    r.add_argument("run", help="run folder")
+
+    c = sub.add_parser("compare", help="compare two runs of the same targets (e.g. two model versions)")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.add_argument("--out", default=None, help="folder for the comparison gallery (default: RUN_B/compare-<name of A>)")
+    c.add_argument("--force", action="store_true")
+
+    b = sub.add_parser("bench", help="print the kernel benchmark table")
+    b.add_argument("--quick", action="store_true", help="fewer rounds")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    return p
+
+
+def _settings(args):
+    from vital_fast.optim import get_preset
+
+    s = get_preset(args.preset)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        total = s.steps
+        stages = [(sc, max(1, round(n * args.steps / total))) for sc, n in s.stages]
+        stages[-1] = (stages[-1][0], max(1, args.steps - sum(n for _, n in stages[:-1])))
+        s = s.replace(stages=stages, warmup=min(s.warmup, max(1, args.steps // 10)))
+    if getattr(args, "channel_refs", None):
+        s = s.replace(channel_refs=args.channel_refs)
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    return s
+
+
+def _cache(args):
+    from vital_fast.references.cache import DiskCache
+
+    return DiskCache(args.cache, enabled=not args.no_cache)
+
+
+def _check_out(out: str, force: bool, resume: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not (force or resume):
+        raise UsageError(f"output folder {out} exists and is not empty; pass --force to replace its targets "
+                         f"or --resume to continue it")
+
+
+def _device(args):
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
+    return args.device
+
+
+def _run_targets(args, loaded, targets, refs, settings, extra=None) -> int:
+    from vital_fast.cli.gallery import build_gallery
+    from vital_fast.cli.jobs import finished_keys, run_into_folder
+    from vital_fast.cli.progress import Progress
+
+    if args.resume:
+        done = set(finished_keys(args.out))
+        if done:
+            from vital_fast.results import read_manifest
+
+            m = read_manifest(args.out)
+            if m.get("model", {}).get("fingerprint") != loaded.fingerprint:
+                raise UsageError(f"--resume: {args.out} was made with another model "
+                                 f"({m.get('model', {}).get('name')}, {m.get('model', {}).get('fingerprint')})")
+        targets = [t for t in targets if t.key not in done]
+        if not targets:
+            print(f"all targets already finished in {args.out}", file=sys.stderr)
+    bar = Progress(max(1, len(range(0, len(targets), args.batch)) * settings.steps), label="optimizing")
+    os.makedirs(args.out, exist_ok=True)
+    if targets:
+        run_into_folder(loaded, targets, refs, args.out, settings, seed=args.seed, batch=args.batch,
+                        cache=_cache(args), preset=args.preset, size=args.size, on_step=bar.update, extra=extra)
+    index = build_gallery(args.out)
+    print(f"wrote {args.out} (gallery: {index})")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from vital_fast.cli.demo import demo_plan
+    from vital_fast.models import load_model
+
+    out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    args.out = out
+    _check_out(out, args.force, args.resume)
+    settings = _settings(args)
+    loaded = load_model("efficientnet-lite0", device=_device(args))
+    print(f"vital-fast demo: efficientnet-lite0 ({loaded.fingerprint}), preset {args.preset}, "
+          f"{settings.steps} steps -> {out}", file=sys.stderr)
+    targets, refs = demo_plan(loaded, settings, _cache(args))
+    args.batch = max(args.batch, len(targets)) if args.batch == 8 else args.batch
+    return _run_targets(args, loaded, targets, refs, settings, extra={"demo": True})
+
+
+def _load(args):
+    from vital_fast.models import load_model
+
+    weights = "random" if getattr(args, "random_weights", False) else "pretrained"
+    return load_model(args.model, weights=weights, arch=getattr(args, "arch", None),
+                      device=_device(args) if hasattr(args, "device") else "cpu")
+
+
+def cmd_layers(args) -> int:
+    from vital_fast.models import list_layers
+
+    loaded = _load(args)
+    size = args.size or loaded.input_size
+    rows = list_layers(loaded.model, size)
+    w = max(len(r["name"]) for r in rows) if rows else 10
+    print(f"{loaded.name}  input {size}x{size}  fingerprint {loaded.fingerprint}")
+    for r in rows:
+        print(f"{r['name']:<{w}}  {r['type']:<28} {tuple(r['shape'])}")
+    return EXIT_OK
+
+
+def cmd_visualize(args) -> int:
+    from vital_fast.cli.jobs import gather_references
+    from vital_fast.optim import parse_target
+
+    _check_out(args.out, args.force, args.resume)
+    try:
+        targets = [parse_target(t) for t in args.target]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not os.path.isdir(args.images):
+        raise UsageError(f"--images: no such folder: {args.images}")
+    settings = _settings(args)
+    loaded = _load(args)
+    from vital_fast.optim.visualize import _check_targets
+
+    _check_targets(loaded, targets)
+    refs = gather_references(loaded, targets, args.images, settings, _cache(args), args.size)
+    return _run_targets(args, loaded, targets, refs, settings)
+
+
+def cmd_report(args) -> int:
+    from vital_fast.cli.gallery import build_gallery
+
+    if not os.path.isdir(args.run):
+        raise UsageError(f"no such run folder: {args.run}")
+    print(build_gallery(args.run))
+    return EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    from vital_fast.cli.compare import compare_runs
+
+    for r in (args.run_a, args.run_b):
+        if not os.path.isdir(r):
+            raise UsageError(f"no such run folder: {r}")
+    out = args.out or os.path.join(args.run_b, "compare-" + os.path.basename(os.path.normpath(args.run_a)))
+    if os.path.isdir(out) and os.listdir(out) and not args.force:
+        raise UsageError(f"output folder {out} exists and is not empty; pass --force to replace it")
+    path = compare_runs(args.run_a, args.run_b, out)
+    print(path)
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from vital_fast.bench import run
+
+    run(args.batches, args.threads, 3 if args.quick else 7)
+    return EXIT_OK
+
+
+COMMANDS = {"demo": cmd_demo, "layers": cmd_layers, "visualize": cmd_visualize, "report": cmd_report,
+            "compare": cmd_compare, "bench": cmd_bench}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
+    try:
+        args = parser.parse_args(argv)
+        if not args.cmd:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return COMMANDS[args.cmd](args)
+    except UsageError as exc:
+        print(f"vital-fast: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        # Bad input found by the library: one line, no traceback.
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"vital-fast: error: {msg}", file=sys.stderr)
+        if verbose:
+            traceback.print_exc()
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vital-fast: interrupted; finished targets are saved (use --resume to continue)", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except Exception as exc:  # noqa: BLE001
+        print(f"vital-fast: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if verbose:
+            traceback.print_exc()
+        else:
+            print("run again with --verbose for the traceback", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
