@@ -337,7 +337,7 @@ def _requantize(p: torch.Tensor, q: int) -> torch.Tensor:
 def _forward_taps(loaded, x: torch.Tensor, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
     from vital_fast.models import FeatureTaps
 
-    with FeatureTaps(loaded.model, list(layers)) as taps:
+    with FeatureTaps(loaded.model, list(layers), stop_after=True) as taps:
         return dict(taps.run(x))
 
 

@@ -39,7 +39,7 @@ def receptive_field(loaded, layer: str, size: int) -> int:
 
     dev = next(iter(loaded.model.parameters())).device
     x = torch.randn(1, 3, size, size, device=dev, requires_grad=True)
-    with FeatureTaps(loaded.model, [layer]) as taps:
+    with FeatureTaps(loaded.model, [layer], stop_after=True) as taps:
         a = taps.run(x)[layer]
     if a.dim() != 4:
         return size
@@ -81,7 +81,7 @@ def mine_topk(
         dev = next(iter(loaded.model.parameters())).device
         resize = int(round(size * loaded.resize_size / loaded.input_size))
         scores, locs, grid = [], [], None
-        with torch.no_grad(), FeatureTaps(loaded.model, [layer], detach=True) as taps:
+        with torch.no_grad(), FeatureTaps(loaded.model, [layer], detach=True, stop_after=True) as taps:
             for i in range(0, len(pool), batch):
                 x = torch.stack([resize_center_crop(im, size, resize) for im in pool.images[i:i + batch]])
                 a = taps.run(loaded.normalize(x).to(dev))[layer].float().cpu()

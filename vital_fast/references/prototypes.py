@@ -33,7 +33,7 @@ def _features(loaded, x: torch.Tensor, layers: Sequence[str], batch: int = 8) ->
 
     out: Dict[str, List[torch.Tensor]] = {l: [] for l in layers}
     dev = next(iter(loaded.model.parameters())).device
-    with torch.no_grad(), FeatureTaps(loaded.model, list(layers), detach=True) as taps:
+    with torch.no_grad(), FeatureTaps(loaded.model, list(layers), detach=True, stop_after=True) as taps:
         for i in range(0, x.shape[0], batch):
             feats = taps.run(x[i:i + batch].to(dev))
             for l in layers:
