@@ -50,7 +50,10 @@ def assert_matches_reference(op, backend, x, ref, weight=None, rel=None, channel
         f"loss rel err {rel_err:.3e}: {l_k} vs {l_ref}"
     )
     ge = max_err(g_k.cpu(), g_ref)
-    assert ge <= grad_atol, f"grad max abs err {ge:.3e}"
+    # 1e-4 absolute for gradients of order 1; relative to the largest gradient beyond that
+    # (at |grad| ~ 2000 half an ulp of float32 is already 6e-5).
+    scale = max(1.0, float(g_ref.abs().max()))
+    assert ge <= grad_atol * scale, f"grad max abs err {ge:.3e} (largest |grad| {scale:.3g})"
 
 
 def sorted_ref(C: int, Q: int, B: Optional[int] = None, dtype=torch.float32, device="cpu"):

@@ -189,3 +189,18 @@ def test_realistic_shape(backend):
     x = torch.randn(16, 64, 28, 28)
     ref = sorted_ref(64, 256, B=16)
     assert_matches_reference("sort_match", backend, x, ref, loss_rtol=LOSS_RTOL, grad_atol=GRAD_ATOL)
+
+
+@pytest.mark.parametrize("backend", [BACKENDS[1]])
+@pytest.mark.parametrize("op", ["sort_match", "lrp_weight"])
+def test_triton_large_row_path(backend, op, monkeypatch):
+    """Rows wider than one block go through torch.sort plus the fused epilogue."""
+    from vital_fast.kernels.triton import _heuristics
+
+    monkeypatch.setattr(_heuristics, "MAX_FUSED_D", 32)
+    dev = device_for(backend)
+    x = torch.randn(2, 3, 9, 11, device=dev)
+    rel = torch.rand_like(x) if op == "lrp_weight" else None
+    assert_matches_reference(op, backend, x, sorted_ref(3, 40, B=2, device=dev), rel=rel)
+    assert_matches_reference(op, backend, x.half(), sorted_ref(3, 99, device=dev), rel=rel,
+                             loss_rtol=1e-5, grad_atol=1e-3)
