@@ -78,6 +78,13 @@ table.metrics td,table.metrics th{border:1px solid #dde1e7;padding:3px 8px}
 """
 
 JS = """
+window.__vfErrors=0;window.addEventListener('error',function(){window.__vfErrors++;document.body.dataset.jsErrors=window.__vfErrors;},true);
+window.addEventListener('load',function(){
+  var imgs=[].slice.call(document.images),ok=0,bad=0;
+  imgs.forEach(function(i){if(i.complete&&i.naturalWidth>0)ok++;else if(i.complete)bad++;});
+  document.body.dataset.imagesLoaded=ok;document.body.dataset.imagesBroken=bad;document.body.dataset.imagesTotal=imgs.length;
+  document.body.dataset.jsErrors=window.__vfErrors;
+});
 (function(){
   var cards=[].slice.call(document.querySelectorAll('.card'));
   var grid=document.getElementById('grid');
