@@ -28,7 +28,7 @@ $(STAMP_EXT): $(STAMP_DEPS) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*
 	touch $@
 
 demo: $(STAMP_EXT)
-	$(PY) -m benchmarks.table --quick
+	$(VENV)/bin/vital-fast demo
 
 bench: $(STAMP_EXT)
 	$(PY) -m benchmarks.table

@@ -1,0 +1,137 @@
+"""End-to-end optimizer speed: seconds per target per step, batched vs single vs the paper's loop.
+
+    python -m benchmarks.bench_visualize [--models resnet50 efficientnet-lite0] [--size 224] [--steps 3]
+
+For each model (ResNet-50 with random weights, since pretrained weights cannot be fetched here, and
+efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
+
+* vital_fast, B = 8 targets in one pass, class targets and channel targets (relevance every step);
+* vital_fast, B = 1;
+* a loop written the way the paper's public code works (DESIGN.md §5): one target at a time, the
+  features of 50 reference images re-sorted inside the loss at every step, parameters requiring
+  gradients; for channel targets, the reference features' graph retained and backpropagated
+  through at every step, and relevance rebuilt every step on a deep copy of the model.
+
+Only the optimization steps are timed (reference preparation is excluded for every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import torch
+
+from vital_fast.models import FeatureTaps, default_layers, load_model
+from vital_fast.optim import Settings, visualize
+from vital_fast.optim.visualize import layers_before
+from vital_fast.reference import paper_style_sort_match_loss
+from vital_fast.references.cache import DiskCache
+from vital_fast.references.images import ImageSet, tensor_hash
+from vital_fast.references.relevance import relevance_maps
+
+CHANNEL_LAYER = {"resnet": "layer3", "efficientnet_lite": "_blocks.10"}
+
+
+def random_refs(key: str, n: int, size: int) -> ImageSet:
+    g = torch.Generator().manual_seed(abs(hash(key)) % 2 ** 31)
+    imgs = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    return ImageSet(imgs, [f"{key}/{i}" for i in range(n)], [tensor_hash(i) for i in imgs])
+
+
+def time_vital(loaded, targets, size, steps, n_refs) -> float:
+    s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1)
+    refs = {t: random_refs(t, n_refs, size) for t in targets}
+    marks = []
+    res = visualize(loaded, targets, refs, settings=s, size=size, cache=DiskCache(enabled=False),
+                    progress=lambda i, n, l: marks.append(time.perf_counter()))
+    # the first step warms up (allocations, relevance composite); time the rest
+    return (marks[-1] - marks[0]) / (len(marks) - 1) / len(targets)
+
+
+def time_paper_loop(loaded, target: str, size: int, steps: int, n_refs: int) -> float:
+    """One target, the paper code's way. Returns seconds per step."""
+    model = loaded.model
+    for p in model.parameters():
+        p.requires_grad_(True)  # the paper's code never freezes the model
+    try:
+        kind = target.split(":")[0]
+        if kind == "class":
+            layers = [l for l, _ in default_layers(loaded)]
+        else:
+            _, tl, ch = target.split(":")
+            layers = [l for l, _ in layers_before(loaded, tl, default_layers(loaded), 0.1)]
+        refs = torch.stack(random_refs(target, n_refs, size).images)
+        with FeatureTaps(model, layers) as taps:
+            if kind == "class":
+                with torch.no_grad():
+                    ref_feats = {l: [] for l in layers}
+                    for i in range(0, n_refs, 10):
+                        out = taps.run(loaded.normalize(refs[i:i + 10]))
+                        for l in layers:
+                            ref_feats[l].append(out[l])
+                    ref_feats = {l: torch.cat(v) for l, v in ref_feats.items()}
+            else:
+                # reference features kept with their graph (the paper's code backpropagates through it)
+                out = taps.run(loaded.normalize(refs))
+                ref_feats = {l: out[l] for l in layers}
+        x = torch.randn(1, 3, size, size, requires_grad=True)
+        opt = torch.optim.Adam([x], lr=0.05, betas=(0.5, 0.9))
+        times = []
+        for step in range(steps + 1):
+            t0 = time.perf_counter()
+            xt = torch.roll(x, shifts=(3, -2), dims=(2, 3))
+            if kind == "channel":
+                # relevance rebuilt on a deep copy of the model every step
+                rel = relevance_maps(copy.deepcopy(model), xt.detach(), tl, torch.tensor([int(ch)]), layers,
+                                     family=loaded.family)
+            with FeatureTaps(model, layers) as taps:
+                feats = taps.run(xt)
+            loss = 0
+            for l in layers:
+                f = feats[l] * (rel[l] / rel[l].amax().clamp_min(1e-6)) if kind == "channel" else feats[l]
+                loss = loss + paper_style_sort_match_loss(f, ref_feats[l])
+            opt.zero_grad()
+            model.zero_grad(set_to_none=True)
+            loss.backward(retain_graph=kind == "channel")
+            opt.step()
+            if step:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["torchvision:resnet50", "efficientnet-lite0"])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--refs", type=int, default=50, help="reference images per target (paper: 50)")
+    ap.add_argument("--paper-refs", type=int, default=None, help="references in the paper loop (default: --refs)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    print(f"threads {a.threads}, {a.size} px, {a.steps} timed steps, {a.refs} references per target")
+    print("| model | target kind | provider | s per target-step | vs paper loop | vs B=1 |")
+    print("|---|---|---|---:|---:|---:|")
+    for name in a.models:
+        loaded = load_model(name, weights="random" if name.startswith("torchvision:") else "pretrained")
+        layer = CHANNEL_LAYER.get(loaded.family, default_layers(loaded)[-2][0])
+        for kind in ("class", "channel"):
+            tg = [f"class:{i * 7}" if kind == "class" else f"channel:{layer}:{i}" for i in range(a.batch)]
+            paper = time_paper_loop(loaded, tg[0], a.size, a.steps, a.paper_refs or a.refs)
+            one = time_vital(loaded, tg[:1], a.size, a.steps, a.refs)
+            many = time_vital(loaded, tg, a.size, a.steps, a.refs)
+            for prov, v in ((f"paper-style loop (B=1)", paper), ("vital_fast B=1", one), (f"vital_fast B={a.batch}", many)):
+                print(f"| {name} | {kind} | {prov} | {v:.3f} | {paper / v:.1f}x | {one / v:.2f}x |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
