@@ -245,7 +245,7 @@ def test_maxpool_rule_falls_back_to_own_geometry():
 @pytest.mark.parametrize("composite", ["paper", "epsilon_plus_flat"])
 def test_batched_equals_single_passes(resnet18, composite):
     torch.manual_seed(6)
-    x = torch.randn(3, 3, 64, 64)
+    x = torch.randn(3, 3, 48, 48)
     channels = torch.tensor([1, 50, 200])
     batched = relevance_maps(resnet18, x, "layer3", channels, RESNET_RECORD, family="resnet", composite=composite)
     for b in range(3):
@@ -267,6 +267,32 @@ def test_shapes_match_activations(resnet18):
         assert rel[name].dtype == torch.float32
         assert not rel[name].requires_grad
         assert torch.isfinite(rel[name]).all()
+
+
+class _InPlaceNet(nn.Module):
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.conv1 = nn.Conv2d(3, 4, 3, bias=False)
+        self.conv2 = nn.Conv2d(4, 5, 3, bias=False)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        h = h.mul_(2.0) if self.in_place else h * 2.0  # like ``out += identity`` in torchvision blocks
+        return self.conv2(h.relu())
+
+
+def test_record_layer_modified_in_place_downstream():
+    """An in-place op after a recorded layer must not turn its relevance into that of the op's result."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 3, 10, 10)
+    nets = [_frozen(_InPlaceNet(flag)) for flag in (True, False)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    got, want = (
+        relevance_maps(net, x, "conv2", torch.tensor([1, 4]), ["conv1"], family="resnet")["conv1"] for net in nets
+    )
+    assert got.abs().sum() > 0
+    assert _close(got, want, 1e-6)
 
 
 def test_record_equal_to_target_returns_start_relevance(resnet18):
@@ -350,6 +376,20 @@ def test_trainable_params_get_no_grad(resnet18):
     model = torchvision.models.resnet18().eval()  # parameters require grad
     relevance_maps(model, torch.randn(1, 3, 32, 32), "layer2", torch.tensor([0]), ["layer1"], family="resnet")
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_grad_modes(resnet18):
+    x = torch.randn(1, 3, 32, 32)
+    want = relevance_maps(resnet18, x, "layer2", torch.tensor([1]), ["layer1"], family="resnet")
+    with torch.no_grad():
+        got = relevance_maps(resnet18, x, "layer2", torch.tensor([1]), ["layer1"], family="resnet")
+    torch.testing.assert_close(got["layer1"], want["layer1"])
+    with torch.inference_mode():
+        x_inf = x.clone()
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            relevance_maps(resnet18, x_inf, "layer2", torch.tensor([1]), ["layer1"], family="resnet")
+    got = relevance_maps(resnet18, x_inf, "layer2", torch.tensor([1]), ["layer1"], family="resnet")
+    torch.testing.assert_close(got["layer1"], want["layer1"])
 
 
 def test_argument_errors(resnet18):
@@ -446,3 +486,22 @@ def test_densenet_and_convnext_smoke():
             assert rel[name].shape == acts[name].shape
             assert torch.isfinite(rel[name]).all() and rel[name].abs().sum() > 0
         _assert_untouched(model, snap, x)
+
+
+def test_vit_token_layout_smoke():
+    torch.manual_seed(10)
+    vit = _frozen(
+        torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32
+        )
+    )
+    x = torch.randn(2, 3, 32, 32)
+    snap = _snapshot(vit)
+    record = ["conv_proj", "encoder.layers.encoder_layer_0"]
+    with pytest.warns(UserWarning, match="no canonizer"):
+        rel = relevance_maps(vit, x, "encoder.layers.encoder_layer_2", torch.tensor([1, 15]), record, family="vit")
+    acts = _activations(vit, x, record)
+    for name in record:
+        assert rel[name].shape == acts[name].shape  # (B, 16, 4, 4) and tokens (B, 17, 16)
+        assert torch.isfinite(rel[name]).all() and rel[name].abs().sum() > 0
+    _assert_untouched(vit, snap, x)
