@@ -67,7 +67,7 @@ h1{font-size:20px;margin:0 0 6px}
 .pair img{width:100%;display:block;border-radius:4px}
 .checker{background-image:linear-gradient(45deg,#ccc 25%,transparent 25%),linear-gradient(-45deg,#ccc 25%,transparent 25%),linear-gradient(45deg,transparent 75%,#ccc 75%),linear-gradient(-45deg,transparent 75%,#ccc 75%);background-size:16px 16px;background-position:0 0,0 8px,8px -8px,-8px 0;border-radius:4px}
 figcaption{font-size:11px;color:#778;text-align:center}
-.refs img{width:100%;margin-top:6px;border-radius:4px}
+.refs img{height:72px;width:auto;max-width:100%;margin-top:6px;border-radius:4px;display:block}
 .stats{font-size:12px;color:#444;margin-top:6px}
 details{font-size:12px;margin-top:6px}
 pre{white-space:pre-wrap;word-break:break-word;font-size:11px;background:#f3f4f7;padding:6px;border-radius:4px}
