@@ -112,6 +112,7 @@ def run_into_folder(
     size: Optional[int] = None,
     on_step: Optional[Callable[[int], None]] = None,
     extra: Optional[dict] = None,
+    method: str = "vital",
 ) -> dict:
     """Visualize ``targets`` in batches of ``batch``, saving each batch's results as it finishes."""
     labels = labels_for(targets)
@@ -125,9 +126,10 @@ def run_into_folder(
                 on_step(_base + step)
 
         res = visualize(loaded, chunk, {t.key: refs[t.key] for t in chunk}, settings=settings, seed=seed,
-                        size=size, cache=cache, progress=progress)
+                        size=size, cache=cache, progress=progress, method=method)
         done_steps += settings.steps
-        manifest = save_result(res, out_dir, labels=labels, seed=seed, extra=dict(extra or {}, preset=preset))
+        manifest = save_result(res, out_dir, labels=labels, seed=seed,
+                               extra=dict(extra or {}, preset=preset, method=method))
     return manifest
 
 

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="run folder to write")
     v.add_argument("--random-weights", action="store_true", help="torchvision models: random weights")
     v.add_argument("--arch", default=None, help="architecture of a state_dict model file (e.g. torchvision:resnet50)")
+    v.add_argument("--method", default="vital", help="vital (default) or a baseline: actmax, fourier, maco, bnstats")
     v.add_argument("--channel-refs", choices=["image", "patch"], default=None,
                    help="channel references: top-k full images or patches at the unit (default: the preset's)")
     _common_run_args(v)
@@ -78,11 +79,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="folder for the comparison gallery (default: RUN_B/compare-<name of A>)")
     c.add_argument("--force", action="store_true")
 
+    for mod in _plugin_modules():
+        COMMANDS.update(mod.register(sub, _common_run_args))
+
     b = sub.add_parser("bench", help="print the kernel benchmark table")
     b.add_argument("--quick", action="store_true", help="fewer rounds")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     return p
+
+
+PLUGINS = ("vital_fast.cli.sweep_cmd", "vital_fast.cli.evaluate_cmd")
+
+
+def _plugin_modules():
+    """Sub-commands that live in their own modules: each has ``register(sub, common_run_args)``
+    returning ``{name: handler}``."""
+    import importlib
+
+    mods = []
+    for name in PLUGINS:
+        try:
+            mods.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return mods
 
 
 def _settings(args):
@@ -148,7 +170,8 @@ def _run_targets(args, loaded, targets, refs, settings, extra=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if targets:
         run_into_folder(loaded, targets, refs, args.out, settings, seed=args.seed, batch=args.batch,
-                        cache=_cache(args), preset=args.preset, size=args.size, on_step=bar.update, extra=extra)
+                        cache=_cache(args), preset=args.preset, size=args.size, on_step=bar.update, extra=extra,
+                        method=getattr(args, "method", "vital"))
     index = build_gallery(args.out)
     print(f"wrote {args.out} (gallery: {index})")
     return EXIT_OK

@@ -125,6 +125,7 @@ def visualize(
     class_layers: Optional[Sequence[Tuple[str, float]]] = None,
     cache: Optional[DiskCache] = None,
     progress: Optional[ProgressFn] = None,
+    method: str = "vital",
 ) -> VisualizationResult:
     """Visualize several targets in one batched optimization.
 
@@ -155,6 +156,9 @@ def visualize(
         Where prototypes are cached (default: the user cache folder).
     progress : callable, optional
         Called as ``progress(step, total_steps, losses)`` after every step.
+    method : str
+        ``"vital"`` (this method); the baselines of :mod:`vital_fast.evaluate.baselines` run in the
+        same engine with the same targets, references, seeds and outputs.
 
     Returns
     -------
@@ -168,6 +172,11 @@ def visualize(
         any optimization step.
     """
     t_start = time.perf_counter()
+    if method != "vital":
+        from vital_fast.evaluate.baselines import run_baseline
+
+        return run_baseline(model, targets, references, method=method, preset=preset, settings=settings, seed=seed,
+                            size=size, device=device, class_layers=class_layers, cache=cache, progress=progress)
     loaded = _as_loaded(model)
     if device is not None:
         loaded = loaded.to(device)
