@@ -27,7 +27,7 @@ def extensions():
     debug = os.environ.get("DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp at compile and link time, or at::parallel_for silently runs on one thread.
-    cxx += ["-fopenmp", "-std=c++17"]
+    cxx += ["-fopenmp"]  # BuildExtension picks the C++ standard torch needs (C++20 for 2.14)
     ext = CppExtension(
         "vital_fast._C",
         sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
