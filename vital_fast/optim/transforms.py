@@ -1,4 +1,4 @@
-"""Per-sample random transforms: circular roll jitter and horizontal flip, batched.
+"""Per-sample random transforms: circular roll jitter, horizontal flip, scale and rotation, batched.
 
 Each batch element draws from its own ``torch.Generator``, so an element's randomness does not
 depend on which other targets share its batch (batched equals sequential).
@@ -33,3 +33,26 @@ def roll_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
     b = torch.arange(B, device=dev)[:, None, None]
     out = x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2)
+
+
+def draw_affine(gens: List[torch.Generator], scale: float, degrees: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per element: a scale factor in [1 - scale, 1 + scale] and an angle in [-degrees, degrees]."""
+    s, a = [], []
+    for g in gens:
+        u = torch.rand(2, generator=g, dtype=torch.float64)
+        s.append(1.0 + scale * (2 * u[0] - 1))
+        a.append(degrees * (2 * u[1] - 1))
+    return torch.stack(s), torch.stack(a)
+
+
+def scale_rotate(x: torch.Tensor, scale: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Zoom each element of ``(B, C, H, W)`` by its own factor and rotate it by its own angle
+    (bilinear, reflected borders); differentiable."""
+    import math
+
+    rad = degrees.to(torch.float64) * (math.pi / 180)
+    cos, sin = torch.cos(rad) / scale, torch.sin(rad) / scale
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
+    grid = torch.nn.functional.affine_grid(theta.to(x.dtype).to(x.device), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -16,7 +16,7 @@ from vital_fast.ops import lrp_weight, sort_match_loss
 from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.regularizers import l2_penalty, lr_factor, total_variation
 from vital_fast.optim.targets import Target, parse_target
-from vital_fast.optim.transforms import draw_jitter, roll_flip
+from vital_fast.optim.transforms import draw_affine, draw_jitter, roll_flip, scale_rotate
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet, load_images
 from vital_fast.references.prototypes import TargetReferences, channel_references, class_references
@@ -261,6 +261,8 @@ def visualize(
                 pg["lr"] = settings.lr * lr_factor(step, n_steps, settings.warmup)
             dy, dx, fl = draw_jitter(gens, max_shift, settings.flip)
             xt = roll_flip(x, dy, dx, fl)
+            if settings.scale or settings.rotate:
+                xt = scale_rotate(xt, *draw_affine(gens, settings.scale, settings.rotate))
             if step % max(1, settings.lrp_every) == 0:
                 tl = time.perf_counter()
                 rel_cache = _synthetic_relevance(loaded, xt, groups, settings)
