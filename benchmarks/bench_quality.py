@@ -1,0 +1,102 @@
+"""What the optimizer's options cost or buy in quality, on efficientnet-lite0 with offline photographs.
+
+    python -m benchmarks.bench_quality [--only class|channel]
+
+Class targets (the demo's six classes): top-1 / top-5 of the visualizations by lite0 itself and by
+efficientnet-lite2 as an independent judge, for the `fast` preset, the `fast` preset without its
+robustness transforms (flip, zoom, rotation), and the `fast` schedule doubled in length.
+
+Channel targets (four channels of `_blocks.10`, references mined from the offline photographs): the
+target channel's spatial-max activation on the visualization relative to its mean on the top-k real
+references, for full-image references (the paper's code) against patches at the unit (the paper's
+text), and for relevance every step (`lrp_every=1`, the paper) against every 4 steps; with the seconds
+per target-step of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vital_fast.cli.demo import DEMO_CLASSES, DEMO_LAYER
+from vital_fast.models import FeatureTaps, load_model
+from vital_fast.optim import get_preset, visualize
+from vital_fast.references.cache import DiskCache
+from vital_fast.references.images import load_images, offline_class_photos, offline_photo_paths
+from vital_fast.references.mining import channel_reference_images, mine_topk
+
+
+def judge_top(loaded, images, classes):
+    x = F.interpolate(images, size=(loaded.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        top = loaded.model(loaded.normalize(x)).topk(5, dim=-1).indices
+    return (sum(int(top[i, 0]) == c for i, c in enumerate(classes)), sum(c in top[i].tolist() for i, c in enumerate(classes)))
+
+
+def class_rows(model, judge, cache):
+    photos = offline_class_photos()
+    refs = {f"class:{c}": load_images(photos[c]) for c in DEMO_CLASSES}
+    fast = get_preset("fast")
+    variants = {
+        "fast": fast,
+        "fast without flip/zoom/rotation": fast.replace(flip=False, scale=0.0, rotate=0.0),
+        "fast, twice the steps": fast.replace(stages=[(s, 2 * n) for s, n in fast.stages]),
+    }
+    print("| class targets (6) | lite0 top-1 | lite0 top-5 | lite2 top-1 | lite2 top-5 | s per target-step |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, s in variants.items():
+        res = visualize(model, list(refs), refs, settings=s, seed=0, cache=cache)
+        o1, o5 = judge_top(model, res.images, DEMO_CLASSES)
+        j1, j5 = judge_top(judge, res.images, DEMO_CLASSES)
+        print(f"| {name} | {o1}/6 | {o5}/6 | {j1}/6 | {j5}/6 | {res.timings['s_per_target_step']:.3f} |", flush=True)
+
+
+def channel_rows(model, cache, n_channels=4, k=3):
+    pool = load_images(offline_photo_paths())
+    size = model.input_size
+    top = mine_topk(model, DEMO_LAYER, pool, None, k, size, cache)
+    chans = sorted(top.channels[i] for i in top.mean_score.topk(n_channels).indices.tolist())
+    top = mine_topk(model, DEMO_LAYER, pool, chans, k, size, cache)
+    fast = get_preset("fast")
+    variants = {
+        "image references, lrp_every=1": ("image", fast),
+        "patch references, lrp_every=1": ("patch", fast.replace(channel_refs="patch")),
+        "image references, lrp_every=4": ("image", fast.replace(lrp_every=4)),
+    }
+    print("| channel targets (4 of _blocks.10) | activation / mean top-k activation | s per target-step |")
+    print("|---|---:|---:|")
+    for name, (mode, s) in variants.items():
+        per = channel_reference_images(model, top, pool, mode, size)
+        targets = [f"channel:{DEMO_LAYER}:{c}" for c in chans]
+        res = visualize(model, targets, {t: per[c] for t, c in zip(targets, chans)}, settings=s, seed=0, cache=cache)
+        with torch.no_grad(), FeatureTaps(model.model, [DEMO_LAYER], stop_after=True) as taps:
+            a = taps.run(model.normalize(res.images))[DEMO_LAYER]
+        got = a[torch.arange(len(chans)), torch.tensor(chans)].flatten(1).amax(1)
+        rel = (got / top.mean_score.clamp_min(1e-6)).tolist()
+        print(f"| {name} | {sum(rel) / len(rel):.2f} ({', '.join(f'{r:.2f}' for r in rel)}) | "
+              f"{res.timings['s_per_target_step']:.3f} |", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["class", "channel"], default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model = load_model("efficientnet-lite0")
+    cache = DiskCache()
+    t0 = time.time()
+    if a.only in (None, "class"):
+        class_rows(model, load_model("efficientnet-lite2"), cache)
+    if a.only in (None, "channel"):
+        channel_rows(model, cache)
+    print(f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
