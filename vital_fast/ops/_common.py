@@ -5,11 +5,34 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from vital_fast import _validate
 from vital_fast.reference import as_rows, math_dtype, resample_quantiles
 
 REDUCTIONS = ("mean", "none", "sum")
+
+
+class RowLossFunction(torch.autograd.Function):
+    """Shared autograd plumbing of the matching ops: the forward launcher returns row losses
+    ``(B, C)`` and one saved tensor of the rows' size; the backward is that op's elementwise
+    ``<op>_bwd`` launcher. Subclasses define ``forward`` and call :meth:`stash`."""
+
+    @staticmethod
+    def stash(ctx, saved: torch.Tensor, bwd: Callable, x: torch.Tensor, n_inputs: int) -> None:
+        ctx.save_for_backward(saved)
+        ctx.bwd = bwd
+        ctx.dtype = x.dtype
+        ctx.n_inputs = n_inputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            (saved,) = ctx.saved_tensors
+            grad_x = ctx.bwd(grad_loss, saved, ctx.dtype)
+        return (grad_x,) + (None,) * (ctx.n_inputs - 1)
 
 
 def launchers(op: str, backend: str) -> Tuple[Callable, Callable]:

@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from vital_fast import _backend
-from vital_fast.ops._common import launchers, prepare
+from vital_fast.ops._common import RowLossFunction, launchers, prepare
 from vital_fast.reference import normalize_relevance, reduce_row_losses, sort_match_rows_reference
 
 OP = "lrp_weight"
 
 
-class LRPWeightFunction(torch.autograd.Function):
+class LRPWeightFunction(RowLossFunction):
     """Row losses ``(B, C)`` of relevance-weighted rows against sorted rows ``ref`` ``(Bref, C, D)``.
 
     Per row: R̂ = (R − min R)/(max R − min R + 1e-6), y = x ⊙ R̂, then the sort-matching loss of y.
@@ -26,19 +24,8 @@ class LRPWeightFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, rel: torch.Tensor, ref: torch.Tensor, backend: str) -> torch.Tensor:
         fwd, bwd = launchers("lrp_weight", backend)
         loss, saved = fwd(x, rel, ref)
-        ctx.save_for_backward(saved)
-        ctx.bwd = bwd
-        ctx.dtype = x.dtype
+        RowLossFunction.stash(ctx, saved, bwd, x, n_inputs=4)
         return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            (saved,) = ctx.saved_tensors
-            grad_x = ctx.bwd(grad_loss, saved, ctx.dtype)
-        return grad_x, None, None, None
 
 
 def lrp_weight(

@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from vital_fast import _backend
-from vital_fast.ops._common import launchers, prepare
+from vital_fast.ops._common import RowLossFunction, launchers, prepare
 from vital_fast.reference import reduce_row_losses, sort_match_rows_reference
 
 OP = "sort_match_loss"
 
 
-class SortMatchLossFunction(torch.autograd.Function):
+class SortMatchLossFunction(RowLossFunction):
     """Row losses ``(B, C)`` of rows ``x`` ``(B, C, D)`` against sorted rows ``ref`` ``(Bref, C, D)``.
 
     The forward sorts each row once and saves one tensor, ``x − t`` (t: each element's matched
@@ -26,19 +24,8 @@ class SortMatchLossFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, ref: torch.Tensor, backend: str) -> torch.Tensor:
         fwd, bwd = launchers("sort_match", backend)
         loss, diff = fwd(x, ref)
-        ctx.save_for_backward(diff)
-        ctx.bwd = bwd
-        ctx.dtype = x.dtype
+        RowLossFunction.stash(ctx, diff, bwd, x, n_inputs=3)
         return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            (diff,) = ctx.saved_tensors
-            grad_x = ctx.bwd(grad_loss, diff, ctx.dtype)
-        return grad_x, None, None
 
 
 def sort_match_loss(
