@@ -1,0 +1,145 @@
+"""``vital-fast sweep``: every channel of a layer (and/or many classes) into one resumable folder.
+
+    vital-fast sweep --model efficientnet-lite0 --layer _blocks.10 --channels all --images PHOTOS --out OUT
+    vital-fast sweep ... --resume                       # continue after Ctrl-C, kill -9 or power loss
+    torchrun --nproc-per-node 4 -m vital_fast sweep ...  # sharded over 4 processes (or GPUs)
+
+The engine is :func:`vital_fast.sweep.run_sweep`; this module parses arguments, prints progress
+on rank 0 and builds the gallery when the sweep is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Any, Callable, Dict
+
+
+def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
+    p = sub.add_parser(
+        "sweep", help="visualize every channel of a layer (and/or many classes): resumable, batch refill, "
+        "shards over torchrun ranks",
+        description="Visualize whole layers. Top-k references of all requested channels are mined in one pass "
+        "over --images (cached); targets are optimized in a batch that is refilled as targets finish; each "
+        "finished target is written atomically and indexed, so --resume after any interruption continues where "
+        "it stopped. Under torchrun (e.g. `torchrun --nproc-per-node 4 -m vital_fast sweep ...`) the ranks share "
+        "the targets and write into the same folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True,
+                   help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or py:MODULE:CALLABLE (a function "
+                   "returning an nn.Module or a LoadedModel)")
+    p.add_argument("--layer", default=None, help="the layer whose channels are swept (see `vital-fast layers`)")
+    p.add_argument("--channels", default=None, metavar="SPEC",
+                   help="channels of --layer: all (default), 0-511, or 0,3,8-15")
+    p.add_argument("--classes", default=None, metavar="SPEC",
+                   help="class targets too (or instead): all, 0-999, or 1,5,9-12; references from --images/<class>/")
+    p.add_argument("--images", required=True, help="folder of candidate images for top-k mining (every image under "
+                   "it) and class subfolders")
+    p.add_argument("--out", required=True, help="the sweep folder")
+    p.add_argument("--random-weights", action="store_true", help="torchvision/efficientnet names: random weights")
+    p.add_argument("--arch", default=None, help="architecture of a state_dict model file")
+    p.add_argument("--channel-refs", choices=["image", "patch"], default=None,
+                   help="channel references: top-k full images or patches at the unit (default: the preset's)")
+    p.add_argument("--early-stop", type=float, default=None, metavar="TOL",
+                   help="finish a target once its loss improved by less than this fraction over the last window of "
+                   "steps (a tenth of the steps); off by default")
+    p.add_argument("--no-refill", action="store_true",
+                   help="fixed batches: wait for the whole batch before starting new targets (for comparison)")
+    p.add_argument("--single-stage", action="store_true",
+                   help="one resolution for the whole step budget instead of the preset's stages: every slot then "
+                   "shares one stack, which suits refill (results differ from `visualize`'s multi-stage schedule)")
+    p.add_argument("--exact", action="store_true",
+                   help="bit-reproducible per target whatever the batch, slot or rank (turns oneDNN off; slower)")
+    p.add_argument("--manifest-every", type=float, default=60.0, metavar="SEC",
+                   help="rewrite manifest.json this often while running (default: 60)")
+    common_run_args(p)
+    return {"sweep": cmd_sweep}
+
+
+def _load_model(args):
+    from vital_fast.cli.main import UsageError, _device, _load
+
+    spec = args.model
+    if spec.startswith("py:"):
+        target = spec[3:]
+        mod_name, _, fn_name = target.partition(":")
+        if not mod_name or not fn_name:
+            raise UsageError(f"--model {spec}: expected py:MODULE:CALLABLE")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(f"--model {spec}: {exc}") from None
+        obj = fn()
+        from torch import nn
+
+        from vital_fast.models import LoadedModel, load_model
+
+        if isinstance(obj, nn.Module):
+            obj = load_model(obj)
+        if not isinstance(obj, LoadedModel):
+            raise UsageError(f"--model {spec}: the callable returned {type(obj).__name__}, not an nn.Module or a "
+                             f"LoadedModel")
+        return obj
+    _device(args)
+    return _load(argparse.Namespace(model=spec, random_weights=args.random_weights, arch=args.arch, device="cpu"))
+
+
+def cmd_sweep(args) -> int:
+    from vital_fast.cli.main import EXIT_OK, UsageError, _cache, _device, _settings
+    from vital_fast.cli.progress import Progress
+
+    if args.layer is None and args.classes is None:
+        raise UsageError("sweep: give --layer (its channels are swept) and/or --classes")
+    if args.channels is not None and args.layer is None:
+        raise UsageError("--channels needs --layer")
+    if args.early_stop is not None and not args.early_stop >= 0:
+        raise UsageError(f"--early-stop must be a fraction >= 0, got {args.early_stop}")
+    if not os.path.isdir(args.images):
+        raise UsageError(f"--images: no such folder: {args.images}")
+    if args.manifest_every <= 0:
+        raise UsageError(f"--manifest-every must be > 0, got {args.manifest_every}")
+    settings = _settings(args)
+    if args.single_stage:
+        from vital_fast.sweep import single_stage
+
+        settings = single_stage(settings)
+    device = _device(args)
+    loaded = _load_model(args)
+
+    from vital_fast.sweep import run_sweep
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    bar = {}
+
+    def progress(info):
+        if bar.get("finished") or info["total"] == 0:
+            return
+        bar["finished"] = info["done"] >= info["total"]
+        if "bar" not in bar:
+            before = f" ({info['done_before']} done before)" if info["done_before"] else ""
+            bar["bar"] = Progress(max(1, info["total"]), label=f"sweep{before}")
+        rate = info["rate_per_min"]
+        bar["bar"].update(info["done"], note=f"targets · {rate:.1f}/min")
+
+    summary = run_sweep(
+        loaded, args.images, args.out, layer=args.layer, channels=args.channels, classes=args.classes,
+        preset=args.preset, settings=settings, seed=args.seed, size=args.size, batch=args.batch,
+        refill=not args.no_refill, early_stop=args.early_stop, exact=args.exact, resume=args.resume,
+        force=args.force, cache=_cache(args), device=device, progress=progress if rank == 0 else None,
+        manifest_every=args.manifest_every, extra={"preset": args.preset},
+    )
+    if summary.rank == 0:
+        from vital_fast.cli.gallery import build_gallery
+
+        index = build_gallery(args.out)
+        if summary.done_before == summary.total:
+            print(f"sweep: all {summary.total} targets were already finished in {args.out}", file=sys.stderr)
+        print(f"sweep: {summary.done_before + summary.done_now}/{summary.total} targets in {args.out} "
+              f"({summary.done_now} now, {summary.targets_per_hour:.0f} targets/hour, {summary.world} rank(s)); "
+              f"gallery: {index}")
+        if summary.done_before + summary.done_now < summary.total:
+            print("sweep: incomplete; run again with --resume", file=sys.stderr)
+    return EXIT_OK
