@@ -23,7 +23,7 @@ def run_cli(args, capsys):
     return code, out, err
 
 
-@pytest.mark.parametrize("cmd", [[], ["demo"], ["layers"], ["visualize"], ["report"], ["compare"], ["bench"]])
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["layers"], ["visualize"], ["report"], ["compare"], ["bench"], ["sweep"]])
 def test_help(cmd, capsys):
     code, out, err = run_cli(cmd + ["--help"], capsys)
     assert code == 0 and "usage" in (out + err).lower()
