@@ -928,9 +928,9 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
         files = list_image_files(images)
         listing = _listing_digest(images, files)
         if class_list:
-            from vital_fast.cli.jobs import _find_wnid_file, class_image_folder
+            from vital_fast.references.images import class_image_folder, find_wnid_file
 
-            wn = _find_wnid_file(images)
+            wn = find_wnid_file(images)
             if wn and not os.environ.get("VITAL_FAST_WNIDS"):
                 os.environ["VITAL_FAST_WNIDS"] = wn
             for c in class_list:

@@ -9,43 +9,16 @@ import torch
 
 from vital_fast.optim import Settings, Target, visualize
 from vital_fast.references.cache import DiskCache
-from vital_fast.references.images import ImageSet, imagenet_labels, list_image_files, load_images
+from vital_fast.references.images import (
+    ImageSet,
+    class_image_folder,
+    find_wnid_file,
+    imagenet_labels,
+    list_image_files,
+    load_images,
+)
 from vital_fast.references.mining import channel_reference_images, mine_topk
 from vital_fast.results import read_manifest, save_result
-
-
-def class_image_folder(root: str, index: int) -> Optional[str]:
-    """The subfolder of ``root`` holding class ``index``: named by the index (``285``) or a WordNet id."""
-    cand = os.path.join(root, str(index))
-    if os.path.isdir(cand):
-        return cand
-    wnid = _wnid(index)
-    if wnid and os.path.isdir(os.path.join(root, wnid)):
-        return os.path.join(root, wnid)
-    return None
-
-
-def _wnid(index: int) -> Optional[str]:
-    """The WordNet id of an ImageNet class, when a mapping is available offline.
-
-    A ``wnids.txt`` (1000 lines, in class order) or ``LOC_synset_mapping.txt`` beside the images,
-    or in ``$VITAL_FAST_WNIDS``, provides it.
-    """
-    path = os.environ.get("VITAL_FAST_WNIDS")
-    if path and os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            ids = [line.split()[0] for line in fh if line.strip()]
-        if 0 <= index < len(ids):
-            return ids[index]
-    return None
-
-
-def _find_wnid_file(root: str) -> Optional[str]:
-    for name in ("wnids.txt", "LOC_synset_mapping.txt", "synsets.txt"):
-        p = os.path.join(root, name)
-        if os.path.isfile(p):
-            return p
-    return None
 
 
 def gather_references(
@@ -58,7 +31,7 @@ def gather_references(
     """
     if not os.path.isdir(images):
         raise ValueError(f"--images: no such folder: {images}")
-    wn = _find_wnid_file(images)
+    wn = find_wnid_file(images)
     if wn and not os.environ.get("VITAL_FAST_WNIDS"):
         os.environ["VITAL_FAST_WNIDS"] = wn
     refs: Dict[str, ImageSet] = {}

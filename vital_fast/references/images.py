@@ -237,3 +237,40 @@ def imagenet_labels() -> List[str]:
         return list(_IMAGENET_CATEGORIES)
     except Exception:
         return [f"class {i}" for i in range(1000)]
+
+
+# Class folders: a subfolder per class, named by the class index or its WordNet id.
+
+
+def class_image_folder(root: str, index: int) -> Optional[str]:
+    """The subfolder of ``root`` holding class ``index``: named by the index (``285``) or a WordNet id."""
+    cand = os.path.join(root, str(index))
+    if os.path.isdir(cand):
+        return cand
+    wnid = _wnid(index)
+    if wnid and os.path.isdir(os.path.join(root, wnid)):
+        return os.path.join(root, wnid)
+    return None
+
+
+def _wnid(index: int) -> Optional[str]:
+    """The WordNet id of an ImageNet class, when a mapping is available offline.
+
+    A ``wnids.txt`` (1000 lines, in class order) or ``LOC_synset_mapping.txt`` beside the images,
+    or in ``$VITAL_FAST_WNIDS``, provides it.
+    """
+    path = os.environ.get("VITAL_FAST_WNIDS")
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            ids = [line.split()[0] for line in fh if line.strip()]
+        if 0 <= index < len(ids):
+            return ids[index]
+    return None
+
+
+def find_wnid_file(root: str) -> Optional[str]:
+    for name in ("wnids.txt", "LOC_synset_mapping.txt", "synsets.txt"):
+        p = os.path.join(root, name)
+        if os.path.isfile(p):
+            return p
+    return None
