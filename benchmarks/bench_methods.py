@@ -38,7 +38,7 @@ COLUMNS = [
     ("method", "method", "s"), ("wall_s_per_target", "s / target", ".1f"),
     ("model_top1", "lite0 top-1", "%"), ("model_top5", "lite0 top-5", "%"),
     ("judge_top1", "judge top-1", "%"), ("judge_top5", "judge top-5", "%"),
-    ("fid", "FID (judge) ↓", ".1f"), ("w2", "W2 ↓", ".3g"),
+    ("judge_top1_rec", "judge top-1, refs recognized", "%"), ("fid", "FID (judge) ↓", ".1f"), ("w2", "W2 ↓", ".3g"),
 ]
 
 
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge", default="efficientnet-lite2")
     p.add_argument("--reuse", action="store_true", help="evaluate existing run folders under --out; do not re-run")
+    p.add_argument("--no-eval", action="store_true", help="only make the runs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
         save_result(res, out, labels=labels, seed=args.seed,
                     extra={"preset": args.preset, "method": m, "bench_wall_s_per_target": wall[m]})
         print(f"{m:8s} {wall[m]:6.1f} s / target  -> {out}", file=sys.stderr)
+    if args.no_eval:
+        return 0
     rows, _ = compare_runs(runs, judge=args.judge, out=args.out)
     for r, run in zip(rows, runs):
         import json
