@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from vital_fast._version import __version__
 from vital_fast.optim.presets import Settings, get_preset
-from vital_fast.optim.regularizers import l2_penalty, lr_factor, total_variation
+from vital_fast.optim.regularizers import image_priors, lr_factor
 from vital_fast.optim.targets import Target
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet, imagenet_labels, list_image_files, load_images
@@ -590,9 +590,8 @@ class _Engine:
         return hit[1]
 
     def _step_group(self, S: int, slots: Sequence[_Slot]) -> None:
-        from vital_fast.ops import lrp_weight, sort_match_loss
         from vital_fast.optim.transforms import draw_jitter, roll_flip
-        from vital_fast.optim.visualize import _forward_taps
+        from vital_fast.optim.visualize import _forward_taps, matching_loss
 
         s, loaded, B = self.s, self.loaded, len(slots)
         groups = self._groups_for(S, slots)
@@ -612,28 +611,13 @@ class _Engine:
             self._relevance(xt, slots, need)
             self.t_lrp += time.perf_counter() - tl
         feats = _forward_taps(loaded, xt, layer_names)
-        per_elem = torch.zeros(B, device=self.dev)
-        for g in groups:
-            idx = g["index"]
-            members = idx.tolist()
-            for l, w in g["layers"]:
-                f = feats[l].index_select(0, idx) if len(members) < B else feats[l]
-                cd = loaded.channel_dim_of(l)
-                if g["kind"] == "class":
-                    lv = sort_match_loss(f, g["protos"][l], channel_dim=cd, reduction="none", check_values=False)
-                else:
-                    rel = torch.cat([slots[i].rel[l] for i in members])
-                    lv = lrp_weight(f, rel, g["protos"][l], g["importance"][l], channel_dim=cd, reduction="none",
-                                    check_values=False)
-                per_elem = per_elem.index_add(0, idx, w * lv)
-        reg = 0
-        if s.tv_l1:
-            reg = reg + s.tv_l1 * total_variation(x, 1)
-        if s.tv_l2:
-            reg = reg + s.tv_l2 * total_variation(x, 2)
-        if s.l2:
-            reg = reg + s.l2 * l2_penalty(x)
-        total = per_elem + reg
+
+        def relevance(gi, g):
+            members = g["index"].tolist()
+            return {l: torch.cat([slots[i].rel[l] for i in members]) for l, _ in g["layers"]}
+
+        per_elem = matching_loss(loaded, groups, feats, relevance, B, self.dev)
+        total = per_elem + image_priors(x, s)
         total.sum().backward()
         grad = x.grad.detach()
         tot = total.detach().float().cpu()

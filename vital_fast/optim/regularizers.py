@@ -28,6 +28,18 @@ def l2_penalty(x: torch.Tensor) -> torch.Tensor:
     return (x * x).flatten(1).mean(1)
 
 
+def image_priors(x: torch.Tensor, settings) -> torch.Tensor:
+    """The weighted priors of ``settings`` (``tv_l1``, ``tv_l2``, ``l2``) per element ``(B,)``."""
+    reg = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    if settings.tv_l1:
+        reg = reg + settings.tv_l1 * total_variation(x, 1)
+    if settings.tv_l2:
+        reg = reg + settings.tv_l2 * total_variation(x, 2)
+    if settings.l2:
+        reg = reg + settings.l2 * l2_penalty(x)
+    return reg
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0 over the rest."""
     import math

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vital_fast.ops import lrp_weight, sort_match_loss
 from vital_fast.optim.presets import Settings, get_preset
-from vital_fast.optim.regularizers import l2_penalty, lr_factor, total_variation
+from vital_fast.optim.regularizers import image_priors, lr_factor
 from vital_fast.optim.targets import Target, parse_target
 from vital_fast.optim.transforms import draw_affine, draw_jitter, roll_flip, scale_rotate
 from vital_fast.references.cache import DiskCache
@@ -268,26 +268,8 @@ def visualize(
                 rel_cache = _synthetic_relevance(loaded, xt, groups, settings)
                 t_lrp += time.perf_counter() - tl
             feats = _forward_taps(loaded, xt, layer_names)
-            per_elem = torch.zeros(B, device=dev)
-            for gi, g in enumerate(groups):
-                idx = g["index"]
-                for l, w in g["layers"]:
-                    f = feats[l].index_select(0, idx) if len(idx) < B else feats[l]
-                    cd = loaded.channel_dim_of(l)
-                    if g["kind"] == "class":
-                        lv = sort_match_loss(f, g["protos"][l], channel_dim=cd, reduction="none", check_values=False)
-                    else:
-                        lv = lrp_weight(f, rel_cache[gi][l], g["protos"][l], g["importance"][l],
-                                        channel_dim=cd, reduction="none", check_values=False)
-                    per_elem = per_elem.index_add(0, idx, w * lv)
-            reg = 0
-            if settings.tv_l1:
-                reg = reg + settings.tv_l1 * total_variation(x, 1)
-            if settings.tv_l2:
-                reg = reg + settings.tv_l2 * total_variation(x, 2)
-            if settings.l2:
-                reg = reg + settings.l2 * l2_penalty(x)
-            total = per_elem + reg
+            per_elem = matching_loss(loaded, groups, feats, lambda gi, g: rel_cache[gi], B, dev)
+            total = per_elem + image_priors(x, settings)
             opt.zero_grad(set_to_none=True)
             total.sum().backward()
             alpha += x.grad.detach().abs().sum(1, keepdim=True)
@@ -311,6 +293,26 @@ def visualize(
     }
     return VisualizationResult(targets, images, transparency, losses, settings, seeds, ref_sets, layer_plan,
                                timings, loaded.name, loaded.fingerprint)
+
+
+def matching_loss(loaded, groups: Sequence[dict], feats: Dict[str, torch.Tensor],
+                  relevance: Callable[[int, dict], Dict[str, torch.Tensor]], B: int, dev) -> torch.Tensor:
+    """Each element's weighted sum over its matched layers of the sort-matching loss (class groups)
+    or the relevance-weighted loss (channel groups; ``relevance(gi, group)`` gives the maps)."""
+    per_elem = torch.zeros(B, device=dev)
+    for gi, g in enumerate(groups):
+        idx = g["index"]
+        rel = relevance(gi, g) if g["kind"] == "channel" else None
+        for l, w in g["layers"]:
+            f = feats[l].index_select(0, idx) if len(idx) < B else feats[l]
+            cd = loaded.channel_dim_of(l)
+            if g["kind"] == "class":
+                lv = sort_match_loss(f, g["protos"][l], channel_dim=cd, reduction="none", check_values=False)
+            else:
+                lv = lrp_weight(f, rel[l], g["protos"][l], g["importance"][l],
+                                channel_dim=cd, reduction="none", check_values=False)
+            per_elem = per_elem.index_add(0, idx, w * lv)
+    return per_elem
 
 
 def _build_groups(targets: Sequence[Target], refs: Sequence[TargetReferences], dev) -> List[dict]:
