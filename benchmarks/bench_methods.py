@@ -1,26 +1,34 @@
 """VITAL against the baselines on the offline demo's class targets, with equal step budgets.
 
     python -m benchmarks.bench_methods [--methods vital actmax fourier maco bnstats] [--preset fast]
-                                       [--out runs/bench-methods] [--threads 2] [--judge efficientnet-lite2]
+                                       [--seeds 0 [1 ...]] [--out runs/bench-methods] [--threads 2]
+                                       [--judge efficientnet-lite2] [--reuse] [--no-eval]
 
 efficientnet-lite0 with its ImageNet weights; the six classes of ``vital-fast demo`` (espresso,
 tiger cat, missile, moped, daisy, palace) with the photographs that ship in installed packages as
 references (``offline_class_photos()``); every method runs the preset's stages (``fast``: 60 steps
-at half resolution, then 90 at full) with seed 0, all six targets in one batch. Each method's run
+at half resolution, then 90 at full) with each seed (default: 0), all six targets in one batch. Each method's run
 folder is written under ``--out``; then every run is evaluated (:mod:`vital_fast.evaluate.metrics`,
 judge efficientnet-lite2) and one table is printed: accuracy by the model and by the judge, the
 Fréchet distance to the reference photographs in the judge's features, the sort-matching W2 at
-the matched layers, and the wall time per target (reference preparation included; the prototype
-cache is off, so VITAL pays for its prototypes).
+the matched layers, and the time per target, wall-clock and CPU (the process's CPU time over all
+threads, steadier than wall time on a shared machine), reference preparation included (the
+prototype cache is off, so VITAL pays for its prototypes). With several seeds each row averages
+the runs of its method and adds their diversity (mean pairwise cosine distance of the judge's
+features of one target's images across seeds). A run folder that exists is reused with
+``--reuse`` (so the runs can be made in several calls, e.g. ``--methods vital actmax --no-eval``,
+and evaluated together at the end).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import time
+from typing import Dict, List
 
 import torch
 
@@ -35,11 +43,15 @@ from vital_fast.references.images import load_images, offline_class_photos
 from vital_fast.results import save_result
 
 COLUMNS = [
-    ("method", "method", "s"), ("wall_s_per_target", "s / target", ".1f"),
+    ("method", "method", "s"), ("wall_s_per_target", "s / target", ".1f"), ("cpu_s_per_target", "CPU s / target", ".1f"),
     ("model_top1", "lite0 top-1", "%"), ("model_top5", "lite0 top-5", "%"),
     ("judge_top1", "judge top-1", "%"), ("judge_top5", "judge top-5", "%"),
     ("judge_top1_rec", "judge top-1, refs recognized", "%"), ("fid", "FID (judge) ↓", ".1f"), ("w2", "W2 ↓", ".3g"),
 ]
+
+
+def run_dir(out: str, method: str, seed: int, first_seed: int) -> str:
+    return os.path.join(out, method if seed == first_seed else f"{method}-seed{seed}")
 
 
 def main(argv=None) -> int:
@@ -48,7 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="fast")
     p.add_argument("--out", default=os.path.join("runs", "bench-methods"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one run per seed and method; several seeds are averaged and give the diversity column")
     p.add_argument("--judge", default="efficientnet-lite2")
     p.add_argument("--reuse", action="store_true", help="evaluate existing run folders under --out; do not re-run")
     p.add_argument("--no-eval", action="store_true", help="only make the runs")
@@ -62,31 +75,42 @@ def main(argv=None) -> int:
     settings = get_preset(args.preset)
     labels = labels_for(targets)
     print(f"efficientnet-lite0, {len(targets)} class targets, preset {args.preset} "
-          f"({settings.steps} steps: {settings.stages}), seed {args.seed}, {args.threads} threads", file=sys.stderr)
-    runs, wall = [], {}
+          f"({settings.steps} steps: {settings.stages}), seeds {args.seeds}, {args.threads} threads", file=sys.stderr)
+    runs: Dict[str, List[str]] = {}
     for m in args.methods:
-        out = os.path.join(args.out, m)
-        runs.append(out)
-        if args.reuse and os.path.isfile(os.path.join(out, "manifest.json")):
-            continue
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        t0 = time.perf_counter()
-        res = visualize(loaded, targets, refs, settings=settings, seed=args.seed, method=m,
-                        cache=DiskCache(enabled=False))
-        wall[m] = (time.perf_counter() - t0) / len(targets)
-        save_result(res, out, labels=labels, seed=args.seed,
-                    extra={"preset": args.preset, "method": m, "bench_wall_s_per_target": wall[m]})
-        print(f"{m:8s} {wall[m]:6.1f} s / target  -> {out}", file=sys.stderr)
+        for seed in args.seeds:
+            out = run_dir(args.out, m, seed, args.seeds[0])
+            runs.setdefault(m, []).append(out)
+            if args.reuse and os.path.isfile(os.path.join(out, "manifest.json")):
+                continue
+            if os.path.isdir(out):
+                shutil.rmtree(out)
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = visualize(loaded, targets, refs, settings=settings, seed=seed, method=m,
+                            cache=DiskCache(enabled=False))
+            wall = (time.perf_counter() - t0) / len(targets)
+            cpu = (time.process_time() - c0) / len(targets)
+            save_result(res, out, labels=labels, seed=seed,
+                        extra={"preset": args.preset, "method": m, "bench_wall_s_per_target": wall,
+                               "bench_cpu_s_per_target": cpu})
+            print(f"{m:8s} seed {seed}: {wall:6.1f} s / target ({cpu:.1f} CPU s)  -> {out}", file=sys.stderr)
     if args.no_eval:
         return 0
-    rows, _ = compare_runs(runs, judge=args.judge, out=args.out)
-    for r, run in zip(rows, runs):
-        import json
-
-        with open(os.path.join(run, "manifest.json"), encoding="utf-8") as fh:
-            r["wall_s_per_target"] = json.load(fh).get("bench_wall_s_per_target", r.get("s_per_target"))
-    print(markdown_table(rows, COLUMNS))
+    all_runs = [r for m in args.methods for r in runs[m]]
+    rows, _ = compare_runs(all_runs, judge=args.judge, out=args.out)
+    columns = list(COLUMNS) + ([("diversity", "diversity", ".3f")] if len(args.seeds) > 1 else [])
+    for r, m in zip(rows, args.methods):  # one row per method, in the order of the runs
+        times = []
+        for run in runs[m]:
+            with open(os.path.join(run, "manifest.json"), encoding="utf-8") as fh:
+                man = json.load(fh)
+            times.append((man.get("bench_wall_s_per_target"), man.get("bench_cpu_s_per_target")))
+        walls = [w for w, _ in times if w is not None]
+        cpus = [c for _, c in times if c is not None]
+        r["method"] = m
+        r["wall_s_per_target"] = sum(walls) / len(walls) if walls else "n/a"
+        r["cpu_s_per_target"] = sum(cpus) / len(cpus) if cpus else "n/a"
+    print(markdown_table(rows, columns))
     print("\nsettings:", file=sys.stderr)
     print(f"  vital: {settings.to_dict()}", file=sys.stderr)
     for m in args.methods:
