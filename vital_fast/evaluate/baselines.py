@@ -124,8 +124,9 @@ def baseline_options(method: str, **overrides: Any) -> Dict[str, Any]:
 class BaselineSettings(Settings):
     """:class:`~vital_fast.optim.Settings` plus the method and its options, recorded in the manifest.
 
-    The stages, warm-up, jitter and ``init_std`` come from the preset; ``lr`` and ``betas`` are
-    the method's (``baseline``), copied here so the recorded settings say what ran.
+    The stages, warm-up and transforms (jitter, flip, zoom, rotation) come from the preset; ``lr``
+    and ``betas`` are the method's, copied here from ``baseline`` (all of the method's options) so
+    that the recorded settings say what ran.
     """
 
     method: str = "actmax"
@@ -374,9 +375,10 @@ def run_baseline(
     ----------
     model, targets, references, preset, settings, seed, size, device, progress
         As for :func:`~vital_fast.optim.visualize`. ``settings.stages`` gives the budget (the same
-        steps and resolutions as VITAL); ``warmup``, ``jitter`` and ``init_std`` are used where the
-        method has them. References are optional except for ``maco`` (its magnitude spectrum);
-        they are kept in the result so that evaluation compares against them.
+        steps and resolutions as VITAL); ``warmup``, ``jitter``, ``flip``, ``scale``, ``rotate``
+        and ``ref_crops`` are used where the method uses them (the initialization and the learning
+        rate are the method's own options). References are optional except for ``maco`` (its
+        magnitude spectrum); they are kept in the result so that evaluation compares against them.
     method : {"actmax", "fourier", "maco", "bnstats"}
     class_layers, cache
         Unused (accepted so that ``visualize`` passes its arguments through unchanged).
@@ -445,10 +447,10 @@ def run_baseline(
     B = len(targets)
     objective = _Objective(loaded, targets, dev)
     logit_layer = _last_linear(loaded.model) or "output"
-    bn_prior = (_BNStatsPrior(loaded.model, opts["first_bn_multiplier"], opts["bn_stats"] == "batch")
-                if method == "bnstats" else None)
     if method == "bnstats" and opts["bn_stats"] not in ("element", "batch"):
         raise ValueError(f"bnstats option bn_stats must be 'element' or 'batch', got {opts['bn_stats']!r}")
+    bn_prior = (_BNStatsPrior(loaded.model, opts["first_bn_multiplier"], opts["bn_stats"] == "batch")
+                if method == "bnstats" else None)
     layer_plan: List[List[Tuple[str, float]]] = []
     for t in targets:
         plan = [(logit_layer, 1.0)] if t.kind == "class" else [(t.layer, 1.0)]
