@@ -120,6 +120,28 @@ def test_report_and_compare(small_run, capsys, tmp_path):
     assert len(rep["targets"]) == 2 and all(abs(t["distance"]) < 1e-5 for t in rep["targets"])
 
 
+def _chromium_dom(url: str, tmp_path) -> str:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,3000", "--virtual-time-budget=4000",
+           "--dump-dom", url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_gallery_index_filter_is_numeric(small_run, tmp_path):
+    """The index filter takes numbers and ranges (3 must not match 30-39 or 967) and is pre-filled from the URL hash."""
+    import re
+
+    base = (small_run / "index.html").as_uri()
+    for spec, shown in [("3", 1), ("967", 1), ("0-2", 0), ("1-5,900-999", 2), ("", 2)]:
+        dom = _chromium_dom(f"{base}#index={spec}", tmp_path)
+        info = re.search(r'id="info">([^<]*)<', dom)
+        assert info and info.group(1) == f"{shown} of 2 targets", (spec, info and info.group(1))
+    dom = _chromium_dom(f"{base}#index=abc", tmp_path)
+    assert re.search(r'id="idx"[^>]*class="bad"', dom), "an invalid index spec is marked"
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_gallery_renders_in_headless_chromium(small_run, tmp_path):
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -58,6 +58,7 @@ h1{font-size:20px;margin:0 0 6px}
 .meta code{background:#eef1f5;padding:1px 4px;border-radius:3px}
 .controls{display:flex;gap:12px;flex-wrap:wrap;padding:12px 24px;align-items:center;font-size:14px}
 .controls input,.controls select{padding:4px 6px;font-size:14px}
+.controls input.bad{outline:2px solid #c0392b}
 #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:16px;padding:8px 24px 24px}
 .card{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:12px}
 .card h2{font-size:15px;margin:0 0 2px;word-break:break-word}
@@ -77,7 +78,7 @@ table.metrics{border-collapse:collapse;font-size:13px;margin:8px 0}
 table.metrics td,table.metrics th{border:1px solid #dde1e7;padding:3px 8px}
 """
 
-JS = """
+JS = r"""
 window.__vfErrors=0;window.addEventListener('error',function(){window.__vfErrors++;document.body.dataset.jsErrors=window.__vfErrors;},true);
 window.addEventListener('load',function(){
   var imgs=[].slice.call(document.images),ok=0,bad=0;
@@ -90,12 +91,33 @@ window.addEventListener('load',function(){
   var grid=document.getElementById('grid');
   var q=document.getElementById('q'),layer=document.getElementById('layer'),kind=document.getElementById('kind'),
       sort=document.getElementById('sort'),info=document.getElementById('info'),pageEl=document.getElementById('page');
+  var idx=document.getElementById('idx');
   var page=0,size=%(page_size)d;
-  function visible(){
-    var t=q.value.toLowerCase(),l=layer.value,k=kind.value;
-    return cards.filter(function(c){
-      return (!t||c.dataset.search.indexOf(t)>=0)&&(!l||c.dataset.layer===l)&&(!k||c.dataset.kind===k);});
+  function ranges(spec){
+    /* "4", "10-19", "3, 7, 40-49": a list of [lo, hi]; null when some part is not a number or range */
+    var out=[],parts=spec.split(',');
+    for(var i=0;i<parts.length;i++){
+      var p=parts[i].trim(); if(!p)continue;
+      var m=/^(\d+)\s*(?:-\s*(\d+))?$/.exec(p); if(!m)return null;
+      var lo=parseInt(m[1],10),hi=m[2]===undefined?lo:parseInt(m[2],10);
+      out.push([Math.min(lo,hi),Math.max(lo,hi)]);
+    }
+    return out;
   }
+  function visible(){
+    var t=q.value.toLowerCase(),l=layer.value,k=kind.value,r=ranges(idx.value);
+    idx.classList.toggle('bad',r===null); if(r===null)r=[];
+    return cards.filter(function(c){
+      var n=parseInt(c.dataset.index,10);
+      var inr=!r.length||r.some(function(x){return n>=x[0]&&n<=x[1];});
+      return inr&&(!t||c.dataset.search.indexOf(t)>=0)&&(!l||c.dataset.layer===l)&&(!k||c.dataset.kind===k);});
+  }
+  /* index.html#index=4-9&q=cat&layer=...&kind=channel pre-fills the controls */
+  (location.hash||'').replace(/^#/,'').split('&').forEach(function(kv){
+    var e=kv.indexOf('='); if(e<0)return;
+    var k=decodeURIComponent(kv.slice(0,e)),v=decodeURIComponent(kv.slice(e+1).replace(/\+/g,' '));
+    var el={index:idx,q:q,layer:layer,kind:kind,sort:sort}[k]; if(el)el.value=v;
+  });
   function key(c){var s=sort.value;
     if(s==='loss'||s==='-loss'){return parseFloat(c.dataset.loss);} if(s==='metric'||s==='-metric'){return parseFloat(c.dataset.metric);}
     if(s==='index'){return parseInt(c.dataset.index,10);} return c.dataset.key;}
@@ -108,7 +130,7 @@ window.addEventListener('load',function(){
     info.textContent=v.length+' of '+cards.length+' targets';
     pageEl.textContent='page '+(page+1)+' / '+pages;
   }
-  [q,layer,kind,sort].forEach(function(e){e.addEventListener('input',function(){page=0;render();});});
+  [q,idx,layer,kind,sort].forEach(function(e){e.addEventListener('input',function(){page=0;render();});});
   document.getElementById('prev').addEventListener('click',function(){if(page>0){page--;render();}});
   document.getElementById('next').addEventListener('click',function(){page++;render();});
   render();
@@ -188,6 +210,7 @@ def render_gallery(manifest: Dict[str, Any], title: Optional[str] = None) -> str
 <details><summary>all settings</summary><pre>{esc(json.dumps(settings, indent=1))}</pre></details>{grid_img}</header>
 <div class="controls">
 <label>filter <input id="q" type="search" placeholder="target, label or layer"></label>
+<label>index <input id="idx" type="search" size="10" placeholder="4, 10-19" title="channel or class indices: numbers and ranges, comma-separated"></label>
 <label>layer <select id="layer"><option value="">all</option>{opts_layer}</select></label>
 <label>kind <select id="kind"><option value="">all</option>{opts_kind}</select></label>
 <label>sort <select id="sort"><option value="key">target</option><option value="index">index</option>
