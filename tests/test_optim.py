@@ -173,3 +173,54 @@ def test_target_parsing():
     assert Target("channel", 1, "a.b").slug == "channel__a.b__1"
     with pytest.raises(ValueError):
         parse_target("class:-1")
+
+
+def test_class_relevance_weights_class_targets(tmp_path, monkeypatch):
+    """``class_relevance``: class targets match relevance-weighted features (relevance from the class
+    logit, for the references and for the synthetic image), with per-channel importance; channel
+    targets are unchanged; the option is part of the prototype cache key; batched equals sequential."""
+    from vital_fast.models import class_logit_layer
+    from vital_fast.references import relevance as rel_mod
+    from vital_fast.references.prototypes import class_references
+
+    m = tiny_model()
+    assert class_logit_layer(m) == "fc"
+    targets = ["class:1", "class:7", "channel:conv3:5"]
+    refs = {t: refs_for(t) for t in targets}
+    cache = DiskCache(str(tmp_path / "cache"))
+    plain, weighted = small_settings(), small_settings(class_relevance=True)
+
+    r_plain = class_references(m, "class:1", refs["class:1"], LAYERS, 32, plain, 0, cache)
+    r_rel = class_references(m, "class:1", refs["class:1"], LAYERS, 32, weighted, 0, cache)
+    assert r_plain.importance == {} and set(r_rel.importance) == {l for l, _ in LAYERS}
+    assert not torch.equal(r_plain.prototypes["conv3"], r_rel.prototypes["conv3"])  # a separate cache entry
+
+    starts = []
+    real = rel_mod.relevance_maps
+
+    def spy(model, x, target_layer, channels, record_layers, **kw):
+        starts.append((target_layer, channels.tolist()))
+        return real(model, x, target_layer, channels, record_layers, **kw)
+
+    monkeypatch.setattr(rel_mod, "relevance_maps", spy)
+    with torch.backends.mkldnn.flags(enabled=False):
+        a = visualize(m, targets, refs, settings=plain, seed=1, class_layers=LAYERS, cache=cache)
+        starts.clear()
+        b = visualize(m, targets, refs, settings=weighted, seed=1, class_layers=LAYERS, cache=cache)
+        assert ("fc", [1, 7]) in starts and ("conv3", [5]) in starts  # the class logit starts class relevance
+        assert not torch.equal(a.images[0], b.images[0]) and not torch.equal(a.images[1], b.images[1])
+        assert torch.equal(a.images[2], b.images[2])  # the channel target does not change
+        single = visualize(m, ["class:7"], {"class:7": refs["class:7"]}, settings=weighted, seed=1,
+                           class_layers=LAYERS, cache=cache)
+        assert torch.equal(single.images[0], b.images[1])
+    assert torch.isfinite(b.losses).all() and b.losses[:2, -1].mean() < b.losses[:2, 0].mean()
+
+
+def test_class_relevance_needs_class_logits(tmp_path):
+    """A model without an nn.Linear head cannot start class relevance: a clear error before any step."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 10, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    m = load_model(net, input_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="class_relevance"):
+        visualize(m, ["class:1"], {"class:1": refs_for("class:1")}, settings=small_settings(class_relevance=True),
+                  class_layers=[("0", 1.0), ("2", 1.0)], cache=DiskCache(enabled=False))

@@ -319,3 +319,26 @@ def test_folder_of_another_sweep_or_in_use_is_untouched(tmp_path, images, cache_
     (tmp_path / "plain" / "manifest.json").write_text(json.dumps({"tool": "vital_fast", "targets": []}))
     code = main(cli_args(images, tmp_path / "plain", cache_dir, "--resume"))
     assert code == 2 and "not a sweep folder" in capsys.readouterr().err
+
+
+def test_class_relevance_in_a_sweep_equals_visualize(tmp_path, images, cache_dir):
+    """With ``class_relevance`` a swept class target is relevance-weighted from its logit, exactly as
+    ``visualize`` does it (bit for bit with oneDNN off)."""
+    from vital_fast.results import to_uint8
+
+    from PIL import Image
+
+    m = tiny_loaded()
+    cache = DiskCache(str(cache_dir))
+    s = small_settings(stages=[(1.0, 5)], class_relevance=True)
+    out = run_sweep(m, str(images), str(tmp_path / "crel"), classes=[1], batch=2, settings=s, seed=3, cache=cache,
+                    class_layers=LAYERS, exact=True)
+    rec = out.manifest["targets"][0]
+    with torch.backends.mkldnn.flags(enabled=False):
+        v = visualize(m, ["class:1"], {"class:1": load_images(str(images / "1"))}, settings=s, seed=3,
+                      class_layers=LAYERS, cache=cache)
+        plain = visualize(m, ["class:1"], {"class:1": load_images(str(images / "1"))},
+                          settings=s.replace(class_relevance=False), seed=3, class_layers=LAYERS, cache=cache)
+    assert float(v.losses[0, -1]) == rec["final_loss"] != float(plain.losses[0, -1])
+    with Image.open(tmp_path / "crel" / rec["files"]["image"]) as im:
+        assert np.array_equal(np.asarray(im), to_uint8(v.images[0]))

@@ -605,7 +605,7 @@ class _Engine:
 
             xt = scale_rotate(xt, *draw_affine(gens, s.scale, s.rotate))
         every = max(1, s.lrp_every)
-        need = [i for i, sl in enumerate(slots) if sl.target.kind == "channel" and sl.step % every == 0]
+        need = [i for i, sl in enumerate(slots) if sl.refs.importance and sl.step % every == 0]
         if need:
             tl = time.perf_counter()
             self._relevance(xt, slots, need)
@@ -645,11 +645,13 @@ class _Engine:
 
     def _relevance(self, xt: torch.Tensor, slots: Sequence[_Slot], need: Sequence[int]) -> None:
         """Relevance of the jittered synthetic image for the slots due a refresh, per target layer."""
+        from vital_fast.optim.visualize import relevance_start_layer
         from vital_fast.references.relevance import relevance_maps
 
         by_layer: Dict[str, List[int]] = {}
         for i in need:
-            by_layer.setdefault(slots[i].target.layer, []).append(i)
+            t = slots[i].target
+            by_layer.setdefault(relevance_start_layer(self.loaded, t.kind, t.layer), []).append(i)
         for layer, members in by_layer.items():
             idx = torch.tensor(members, device=self.dev)
             xs = xt.detach().index_select(0, idx)

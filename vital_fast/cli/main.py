@@ -37,6 +37,10 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the prototype cache")
     p.add_argument("--force", action="store_true", help="write into an existing output folder, replacing its targets")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: skip finished targets")
+    p.add_argument("--lrp-every", type=int, default=None, metavar="K",
+                   help="relevance of the synthetic image every K steps (default: the preset's, 1)")
+    p.add_argument("--class-relevance", action="store_true",
+                   help="weight class targets' features by LRP relevance from the class logit (off: the paper)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +124,12 @@ def _settings(args):
         s = s.replace(stages=stages, warmup=min(s.warmup, max(1, args.steps // 10)))
     if getattr(args, "channel_refs", None):
         s = s.replace(channel_refs=args.channel_refs)
+    if getattr(args, "lrp_every", None) is not None:
+        if args.lrp_every < 1:
+            raise UsageError(f"--lrp-every must be >= 1, got {args.lrp_every}")
+        s = s.replace(lrp_every=args.lrp_every)
+    if getattr(args, "class_relevance", False):
+        s = s.replace(class_relevance=True)
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     return s

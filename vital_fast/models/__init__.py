@@ -18,6 +18,7 @@ from vital_fast.models.loading import (
     weights_fingerprint,
 )
 from vital_fast.models.presets import (
+    class_logit_layer,
     default_channel_layers,
     default_layers,
     efficientnet_stage_ends,
@@ -30,6 +31,7 @@ __all__ = [
     "FeatureTaps",
     "LoadedModel",
     "channel_dim",
+    "class_logit_layer",
     "default_channel_layers",
     "default_layers",
     "efficientnet_stage_ends",

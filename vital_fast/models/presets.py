@@ -31,6 +31,7 @@ from vital_fast.models import taps
 from vital_fast.models.loading import FAMILIES, guess_family
 
 __all__ = [
+    "class_logit_layer",
     "default_channel_layers",
     "default_layers",
     "efficientnet_stage_ends",
@@ -195,6 +196,30 @@ def default_layers(loaded_or_model: Any, family: Optional[str] = None) -> Layers
                 "pass family='generic' or choose the layers yourself"
             ) from None
     return layers
+
+
+def class_logit_layer(loaded_or_model: Any) -> str:
+    """Dotted name of the module whose output is the class logits: the last ``nn.Linear`` registered
+    in the model (with ``num_classes`` outputs when that is known).
+
+    Class targets start their LRP relevance there when ``Settings.class_relevance`` is on.
+
+    Raises
+    ------
+    ValueError
+        If the model has no such ``nn.Linear``.
+    """
+    module = loaded_or_model.model if hasattr(loaded_or_model, "model") else loaded_or_model
+    n_cls = getattr(loaded_or_model, "num_classes", None)
+    last = None
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.Linear) and (n_cls is None or mod.out_features == n_cls):
+            last = name
+    if last is None:
+        want = f" with {n_cls} outputs" if n_cls else ""
+        raise ValueError(f"class_logit_layer: the model has no nn.Linear{want} to start class relevance from; "
+                         "turn class_relevance off for this model")
+    return last
 
 
 def layers_before(layers: Sequence[T], target_layer: str, model: Any = None) -> List[T]:

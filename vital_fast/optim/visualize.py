@@ -202,6 +202,8 @@ def visualize(
             from vital_fast.models import resolve_layer
 
             resolve_layer(loaded.model, l)
+    if settings.class_relevance and any(t.kind == "class" for t in targets):
+        relevance_start_layer(loaded, "class", None)  # a model without class logits fails here, before any work
     # references, checked up front
     refs_in = dict(references or {})
     ref_sets: List[ImageSet] = []
@@ -298,15 +300,16 @@ def visualize(
 def matching_loss(loaded, groups: Sequence[dict], feats: Dict[str, torch.Tensor],
                   relevance: Callable[[int, dict], Dict[str, torch.Tensor]], B: int, dev) -> torch.Tensor:
     """Each element's weighted sum over its matched layers of the sort-matching loss (class groups)
-    or the relevance-weighted loss (channel groups; ``relevance(gi, group)`` gives the maps)."""
+    or the relevance-weighted loss (channel groups, and class groups with ``class_relevance``: the
+    groups that carry an importance; ``relevance(gi, group)`` gives the maps)."""
     per_elem = torch.zeros(B, device=dev)
     for gi, g in enumerate(groups):
         idx = g["index"]
-        rel = relevance(gi, g) if g["kind"] == "channel" else None
+        rel = relevance(gi, g) if g["importance"] else None
         for l, w in g["layers"]:
             f = feats[l].index_select(0, idx) if len(idx) < B else feats[l]
             cd = loaded.channel_dim_of(l)
-            if g["kind"] == "class":
+            if rel is None:
                 lv = sort_match_loss(f, g["protos"][l], channel_dim=cd, reduction="none", check_values=False)
             else:
                 lv = lrp_weight(f, rel[l], g["protos"][l], g["importance"][l],
@@ -334,7 +337,7 @@ def _build_groups(targets: Sequence[Target], refs: Sequence[TargetReferences], d
             ps = [r.prototypes[l] for _, _, r in members]
             q = min(p.shape[-1] for p in ps)
             g["protos"][l] = torch.stack([p if p.shape[-1] == q else _requantize(p, q) for p in ps]).to(dev)
-            if g["kind"] == "channel":
+            if all(l in r.importance for _, _, r in members):
                 g["importance"][l] = torch.stack([r.importance[l] for _, _, r in members]).to(dev)
         del g["members"]
         out.append(g)
@@ -355,16 +358,29 @@ def _forward_taps(loaded, x: torch.Tensor, layers: Sequence[str]) -> Dict[str, t
 
 
 def _synthetic_relevance(loaded, xt: torch.Tensor, groups: Sequence[dict], settings: Settings) -> Dict[int, Dict[str, torch.Tensor]]:
-    """Relevance of the current (jittered) synthetic images for each channel group: constant masks."""
+    """Relevance of the current (jittered) synthetic images for each weighted group: constant masks.
+
+    Channel groups start from their channel at the target layer; class groups (with
+    ``class_relevance``) from their class logit.
+    """
     out: Dict[int, Dict[str, torch.Tensor]] = {}
-    if not any(g["kind"] == "channel" for g in groups):
+    if not any(g["importance"] for g in groups):
         return out
     from vital_fast.references.relevance import relevance_maps
 
     for gi, g in enumerate(groups):
-        if g["kind"] != "channel":
+        if not g["importance"]:
             continue
         xs = xt.detach().index_select(0, g["index"])
-        out[gi] = relevance_maps(loaded.model, xs, g["layer"], g["channels"], [l for l, _ in g["layers"]],
-                                 family=loaded.family, composite=settings.lrp_composite)
+        out[gi] = relevance_maps(loaded.model, xs, relevance_start_layer(loaded, g["kind"], g["layer"]), g["channels"],
+                                 [l for l, _ in g["layers"]], family=loaded.family, composite=settings.lrp_composite)
     return out
+
+
+def relevance_start_layer(loaded, kind: str, layer: Optional[str]) -> str:
+    """Where a target's relevance starts: its own layer (channel targets) or the class logits."""
+    if kind == "channel":
+        return layer
+    from vital_fast.models import class_logit_layer
+
+    return class_logit_layer(loaded)

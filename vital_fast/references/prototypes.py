@@ -67,27 +67,54 @@ def class_references(
     seed: int,
     cache: DiskCache,
 ) -> TargetReferences:
-    """Prototypes of a class target's reference images at each matched layer (cached)."""
+    """Prototypes of a class target's reference images at each matched layer (cached).
+
+    With ``settings.class_relevance`` the features are relevance-weighted as for channel targets,
+    the relevance starting from the class logit (:func:`vital_fast.models.class_logit_layer`), and
+    each channel row gets its importance.
+    """
     imgs = images.subset(range(min(len(images), settings.n_refs)))
+    use_rel = bool(getattr(settings, "class_relevance", False))
     parts = {
         "model": loaded.fingerprint, "target": target_key, "layers": list(layers), "images": imgs.hashes,
         "size": size, "q": settings.quantiles, "crops": settings.ref_crops, "seed": seed,
         "resize": loaded.resize_size / loaded.input_size, "norm": [loaded.mean, loaded.std],
     }
+    if use_rel:  # only then, so entries cached before this option existed stay valid
+        parts["relevance"] = settings.lrp_composite
+    names = [l for l, _ in layers]
 
     def compute():
         gen = torch.Generator().manual_seed(seed)
         x = prepare_inputs(loaded, imgs, size, settings.ref_crops, gen)
-        feats = _features(loaded, x, [l for l, _ in layers])
-        protos = {}
+        feats = _features(loaded, x, names)
+        rel = _class_relevance(loaded, x, target_key, names, settings) if use_rel else None
+        protos, imp = {}, {}
         for l, f in feats.items():
             cd = loaded.channel_dim_of(l)
             d = f.numel() // (f.shape[0] * f.shape[cd])
-            protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), channel_dim=cd)
-        return {"prototypes": protos, "n": int(x.shape[0])}
+            if rel is None:
+                protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), channel_dim=cd)
+            else:
+                r = rel[l].float().cpu()
+                protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), relevance=r, channel_dim=cd)
+                imp[l] = channel_importance(r, channel_dim=cd)
+        return {"prototypes": protos, "importance": imp, "n": int(x.shape[0])}
 
     val = cache.get_or_compute("class_ref", parts, compute)
-    return TargetReferences(list(layers), val["prototypes"], {}, val["n"])
+    return TargetReferences(list(layers), val["prototypes"], val.get("importance", {}), val["n"])
+
+
+def _class_relevance(loaded, x: torch.Tensor, target_key: str, names: Sequence[str], settings) -> Dict[str, torch.Tensor]:
+    """LRP relevance of the reference inputs ``x`` for the class logit of ``target_key`` at ``names``."""
+    from vital_fast.models import class_logit_layer
+    from vital_fast.references.relevance import reference_relevance
+
+    dev = next(iter(loaded.model.parameters())).device
+    cls = int(target_key.split(":")[1])
+    return reference_relevance(loaded.model, x.to(dev), class_logit_layer(loaded),
+                               torch.full((x.shape[0],), cls, dtype=torch.long, device=dev), list(names),
+                               family=loaded.family, composite=settings.lrp_composite)
 
 
 def channel_references(
