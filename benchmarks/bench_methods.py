@@ -3,6 +3,7 @@
     python -m benchmarks.bench_methods [--methods vital actmax fourier maco bnstats] [--preset fast]
                                        [--seeds 0 [1 ...]] [--out runs/bench-methods] [--threads 2]
                                        [--judge efficientnet-lite2] [--reuse] [--no-eval]
+                                       [--model NAME] [--images FOLDER --classes 1 2 ...]
 
 efficientnet-lite0 with its ImageNet weights; the six classes of ``vital-fast demo`` (espresso,
 tiger cat, missile, moped, daisy, palace) with the photographs that ship in installed packages as
@@ -18,6 +19,10 @@ the runs of its method and adds their diversity (mean pairwise cosine distance o
 features of one target's images across seeds). A run folder that exists is reused with
 ``--reuse`` (so the runs can be made in several calls, e.g. ``--methods vital actmax --no-eval``,
 and evaluated together at the end).
+
+With ``--images`` (a folder of class subfolders, such as ImageNet's validation set on your machine)
+and ``--classes``, the same comparison runs on your classes with their real reference images (the
+preset's ``n_refs`` per class: 8 for ``fast``, 50 for ``paper``), the setting of the paper's table.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Dict, List
 import torch
 
 from vital_fast.cli.demo import DEMO_CLASSES
-from vital_fast.cli.jobs import labels_for
+from vital_fast.cli.jobs import gather_references, labels_for
 from vital_fast.evaluate.baselines import METHODS, baseline_options
 from vital_fast.evaluate.metrics import compare_runs, markdown_table
 from vital_fast.models import load_model
@@ -62,19 +67,36 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one run per seed and method; several seeds are averaged and give the diversity column")
-    p.add_argument("--judge", default="efficientnet-lite2")
+    p.add_argument("--judge", default="auto",
+                   help="judge model (default: efficientnet-lite2, or lite0 when lite2 is the visualized model)")
     p.add_argument("--reuse", action="store_true", help="evaluate existing run folders under --out; do not re-run")
     p.add_argument("--no-eval", action="store_true", help="only make the runs")
+    p.add_argument("--model", default="efficientnet-lite0",
+                   help="model to visualize (default: efficientnet-lite0; torchvision:NAME needs its pretrained weights)")
+    p.add_argument("--images", default=None,
+                   help="your own reference images: a folder of class subfolders (285/ or n02124075/ with a "
+                        "wnids.txt), e.g. ImageNet's validation set; default: the offline photographs")
+    p.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="class indices to visualize (default: the demo's six; needed with --images)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.images is None and args.classes is not None:
+        p.error("--classes needs --images (the offline photographs cover only the demo's classes)")
 
-    loaded = load_model("efficientnet-lite0")
-    photos = offline_class_photos()
-    targets = [Target("class", c) for c in DEMO_CLASSES]
-    refs = {t.key: load_images(photos[t.index], what=f"photographs of {t.key}") for t in targets}
+    loaded = load_model(args.model)
     settings = get_preset(args.preset)
+    if args.images is None:
+        photos = offline_class_photos()
+        targets = [Target("class", c) for c in DEMO_CLASSES]
+        refs = {t.key: load_images(photos[t.index], what=f"photographs of {t.key}") for t in targets}
+    else:
+        targets = [Target("class", c) for c in (args.classes or DEMO_CLASSES)]
+        try:
+            refs = gather_references(loaded, targets, args.images, settings, DiskCache(enabled=False))
+        except ValueError as err:
+            p.error(str(err))
     labels = labels_for(targets)
-    print(f"efficientnet-lite0, {len(targets)} class targets, preset {args.preset} "
+    print(f"{args.model}, {len(targets)} class targets, preset {args.preset} "
           f"({settings.steps} steps: {settings.stages}), seeds {args.seeds}, {args.threads} threads", file=sys.stderr)
     runs: Dict[str, List[str]] = {}
     for m in args.methods:

@@ -4,7 +4,9 @@
 
 Class targets (the demo's six classes): top-1 / top-5 of the visualizations by lite0 itself and by
 efficientnet-lite2 as an independent judge, for the `fast` preset, the `fast` preset without its
-robustness transforms (flip, zoom, rotation), and the `fast` schedule doubled in length.
+robustness transforms (flip, zoom, rotation), the `fast` schedule doubled in length, and the `fast`
+preset with class relevance (features weighted by LRP relevance from the class logit); with
+``--seeds`` each row sums the hits of one run per seed.
 
 Channel targets (four channels of `_blocks.10`, references mined from the offline photographs): the
 target channel's spatial-max activation on the visualization relative to its mean on the top-k real
@@ -37,7 +39,7 @@ def judge_top(loaded, images, classes):
     return (sum(int(top[i, 0]) == c for i, c in enumerate(classes)), sum(c in top[i].tolist() for i, c in enumerate(classes)))
 
 
-def class_rows(model, judge, cache):
+def class_rows(model, judge, cache, seeds=(0,)):
     photos = offline_class_photos()
     refs = {f"class:{c}": load_images(photos[c]) for c in DEMO_CLASSES}
     fast = get_preset("fast")
@@ -45,14 +47,20 @@ def class_rows(model, judge, cache):
         "fast": fast,
         "fast without flip/zoom/rotation": fast.replace(flip=False, scale=0.0, rotate=0.0),
         "fast, twice the steps": fast.replace(stages=[(s, 2 * n) for s, n in fast.stages]),
+        "fast, class relevance": fast.replace(class_relevance=True),
     }
-    print("| class targets (6) | lite0 top-1 | lite0 top-5 | lite2 top-1 | lite2 top-5 | s per target-step |")
+    n = len(DEMO_CLASSES) * len(seeds)
+    print(f"| class targets ({len(DEMO_CLASSES)} x {len(seeds)} seeds) | lite0 top-1 | lite0 top-5 | lite2 top-1 | "
+          "lite2 top-5 | s per target-step |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, s in variants.items():
-        res = visualize(model, list(refs), refs, settings=s, seed=0, cache=cache)
-        o1, o5 = judge_top(model, res.images, DEMO_CLASSES)
-        j1, j5 = judge_top(judge, res.images, DEMO_CLASSES)
-        print(f"| {name} | {o1}/6 | {o5}/6 | {j1}/6 | {j5}/6 | {res.timings['s_per_target_step']:.3f} |", flush=True)
+        tot, spt = [0, 0, 0, 0], []
+        for seed in seeds:
+            res = visualize(model, list(refs), refs, settings=s, seed=seed, cache=cache)
+            hits = judge_top(model, res.images, DEMO_CLASSES) + judge_top(judge, res.images, DEMO_CLASSES)
+            tot = [a + b for a, b in zip(tot, hits)]
+            spt.append(res.timings["s_per_target_step"])
+        print(f"| {name} | " + " | ".join(f"{h}/{n}" for h in tot) + f" | {sum(spt) / len(spt):.3f} |", flush=True)
 
 
 def channel_rows(model, cache, n_channels=4, k=3):
@@ -85,13 +93,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["class", "channel"], default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="class targets: one run per seed, counts summed")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = load_model("efficientnet-lite0")
     cache = DiskCache()
     t0 = time.time()
     if a.only in (None, "class"):
-        class_rows(model, load_model("efficientnet-lite2"), cache)
+        class_rows(model, load_model("efficientnet-lite2"), cache, a.seeds)
     if a.only in (None, "channel"):
         channel_rows(model, cache)
     print(f"({time.time() - t0:.0f} s)")
