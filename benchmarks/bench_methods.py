@@ -59,6 +59,25 @@ def run_dir(out: str, method: str, seed: int, first_seed: int) -> str:
     return os.path.join(out, method if seed == first_seed else f"{method}-seed{seed}")
 
 
+def per_seed_table(runs: Dict[str, List[str]], methods: List[str], seeds: List[int]) -> str:
+    """Judge top-1 hits of every run (method x seed), from each run's metrics.json: the spread behind the means."""
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | total |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for m in methods:
+        cells, hit, tot = [], 0, 0
+        for run in runs[m]:
+            try:
+                with open(os.path.join(run, "metrics.json"), encoding="utf-8") as fh:
+                    per = json.load(fh)["targets"]
+                h = [v["judge_top1"] for v in per.values() if isinstance(v, dict) and "judge_top1" in v]
+            except (OSError, ValueError, KeyError):
+                h = []
+            cells.append(f"{sum(h)}/{len(h)}" if h else "n/a")
+            hit, tot = hit + sum(h), tot + len(h)
+        lines.append(f"| {m} | " + " | ".join(cells) + (f" | {hit}/{tot} |" if tot else " | n/a |"))
+    return "judge top-1 hits per seed\n\n" + "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -133,6 +152,9 @@ def main(argv=None) -> int:
         r["wall_s_per_target"] = sum(walls) / len(walls) if walls else "n/a"
         r["cpu_s_per_target"] = sum(cpus) / len(cpus) if cpus else "n/a"
     print(markdown_table(rows, columns))
+    if len(args.seeds) > 1:
+        print()
+        print(per_seed_table(runs, args.methods, args.seeds))
     print("\nsettings:", file=sys.stderr)
     print(f"  vital: {settings.to_dict()}", file=sys.stderr)
     for m in args.methods:
