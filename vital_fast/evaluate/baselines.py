@@ -76,6 +76,7 @@ from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.regularizers import l2_penalty, lr_factor, total_variation
 from vital_fast.optim.targets import Target, parse_target
 from vital_fast.optim.transforms import draw_affine, draw_jitter, roll_flip, scale_rotate
+from vital_fast.optim.visualize import descend
 from vital_fast.references.images import ImageSet, load_images, random_resized_crops, resize_center_crop
 
 __all__ = ["BASELINES", "METHODS", "BaselineSettings", "baseline_options", "run_baseline"]
@@ -532,16 +533,7 @@ def _run_pixel(loaded, method, o, s: Settings, objective: _Objective, bn_prior, 
                     main = main.index_put((objective.class_pos,), ce)
                 tv, norm = _deepinversion_priors(xt)
                 total_l = o["main"] * main + o["r_feature"] * r_bn + o["tv_l2"] * tv + o["l2"] * norm
-            opt.zero_grad(set_to_none=True)
-            total_l.sum().backward()
-            alpha += x.grad.detach().abs().sum(1, keepdim=True)
-            opt.step()
-            with torch.no_grad():
-                x.copy_(torch.max(torch.min(x, hi), lo))
-            losses[:, step_global] = total_l.detach().float().cpu()
-            step_global += 1
-            if progress is not None:
-                progress(step_global, total, losses[:, step_global - 1])
+            step_global = descend(opt, x, total_l, alpha, losses, step_global, total, progress, bounds=(lo, hi))
     with torch.no_grad():
         images = loaded.denormalize(x.detach()).clamp(0, 1)
     return images, alpha
@@ -605,14 +597,7 @@ def _run_spectral(loaded, method, o, s: Settings, objective: _Objective, gens, s
                 xt = xt + noise.to(dev)
             score, _ = objective(loaded.normalize(xt), repeat=crops)
             total_l = -score
-            opt.zero_grad(set_to_none=True)
-            total_l.sum().backward()
-            alpha += img.grad.detach().abs().sum(1, keepdim=True)
-            opt.step()
-            losses[:, step_global] = total_l.detach().float().cpu()
-            step_global += 1
-            if progress is not None:
-                progress(step_global, total, losses[:, step_global - 1])
+            step_global = descend(opt, p, total_l, alpha, losses, step_global, total, progress, grad_of=img)
     with torch.no_grad():
         images = render()
     return images, alpha, t_refs

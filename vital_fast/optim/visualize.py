@@ -272,16 +272,7 @@ def visualize(
             feats = _forward_taps(loaded, xt, layer_names)
             per_elem = matching_loss(loaded, groups, feats, lambda gi, g: rel_cache[gi], B, dev)
             total = per_elem + image_priors(x, settings)
-            opt.zero_grad(set_to_none=True)
-            total.sum().backward()
-            alpha += x.grad.detach().abs().sum(1, keepdim=True)
-            opt.step()
-            with torch.no_grad():
-                x.copy_(torch.max(torch.min(x, hi), lo))
-            losses[:, step_global] = total.detach().float().cpu()
-            step_global += 1
-            if progress is not None:
-                progress(step_global, total_steps, losses[:, step_global - 1])
+            step_global = descend(opt, x, total, alpha, losses, step_global, total_steps, progress, bounds=(lo, hi))
         t_opt += time.perf_counter() - t0
     with torch.no_grad():
         images = loaded.denormalize(x.detach()).clamp(0, 1).cpu()
@@ -295,6 +286,29 @@ def visualize(
     }
     return VisualizationResult(targets, images, transparency, losses, settings, seeds, ref_sets, layer_plan,
                                timings, loaded.name, loaded.fingerprint)
+
+
+def descend(opt: torch.optim.Optimizer, x: torch.Tensor, loss: torch.Tensor, alpha: torch.Tensor, losses: torch.Tensor,
+            step: int, total_steps: int, progress: Optional[ProgressFn], *, grad_of: Optional[torch.Tensor] = None,
+            bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> int:
+    """One optimizer step shared by VITAL and the baselines; returns the next global step.
+
+    The per-element ``loss`` (B,) is summed and backpropagated once; the absolute gradient of
+    ``grad_of`` (default ``x``), summed over colour, accumulates into the transparency ``alpha``;
+    the optimizer steps; ``x`` is clamped to ``bounds = (lo, hi)``; the losses are recorded in
+    column ``step`` of ``losses`` and reported to ``progress``.
+    """
+    opt.zero_grad(set_to_none=True)
+    loss.sum().backward()
+    alpha += (x if grad_of is None else grad_of).grad.detach().abs().sum(1, keepdim=True)
+    opt.step()
+    if bounds is not None:
+        with torch.no_grad():
+            x.copy_(torch.max(torch.min(x, bounds[1]), bounds[0]))
+    losses[:, step] = loss.detach().float().cpu()
+    if progress is not None:
+        progress(step + 1, total_steps, losses[:, step])
+    return step + 1
 
 
 def matching_loss(loaded, groups: Sequence[dict], feats: Dict[str, torch.Tensor],
