@@ -498,6 +498,7 @@ class _Engine:
         self.lo = torch.tensor([(0 - a) / b for a, b in ms], device=self.dev).view(1, 3, 1, 1)
         self.hi = torch.tensor([(1 - a) / b for a, b in ms], device=self.dev).view(1, 3, 1, 1)
         self._groups: Dict[int, Tuple[tuple, list]] = {}
+        self._logit: Optional[str] = None
         self.t_refs = self.t_lrp = self.t_opt = 0.0
         self.ticks = 0
         self.slot_steps = 0
@@ -643,15 +644,22 @@ class _Engine:
         for sl in slots:  # stage changes prepare references (LRP): outside no_grad
             self._advance(sl)
 
+    def _logit_layer(self) -> str:
+        """Where class relevance starts (resolved once, on the first class slot that needs it)."""
+        if self._logit is None:
+            from vital_fast.models import class_logit_layer
+
+            self._logit = class_logit_layer(self.loaded)
+        return self._logit
+
     def _relevance(self, xt: torch.Tensor, slots: Sequence[_Slot], need: Sequence[int]) -> None:
         """Relevance of the jittered synthetic image for the slots due a refresh, per target layer."""
-        from vital_fast.optim.visualize import relevance_start_layer
         from vital_fast.references.relevance import relevance_maps
 
         by_layer: Dict[str, List[int]] = {}
         for i in need:
             t = slots[i].target
-            by_layer.setdefault(relevance_start_layer(self.loaded, t.kind, t.layer), []).append(i)
+            by_layer.setdefault(t.layer if t.kind == "channel" else self._logit_layer(), []).append(i)
         for layer, members in by_layer.items():
             idx = torch.tensor(members, device=self.dev)
             xs = xt.detach().index_select(0, idx)
@@ -893,6 +901,10 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
     if classes is not None:
         class_list = parse_index_spec(classes, loaded.num_classes, "classes")
         targets += [Target("class", c) for c in class_list]
+        if settings.class_relevance:
+            from vital_fast.models import class_logit_layer
+
+            class_logit_layer(loaded)  # a model without class logits fails here, before any work
     _check_targets(loaded, targets)
     final = int(size or loaded.input_size)
     for S in sorted({max(16, int(round(sc * final))) for sc, _ in settings.stages}):

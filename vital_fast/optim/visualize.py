@@ -202,8 +202,11 @@ def visualize(
             from vital_fast.models import resolve_layer
 
             resolve_layer(loaded.model, l)
+    logit_layer = None
     if settings.class_relevance and any(t.kind == "class" for t in targets):
-        relevance_start_layer(loaded, "class", None)  # a model without class logits fails here, before any work
+        from vital_fast.models import class_logit_layer
+
+        logit_layer = class_logit_layer(loaded)  # a model without class logits fails here, before any work
     # references, checked up front
     refs_in = dict(references or {})
     ref_sets: List[ImageSet] = []
@@ -267,7 +270,7 @@ def visualize(
                 xt = scale_rotate(xt, *draw_affine(gens, settings.scale, settings.rotate))
             if step % max(1, settings.lrp_every) == 0:
                 tl = time.perf_counter()
-                rel_cache = _synthetic_relevance(loaded, xt, groups, settings)
+                rel_cache = _synthetic_relevance(loaded, xt, groups, settings, logit_layer)
                 t_lrp += time.perf_counter() - tl
             feats = _forward_taps(loaded, xt, layer_names)
             per_elem = matching_loss(loaded, groups, feats, lambda gi, g: rel_cache[gi], B, dev)
@@ -371,11 +374,12 @@ def _forward_taps(loaded, x: torch.Tensor, layers: Sequence[str]) -> Dict[str, t
         return dict(taps.run(x))
 
 
-def _synthetic_relevance(loaded, xt: torch.Tensor, groups: Sequence[dict], settings: Settings) -> Dict[int, Dict[str, torch.Tensor]]:
+def _synthetic_relevance(loaded, xt: torch.Tensor, groups: Sequence[dict], settings: Settings,
+                         logit_layer: Optional[str] = None) -> Dict[int, Dict[str, torch.Tensor]]:
     """Relevance of the current (jittered) synthetic images for each weighted group: constant masks.
 
     Channel groups start from their channel at the target layer; class groups (with
-    ``class_relevance``) from their class logit.
+    ``class_relevance``) from their class logit at ``logit_layer``.
     """
     out: Dict[int, Dict[str, torch.Tensor]] = {}
     if not any(g["importance"] for g in groups):
@@ -386,15 +390,7 @@ def _synthetic_relevance(loaded, xt: torch.Tensor, groups: Sequence[dict], setti
         if not g["importance"]:
             continue
         xs = xt.detach().index_select(0, g["index"])
-        out[gi] = relevance_maps(loaded.model, xs, relevance_start_layer(loaded, g["kind"], g["layer"]), g["channels"],
-                                 [l for l, _ in g["layers"]], family=loaded.family, composite=settings.lrp_composite)
+        start = g["layer"] if g["kind"] == "channel" else logit_layer
+        out[gi] = relevance_maps(loaded.model, xs, start, g["channels"], [l for l, _ in g["layers"]],
+                                 family=loaded.family, composite=settings.lrp_composite)
     return out
-
-
-def relevance_start_layer(loaded, kind: str, layer: Optional[str]) -> str:
-    """Where a target's relevance starts: its own layer (channel targets) or the class logits."""
-    if kind == "channel":
-        return layer
-    from vital_fast.models import class_logit_layer
-
-    return class_logit_layer(loaded)

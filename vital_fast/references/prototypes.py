@@ -74,7 +74,7 @@ def class_references(
     each channel row gets its importance.
     """
     imgs = images.subset(range(min(len(images), settings.n_refs)))
-    use_rel = bool(getattr(settings, "class_relevance", False))
+    use_rel = settings.class_relevance
     parts = {
         "model": loaded.fingerprint, "target": target_key, "layers": list(layers), "images": imgs.hashes,
         "size": size, "q": settings.quantiles, "crops": settings.ref_crops, "seed": seed,
@@ -88,16 +88,17 @@ def class_references(
         gen = torch.Generator().manual_seed(seed)
         x = prepare_inputs(loaded, imgs, size, settings.ref_crops, gen)
         feats = _features(loaded, x, names)
-        rel = _class_relevance(loaded, x, target_key, names, settings) if use_rel else None
+        if use_rel:
+            from vital_fast.models import class_logit_layer
+
+            rel = _relevance_of(loaded, x, class_logit_layer(loaded), int(target_key.split(":")[1]), names, settings)
         protos, imp = {}, {}
         for l, f in feats.items():
             cd = loaded.channel_dim_of(l)
             d = f.numel() // (f.shape[0] * f.shape[cd])
-            if rel is None:
-                protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), channel_dim=cd)
-            else:
-                r = rel[l].float().cpu()
-                protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), relevance=r, channel_dim=cd)
+            r = rel[l].float().cpu() if use_rel else None
+            protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), relevance=r, channel_dim=cd)
+            if use_rel:
                 imp[l] = channel_importance(r, channel_dim=cd)
         return {"prototypes": protos, "importance": imp, "n": int(x.shape[0])}
 
@@ -105,15 +106,15 @@ def class_references(
     return TargetReferences(list(layers), val["prototypes"], val.get("importance", {}), val["n"])
 
 
-def _class_relevance(loaded, x: torch.Tensor, target_key: str, names: Sequence[str], settings) -> Dict[str, torch.Tensor]:
-    """LRP relevance of the reference inputs ``x`` for the class logit of ``target_key`` at ``names``."""
-    from vital_fast.models import class_logit_layer
+def _relevance_of(loaded, x: torch.Tensor, start_layer: str, index: int, names: Sequence[str],
+                  settings) -> Dict[str, torch.Tensor]:
+    """LRP relevance at ``names`` of the reference inputs ``x``, started from unit ``index`` of
+    ``start_layer`` (a channel, or the class logit) for every image."""
     from vital_fast.references.relevance import reference_relevance
 
     dev = next(iter(loaded.model.parameters())).device
-    cls = int(target_key.split(":")[1])
-    return reference_relevance(loaded.model, x.to(dev), class_logit_layer(loaded),
-                               torch.full((x.shape[0],), cls, dtype=torch.long, device=dev), list(names),
+    return reference_relevance(loaded.model, x.to(dev), start_layer,
+                               torch.full((x.shape[0],), index, dtype=torch.long, device=dev), list(names),
                                family=loaded.family, composite=settings.lrp_composite)
 
 
@@ -129,8 +130,6 @@ def channel_references(
     cache: DiskCache,
 ) -> TargetReferences:
     """Relevance-weighted prototypes and channel importance of a channel target's top-k references."""
-    from vital_fast.references.relevance import reference_relevance
-
     parts = {
         "model": loaded.fingerprint, "target": target_key, "layers": list(record_layers), "images": images.hashes,
         "size": size, "q": settings.quantiles, "composite": settings.lrp_composite,
@@ -140,11 +139,7 @@ def channel_references(
 
     def compute():
         x = prepare_inputs(loaded, images, size, 0, None)
-        dev = next(iter(loaded.model.parameters())).device
-        rel = reference_relevance(
-            loaded.model, x.to(dev), target_layer, torch.full((x.shape[0],), channel, dtype=torch.long, device=dev),
-            names, family=loaded.family, composite=settings.lrp_composite,
-        )
+        rel = _relevance_of(loaded, x, target_layer, channel, names, settings)
         feats = _features(loaded, x, names)
         protos, imp = {}, {}
         for l in names:
