@@ -310,7 +310,7 @@ def test_folder_of_another_sweep_or_in_use_is_untouched(tmp_path, images, cache_
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         code = main(cli_args(images, out, cache_dir, "--resume"))
         err = capsys.readouterr().err
-        assert code == 2 and "in use by another sweep" in err, err
+        assert code == 2 and "in use by another run" in err, err
         assert snapshot(out) == before
     finally:
         os.close(fd)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from vital_fast._version import __version__
 from vital_fast.references.cache import atomic_write_bytes
+from vital_fast.runfolder import identity_diff, identity_of_manifest, locked, run_identity
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -74,6 +75,17 @@ def make_grid(images: torch.Tensor, ncol: Optional[int] = None, pad: int = 4) ->
         r, c = divmod(i, ncol)
         grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = images[i]
     return grid
+
+
+def write_png_atomic(arr: np.ndarray, path: str) -> None:
+    """Write a PNG atomically under a temporary name unique to this process."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode={3: "RGB", 4: "RGBA"}[arr.shape[-1]]).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
@@ -148,18 +160,38 @@ def run_header(result, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]
     }
 
 
+def result_identity(result, seed: Optional[int], extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The run identity (:func:`vital_fast.runfolder.run_identity`) of a result saved with ``extra``."""
+    extra = extra or {}
+    return run_identity(model=result.model_name, fingerprint=result.fingerprint, method=extra.get("method", "vital"),
+                        seed=seed if seed is not None else -1, settings=result.settings.to_dict(),
+                        size=extra.get("size"), preset=extra.get("preset"))
+
+
 def save_result(result, out_dir: str, *, labels: Optional[Dict[str, str]] = None, seed: Optional[int] = None,
                 extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write a result into ``out_dir`` (targets, grid, manifest); merge with targets already there.
 
-    Returns the manifest written.
+    The folder's lock is held while writing (a folder in use by another run is refused), and a
+    folder holding a different run (another model, method, seed or settings) is refused with a
+    ValueError naming what differs, before anything is written. Returns the manifest written.
     """
     os.makedirs(out_dir, exist_ok=True)
-    try:
-        manifest = read_manifest(out_dir)
-    except ValueError:
-        manifest = None
-    header = run_header(result, dict(extra or {}, seed=seed))
+    with locked(out_dir):
+        return _save_result_locked(result, out_dir, labels=labels, seed=seed, extra=extra)
+
+
+def _save_result_locked(result, out_dir, *, labels, seed, extra) -> Dict[str, Any]:
+    identity = (extra or {}).get("run") or result_identity(result, seed, extra)
+    manifest = None
+    if os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        manifest = read_manifest(out_dir)  # a manifest we cannot read is never replaced by a partial one
+        if manifest.get("sweep") is not None:
+            raise ValueError(f"{out_dir} holds a sweep; save this result into another folder")
+        diff = identity_diff(identity_of_manifest(manifest), identity)
+        if diff:
+            raise ValueError(f"{out_dir} holds a different run ({'; '.join(diff[:3])}); save into another folder")
+    header = run_header(result, dict(extra or {}, seed=seed, run=identity))
     if manifest is None:
         manifest = dict(header, targets=[], timings={})
     else:
@@ -185,9 +217,7 @@ def save_result(result, out_dir: str, *, labels: Optional[Dict[str, str]] = None
             arr = np.asarray(im.convert("RGB").resize((160, 160)), dtype=np.float32) / 255.0
         grid_imgs.append(torch.from_numpy(arr).permute(2, 0, 1))
     if grid_imgs:
-        tmp = os.path.join(out_dir, ".tmp-grid.png")
-        save_png(to_uint8(make_grid(torch.stack(grid_imgs))), tmp)
-        os.replace(tmp, os.path.join(out_dir, "grid.png"))
+        write_png_atomic(to_uint8(make_grid(torch.stack(grid_imgs))), os.path.join(out_dir, "grid.png"))
         manifest["grid"] = "grid.png"
     write_json_atomic(manifest, os.path.join(out_dir, MANIFEST))
     return manifest

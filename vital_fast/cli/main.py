@@ -7,6 +7,7 @@ traceback only with ``--verbose``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -118,10 +119,9 @@ def _settings(args):
     if args.steps is not None:
         if args.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {args.steps}")
-        total = s.steps
-        stages = [(sc, max(1, round(n * args.steps / total))) for sc, n in s.stages]
-        stages[-1] = (stages[-1][0], max(1, args.steps - sum(n for _, n in stages[:-1])))
-        s = s.replace(stages=stages, warmup=min(s.warmup, max(1, args.steps // 10)))
+        s = s.replace(**scaled_stages(s, args.steps))
+    if getattr(args, "size", None) is not None and args.size < 16:
+        raise UsageError(f"--size must be at least 16 pixels, got {args.size}")
     if getattr(args, "channel_refs", None):
         s = s.replace(channel_refs=args.channel_refs)
     if getattr(args, "lrp_every", None) is not None:
@@ -135,18 +135,69 @@ def _settings(args):
     return s
 
 
+def scaled_stages(s, steps: int) -> dict:
+    """The stage schedule of settings ``s`` scaled to exactly ``steps`` steps in all.
+
+    Stages keep their share of the steps; a stage whose share rounds to nothing is dropped (the
+    last stage, at the final resolution, always stays), so ``--steps 1`` runs one step.
+    """
+    total = s.steps
+    counts = [int(n * steps // total) for _, n in s.stages]
+    counts[-1] = max(counts[-1], 1)
+    i = len(counts) - 1
+    while sum(counts) < steps:  # the remainder goes to the latest stages first
+        counts[i] += 1
+        i = i - 1 if i > 0 else len(counts) - 1
+    while sum(counts) > steps:  # only when the last stage was raised to 1
+        j = max(k for k in range(len(counts) - 1) if counts[k] > 0)
+        counts[j] -= 1
+    stages = [(sc, n) for (sc, _), n in zip(s.stages, counts) if n > 0]
+    return {"stages": stages, "warmup": min(s.warmup, max(1, steps // 10))}
+
+
 def _cache(args):
     from vital_fast.references.cache import DiskCache
 
     return DiskCache(args.cache, enabled=not args.no_cache)
 
 
-def _check_out(out: str, force: bool, resume: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not (force or resume):
-        raise UsageError(f"output folder {out} exists and is not empty; pass --force to replace its targets "
-                         f"or --resume to continue it")
+def _check_out(args) -> None:
+    """The run-folder checks that need no model: writable, not in use, ours to write (writes nothing)."""
+    from vital_fast.runfolder import precheck_run_folder
+
+    try:
+        precheck_run_folder(args.out, resume=args.resume, force=args.force)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _owned_folder(args, loaded, settings, method: str):
+    """Hold the run folder for this run: identity checked, lock held, cleared for --force.
+
+    Yields the identity. A run that ends before writing anything leaves no lock file (nor the folder,
+    when it made it) behind.
+    """
+    from vital_fast.runfolder import LOCK, prepare_run_folder, run_identity
+
+    identity = run_identity(model=loaded.name, fingerprint=loaded.fingerprint, method=method, seed=args.seed,
+                            settings=settings.to_dict(), size=args.size, preset=args.preset)
+    existed = os.path.isdir(args.out)
+    try:
+        lock = prepare_run_folder(args.out, identity, resume=args.resume, force=args.force)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        yield identity
+    finally:
+        try:
+            if set(os.listdir(args.out)) <= {LOCK}:  # nothing written: leave no trace
+                os.unlink(os.path.join(args.out, LOCK))
+                if not existed:
+                    os.rmdir(args.out)
+        except OSError:
+            pass
+        lock.release()
 
 
 def _device(args):
@@ -159,31 +210,32 @@ def _device(args):
     return args.device
 
 
-def _run_targets(args, loaded, targets, refs, settings, extra=None) -> int:
+def _pending(args, targets):
+    """Targets still to do: all of them, or with --resume those the folder has not finished."""
+    from vital_fast.cli.jobs import finished_keys
+
+    if not args.resume:
+        return list(targets)
+    done = set(finished_keys(args.out))
+    pending = [t for t in targets if t.key not in done]
+    if not pending:
+        print(f"all targets already finished in {args.out}", file=sys.stderr)
+    return pending
+
+
+def _run_targets(args, loaded, targets, refs, settings, identity, extra=None) -> int:
     from vital_fast.cli.gallery import build_gallery
-    from vital_fast.cli.jobs import finished_keys, run_into_folder
+    from vital_fast.cli.jobs import run_into_folder
     from vital_fast.cli.progress import Progress
 
-    if args.resume:
-        done = set(finished_keys(args.out))
-        if done:
-            from vital_fast.results import read_manifest
-
-            m = read_manifest(args.out)
-            if m.get("model", {}).get("fingerprint") != loaded.fingerprint:
-                raise UsageError(f"--resume: {args.out} was made with another model "
-                                 f"({m.get('model', {}).get('name')}, {m.get('model', {}).get('fingerprint')})")
-        targets = [t for t in targets if t.key not in done]
-        if not targets:
-            print(f"all targets already finished in {args.out}", file=sys.stderr)
     bar = Progress(max(1, len(range(0, len(targets), args.batch)) * settings.steps), label="optimizing")
-    os.makedirs(args.out, exist_ok=True)
     if targets:
         run_into_folder(loaded, targets, refs, args.out, settings, seed=args.seed, batch=args.batch,
-                        cache=_cache(args), preset=args.preset, size=args.size, on_step=bar.update, extra=extra,
-                        method=getattr(args, "method", "vital"))
-    index = build_gallery(args.out)
-    print(f"wrote {args.out} (gallery: {index})")
+                        cache=_cache(args), preset=args.preset, size=args.size, on_step=bar.update,
+                        extra=dict(extra or {}, run=identity), method=getattr(args, "method", "vital"))
+    if os.path.isfile(os.path.join(args.out, "manifest.json")):
+        index = build_gallery(args.out)
+        print(f"wrote {args.out} (gallery: {index})")
     return EXIT_OK
 
 
@@ -193,14 +245,16 @@ def cmd_demo(args) -> int:
 
     out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     args.out = out
-    _check_out(out, args.force, args.resume)
     settings = _settings(args)
+    _check_out(args)
     loaded = load_model("efficientnet-lite0", device=_device(args))
     print(f"vital-fast demo: efficientnet-lite0 ({loaded.fingerprint}), preset {args.preset}, "
           f"{settings.steps} steps -> {out}", file=sys.stderr)
-    targets, refs = demo_plan(loaded, settings, _cache(args))
-    args.batch = max(args.batch, len(targets)) if args.batch == 8 else args.batch
-    return _run_targets(args, loaded, targets, refs, settings, extra={"demo": True})
+    with _owned_folder(args, loaded, settings, "vital") as identity:
+        targets, refs = demo_plan(loaded, settings, _cache(args))
+        args.batch = max(args.batch, len(targets)) if args.batch == 8 else args.batch
+        targets = _pending(args, targets)
+        return _run_targets(args, loaded, targets, refs, settings, identity, extra={"demo": True})
 
 
 def _load(args):
@@ -215,6 +269,8 @@ def cmd_layers(args) -> int:
     from vital_fast.models import list_layers
 
     loaded = _load(args)
+    if args.size is not None and args.size < 16:
+        raise UsageError(f"--size must be at least 16 pixels, got {args.size}")
     size = args.size or loaded.input_size
     rows = list_layers(loaded.model, size)
     w = max(len(r["name"]) for r in rows) if rows else 10
@@ -228,7 +284,6 @@ def cmd_visualize(args) -> int:
     from vital_fast.cli.jobs import gather_references
     from vital_fast.optim import parse_target
 
-    _check_out(args.out, args.force, args.resume)
     try:
         targets = [parse_target(t) for t in args.target]
     except ValueError as exc:
@@ -236,12 +291,15 @@ def cmd_visualize(args) -> int:
     if not os.path.isdir(args.images):
         raise UsageError(f"--images: no such folder: {args.images}")
     settings = _settings(args)
+    _check_out(args)
     loaded = _load(args)
     from vital_fast.optim.visualize import _check_targets
 
     _check_targets(loaded, targets)
-    refs = gather_references(loaded, targets, args.images, settings, _cache(args), args.size)
-    return _run_targets(args, loaded, targets, refs, settings)
+    with _owned_folder(args, loaded, settings, args.method) as identity:
+        targets = _pending(args, targets)
+        refs = gather_references(loaded, targets, args.images, settings, _cache(args), args.size) if targets else {}
+        return _run_targets(args, loaded, targets, refs, settings, identity)
 
 
 def cmd_report(args) -> int:

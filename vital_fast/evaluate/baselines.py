@@ -76,7 +76,7 @@ from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.regularizers import l2_penalty, lr_factor, total_variation
 from vital_fast.optim.targets import Target, parse_target
 from vital_fast.optim.transforms import draw_affine, draw_jitter, roll_flip, scale_rotate
-from vital_fast.optim.visualize import descend
+from vital_fast.optim.visualize import check_size, descend
 from vital_fast.references.images import ImageSet, load_images, random_resized_crops, resize_center_crop
 
 __all__ = ["BASELINES", "METHODS", "BaselineSettings", "baseline_options", "run_baseline"]
@@ -430,7 +430,7 @@ def run_baseline(
     if len(set(keys)) != len(keys):
         raise ValueError(f"visualize: duplicate targets in {keys}")
     _check_targets(loaded, targets)
-    final = int(size or loaded.input_size)
+    final = check_size(size, loaded.input_size)
     stage_sizes = [max(16, int(round(s * final))) for s, _ in base.stages]
     for s in sorted(set(stage_sizes + [final])):
         _check_resolution(loaded, s)

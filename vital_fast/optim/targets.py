@@ -36,9 +36,19 @@ class Target:
 
     @property
     def slug(self) -> str:
-        """A file-name-safe form of the key."""
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in self.key.replace(":", "__"))
-        return safe
+        """A file-name-safe form of the key, distinct for distinct keys.
+
+        Keys whose layer name is made of letters, digits and ``-_.`` map one to one
+        (``channel:_blocks.10:3`` -> ``channel___blocks.10__3``); any other layer name (``a/b``,
+        ``a b``) has its other characters replaced and a hash of the key appended, so that
+        ``a/b`` and ``a_b`` never share a folder.
+        """
+        safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_"
+                       for ch in self.key.replace(":", "__"))
+        layer = self.layer or ""
+        if all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in layer) and layer not in (".", ".."):
+            return safe
+        return f"{safe}-{hashlib.sha256(self.key.encode()).hexdigest()[:8]}"
 
     def seed(self, base_seed: int) -> int:
         """A seed derived from the run's seed and the target: one target regenerates on its own."""

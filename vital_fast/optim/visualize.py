@@ -99,6 +99,15 @@ def _check_targets(loaded, targets: Sequence[Target]) -> Dict[str, tuple]:
     return shapes
 
 
+def check_size(size: Optional[int], default: int) -> int:
+    """The final resolution: ``size``, or ``default`` when it is None; ValueError for anything below 16 px."""
+    if size is None:
+        return int(default)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise ValueError(f"size must be an int of at least 16 pixels, got {size!r}")
+    return size
+
+
 def _check_resolution(loaded, size: int) -> None:
     dev = next(iter(loaded.model.parameters())).device
     try:
@@ -192,7 +201,7 @@ def visualize(
     from vital_fast.models import default_layers
 
     shapes = _check_targets(loaded, targets)
-    final = int(size or loaded.input_size)
+    final = check_size(size, loaded.input_size)
     stage_sizes = [max(16, int(round(s * final))) for s, _ in settings.stages]
     for s in sorted(set(stage_sizes)):
         _check_resolution(loaded, s)

@@ -1,0 +1,196 @@
+"""Run folders refuse what would corrupt them: a folder in use, another run's folder, a folder that is not
+a run, an unreadable manifest, an unwritable --out; --force replaces a whole run; slugs never collide."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from vital_fast.cli.main import main
+from vital_fast.optim.targets import Target
+from vital_fast.references.images import offline_photo_path
+from vital_fast.runfolder import FolderLock, identity_diff, run_identity
+
+SMALL = ["--size", "64", "--steps", "2", "--no-cache"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(folder):
+    """Every file under ``folder`` with its bytes (the lock file aside)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f != ".lock":
+                p = os.path.join(root, f)
+                with open(p, "rb") as fh:
+                    out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rf-images")
+    (root / "967").mkdir()
+    shutil.copy(offline_photo_path("coffee"), root / "967" / "coffee.png")
+    (root / "282").mkdir()
+    shutil.copy(offline_photo_path("chelsea"), root / "282" / "chelsea.png")
+    return root
+
+
+def visualize_args(images, out, *extra, targets=("class:967", "class:282")):
+    args = ["visualize", "--model", "efficientnet-lite0", "--images", str(images), "--out", str(out), *SMALL]
+    for t in targets:
+        args += ["--target", t]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="module")
+def finished_run(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rf-runs") / "run"
+    assert main(visualize_args(images, out)) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(finished_run, dst)
+    return dst
+
+
+def test_a_finished_run_records_its_identity_and_steps(finished_run):
+    m = json.loads((finished_run / "manifest.json").read_text())
+    assert m["run"]["seed"] == 0 and m["run"]["model"] == "efficientnet-lite0" and m["run"]["size"] == 64
+    assert all(len(t["losses"]) == 2 for t in m["targets"])  # --steps 2 runs 2 steps
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--seed", "1"], "seed: 0 there, 1 here"),
+    (["--steps", "3"], "settings"),
+    (["--method", "actmax"], "method"),
+    (["--preset", "paper"], "preset"),
+])
+def test_resume_refuses_a_different_run(run_copy, images, capsys, extra, fragment):
+    before = snapshot(run_copy)
+    code, _, err = run_cli(visualize_args(images, run_copy, "--resume", *extra), capsys)
+    assert code == 2 and fragment in err and "different run" in err, err
+    assert snapshot(run_copy) == before
+
+
+def test_resume_of_the_same_run_adds_targets(run_copy, images, capsys):
+    code, _, err = run_cli(visualize_args(images, run_copy, "--resume", targets=("class:967", "class:282")), capsys)
+    assert code == 0 and "already finished" in err, err
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path, images, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "index.html").write_text("my own page")
+    for flag in ("--resume", "--force"):
+        code, _, err = run_cli(visualize_args(images, out, flag), capsys)
+        assert code == 2 and "not a vital_fast run folder" in err, err
+        assert (out / "index.html").read_text() == "my own page" and sorted(os.listdir(out)) == ["index.html"]
+
+
+def test_resume_refuses_an_unreadable_manifest(run_copy, images, capsys):
+    p = run_copy / "manifest.json"
+    p.write_bytes(p.read_bytes()[:200])  # truncated
+    before = snapshot(run_copy)
+    code, _, err = run_cli(visualize_args(images, run_copy, "--resume"), capsys)
+    assert code == 2 and "manifest" in err, err
+    assert snapshot(run_copy) == before
+
+
+def test_force_replaces_the_whole_run(run_copy, images, capsys):
+    (run_copy / "notes.txt").write_text("the user's")
+    code, _, err = run_cli(visualize_args(images, run_copy, "--force", "--seed", "5", targets=("class:967",)), capsys)
+    assert code == 0, err
+    m = json.loads((run_copy / "manifest.json").read_text())
+    assert [t["key"] for t in m["targets"]] == ["class:967"] and m["seed"] == 5
+    assert os.listdir(run_copy / "targets") == [Target("class", 967).slug]
+    assert (run_copy / "notes.txt").read_text() == "the user's"
+
+
+def test_a_folder_in_use_is_refused(run_copy, images, capsys, tmp_path):
+    before = snapshot(run_copy)
+    lock = FolderLock()
+    lock.take(str(run_copy))
+    try:
+        code, _, err = run_cli(visualize_args(images, run_copy, "--resume"), capsys)
+        assert code == 2 and "in use by another run" in err, err
+        code, _, err = run_cli(visualize_args(images, run_copy, "--force"), capsys)
+        assert code == 2 and "in use by another run" in err, err
+        # an empty folder being written by another run is refused too
+        fresh = tmp_path / "fresh"
+        other = FolderLock()
+        other.take(str(fresh))
+        try:
+            code, _, err = run_cli(visualize_args(images, fresh), capsys)
+            assert code == 2 and "in use" in err, err
+        finally:
+            other.release()
+    finally:
+        lock.release()
+    assert snapshot(run_copy) == before
+
+
+def test_save_result_refuses_another_runs_folder(run_copy):
+    from vital_fast.models import load_model
+    from vital_fast.optim import visualize
+    from vital_fast.optim.presets import get_preset
+    from vital_fast.references.cache import DiskCache
+    from vital_fast.results import save_result
+
+    loaded = load_model("efficientnet-lite0")
+    settings = get_preset("fast").replace(stages=[(1.0, 1)], warmup=1)
+    res = visualize(loaded, ["class:967"], {"class:967": offline_photo_path("coffee")}, settings=settings, seed=3,
+                    size=64, cache=DiskCache(enabled=False))
+    before = snapshot(run_copy)
+    with pytest.raises(ValueError, match="different run"):
+        save_result(res, str(run_copy), seed=3)
+    assert snapshot(run_copy) == before
+
+
+def test_unwritable_out_is_found_before_any_work(images, capsys, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    code, _, err = run_cli(visualize_args(images, f / "sub"), capsys)
+    assert code == 2 and "not a folder" in err, err
+    code, _, err = run_cli(visualize_args(images, "/proc/vital-fast-out"), capsys)
+    assert code == 2 and "cannot be written" in err, err
+
+
+@pytest.mark.parametrize("extra, fragment", [(["--size", "0"], "--size"), (["--steps", "0"], "--steps")])
+def test_bad_size_and_steps(images, tmp_path, capsys, extra, fragment):
+    code, _, err = run_cli(visualize_args(images, tmp_path / "o", *extra), capsys)
+    assert code == 2 and fragment in err and not (tmp_path / "o").exists(), err
+
+
+def test_one_step_is_one_step(images, tmp_path, capsys):
+    code, _, err = run_cli(visualize_args(images, tmp_path / "o", "--steps", "1", targets=("class:967",)), capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert len(m["targets"][0]["losses"]) == 1
+
+
+def test_slugs_of_distinct_layers_differ():
+    names = ["a/b", "a_b", "a b", "a:b", "a__b", "_blocks.10"]
+    slugs = {Target("channel", 3, n).slug for n in names}
+    assert len(slugs) == len(names)
+    assert all("/" not in s and s not in (".", "..") for s in slugs)
+    assert Target("channel", 3, "_blocks.10").slug == "channel___blocks.10__3"  # existing folders keep their names
+
+
+def test_identity_diff_names_the_field():
+    a = run_identity(model="m", fingerprint="f", method="vital", seed=0, settings={"lr": 0.1}, size=None, preset="fast")
+    b = run_identity(model="m", fingerprint="g", method="vital", seed=0, settings={"lr": 0.2}, size=None, preset="fast")
+    d = identity_diff(a, b)
+    assert any("model weights" in x for x in d) and any("lr: 0.1 there, 0.2 here" in x for x in d)

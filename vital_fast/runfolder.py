@@ -1,0 +1,281 @@
+"""Run folders that refuse what would corrupt them: a lock, an identity, checks before any work.
+
+Every writer of a run folder (``visualize``, ``demo``, sweeps, :func:`vital_fast.results.save_result`)
+holds ``OUT/.lock`` (``flock``, never blocking) while it writes, so two runs never write into one
+folder at once. A run records its *identity* (model and weights fingerprint, method, seed, settings,
+size, preset) in its manifest; ``--resume`` continues only a folder whose identity is the same, and
+names what differs otherwise. ``--force`` replaces a whole run, and never touches a folder that is
+not a vital_fast run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from typing import Any, Dict, List, Mapping, Optional, Set
+
+LOCK = ".lock"
+
+# The files and folders a run writes (what --force removes); anything else in a folder is the user's.
+RUN_ARTEFACTS = ("manifest.json", "grid.png", "index.html", "targets", "compare.json")
+_RUN_PREFIXES = (".tmp-", ".old-", "index-rank")
+
+_HELD: Set[str] = set()  # folders whose lock this process holds (real paths)
+
+
+class FolderLock:
+    """``flock`` on ``OUT/.lock`` for the life of a run; never blocks: a folder in use is refused."""
+
+    def __init__(self) -> None:
+        self.fd: Optional[int] = None
+        self.path: Optional[str] = None
+
+    @staticmethod
+    def _holder(path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                txt = fh.read().strip()
+            return f" ({txt})" if txt else ""
+        except OSError:
+            return ""
+
+    def try_existing(self, out: str) -> None:
+        """If OUT/.lock exists, take it now (opening an existing file changes nothing in the folder)."""
+        path = os.path.join(out, LOCK)
+        if os.path.isfile(path):
+            self._take(path, create=False)
+
+    def take(self, out: str) -> None:
+        if self.fd is None:
+            os.makedirs(out, exist_ok=True)
+            self._take(os.path.join(out, LOCK), create=True)
+        os.ftruncate(self.fd, 0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+
+    def _take(self, path: str, create: bool) -> None:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"{os.path.dirname(path)} is in use by another run{self._holder(path)}; wait for it "
+                             f"to finish or use another --out") from None
+        self.fd = fd
+        self.path = os.path.realpath(os.path.dirname(path))
+        _HELD.add(self.path)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+                _HELD.discard(self.path or "")
+                self.path = None
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.release()
+        return False
+
+
+def held_here(out: str) -> bool:
+    """Whether this process already holds the lock of ``out``."""
+    return os.path.realpath(out) in _HELD
+
+
+class locked:
+    """Hold the lock of ``out`` for a block, unless this process already holds it."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.lock: Optional[FolderLock] = None
+
+    def __enter__(self) -> "locked":
+        if not held_here(self.out):
+            self.lock = FolderLock()
+            self.lock.take(self.out)
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self.lock is not None:
+            self.lock.release()
+        return False
+
+
+def check_writable(out: str) -> None:
+    """ValueError, before any work, when ``out`` cannot be created or written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a folder")
+    probe_dir = out
+    while not os.path.exists(probe_dir):  # the nearest existing ancestor must let us create the folder
+        parent = os.path.dirname(os.path.abspath(probe_dir))
+        if parent == os.path.abspath(probe_dir):
+            break
+        probe_dir = parent
+    if not os.path.isdir(probe_dir):
+        raise ValueError(f"--out {out}: {probe_dir} is not a folder")
+    try:
+        fd, p = tempfile.mkstemp(prefix=".tmp-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(p)
+    except OSError as exc:
+        raise ValueError(f"--out {out} cannot be written ({exc.strerror or exc}: {probe_dir})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Identity
+# --------------------------------------------------------------------------------------------
+
+_FIELD_NAMES = {"model": "model", "fingerprint": "model weights", "method": "method", "seed": "seed",
+                "settings": "settings", "size": "size", "preset": "preset", "param": "parametrization"}
+
+
+def _canon(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def run_identity(*, model: str, fingerprint: str, method: str, seed: int, settings: Mapping[str, Any],
+                 size: Optional[int], preset: Optional[str]) -> Dict[str, Any]:
+    """What makes two runs the same run: a folder is resumed only with an equal identity."""
+    return _canon({"model": model, "fingerprint": fingerprint, "method": method, "seed": int(seed),
+                   "settings": dict(settings), "size": size, "preset": preset})
+
+
+def identity_of_manifest(m: Mapping[str, Any]) -> Dict[str, Any]:
+    """The identity a manifest records (rebuilt from its header for manifests written before it had one)."""
+    if isinstance(m.get("run"), Mapping):
+        return dict(m["run"])
+    model = m.get("model") or {}
+    return _canon({"model": model.get("name"), "fingerprint": model.get("fingerprint"),
+                   "method": m.get("method", "vital"), "seed": m.get("seed"), "settings": m.get("settings"),
+                   "size": m.get("size"), "preset": m.get("preset")})
+
+
+def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+    """What differs between two identities, one short phrase per field."""
+    old, new = _canon(old), _canon(new)
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            ks = [s for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+            out.append("settings " + ", ".join(f"{s}: {a.get(s)!r} there, {b.get(s)!r} here" for s in ks[:3]))
+        else:
+            out.append(f"{_FIELD_NAMES.get(k, k)}: {a!r} there, {b!r} here")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing a folder for a run
+# --------------------------------------------------------------------------------------------
+
+
+def _entries(out: str) -> List[str]:
+    return [e for e in (os.listdir(out) if os.path.isdir(out) else []) if e != LOCK]
+
+
+def _check(out: str, identity: Optional[Mapping[str, Any]], resume: bool, force: bool) -> None:
+    from vital_fast.results import MANIFEST, read_manifest
+
+    entries = _entries(out)
+    if not entries:
+        return
+    if not (resume or force):
+        raise ValueError(f"output folder {out} exists and is not empty; pass --force to replace the run in it "
+                         f"or --resume to continue it")
+    if not os.path.isfile(os.path.join(out, MANIFEST)):
+        raise ValueError(f"{'--force' if force else '--resume'}: {out} is not a vital_fast run folder (no "
+                         f"{MANIFEST}); nothing in it was touched; use another --out")
+    try:
+        m = read_manifest(out)
+    except ValueError:
+        if force and os.path.isdir(os.path.join(out, "targets")):
+            return  # a run whose manifest a crash truncated: --force may replace it
+        raise  # --resume never trusts (or overwrites) a manifest it cannot read
+    if force:
+        return
+    if m.get("sweep") is not None:
+        raise ValueError(f"--resume: {out} holds a sweep; continue it with `vital-fast sweep --resume`, or use "
+                         f"another --out")
+    diff = identity_diff(identity_of_manifest(m), identity) if identity is not None else []
+    if diff:
+        raise ValueError(f"--resume: {out} was made by a different run ({'; '.join(diff[:3])}); use another "
+                         f"--out, or --force to replace it")
+
+
+def clear_run(out: str) -> None:
+    """Remove a run's own files from ``out`` (the user's other files stay); call with the lock held."""
+    for name in os.listdir(out):
+        if name == LOCK:
+            continue
+        if name in RUN_ARTEFACTS or name.startswith(_RUN_PREFIXES):
+            p = os.path.join(out, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+
+
+def clean_debris(out: str) -> None:
+    """Remove temporary files and folders left by writes that a crash interrupted (lock held)."""
+    for folder in (out, os.path.join(out, "targets")):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if name.startswith((".tmp-", ".old-")):
+                p = os.path.join(folder, name)
+                if os.path.isdir(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+
+
+def precheck_run_folder(out: str, *, resume: bool, force: bool) -> None:
+    """The checks of :func:`prepare_run_folder` that need no identity, for before a model is loaded.
+
+    Read-only: writes nothing and leaves no lock behind.
+    """
+    check_writable(out)
+    lock = FolderLock()
+    try:
+        lock.try_existing(out)
+        _check(out, None, resume, force)
+    finally:
+        lock.release()
+
+
+def prepare_run_folder(out: str, identity: Mapping[str, Any], *, resume: bool, force: bool) -> FolderLock:
+    """Check ``out`` for a run (read-only), take its lock, check again, then clear it for ``force``.
+
+    Returns the lock, held; the caller releases it when the run ends. Raises ValueError, before
+    anything is written, for a folder that is in use, not writable, or not this run's to write.
+    """
+    check_writable(out)
+    lock = FolderLock()
+    lock.try_existing(out)  # a running visualize or sweep holds it: refuse before looking further
+    try:
+        _check(out, identity, resume, force)
+        lock.take(out)
+        _check(out, identity, resume, force)  # again, now that nobody else can change it
+        if force:
+            clear_run(out)
+        clean_debris(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
