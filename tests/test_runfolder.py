@@ -55,7 +55,11 @@ def visualize_args(images, out, *extra, targets=("class:967", "class:282")):
 @pytest.fixture(scope="module")
 def finished_run(images, tmp_path_factory):
     out = tmp_path_factory.mktemp("rf-runs") / "run"
-    assert main(visualize_args(images, out)) == 0
+    old = os.umask(0o022)
+    try:
+        assert main(visualize_args(images, out)) == 0
+    finally:
+        os.umask(old)
     return out
 
 
@@ -70,6 +74,16 @@ def test_a_finished_run_records_its_identity_and_steps(finished_run):
     m = json.loads((finished_run / "manifest.json").read_text())
     assert m["run"]["seed"] == 0 and m["run"]["model"] == "efficientnet-lite0" and m["run"]["size"] == 64
     assert all(len(t["losses"]) == 2 for t in m["targets"])  # --steps 2 runs 2 steps
+
+
+def test_run_files_are_readable_by_others(finished_run):
+    """A shared gallery: under umask 022 every file is 0644 and every folder 0755, as with plain open()."""
+    for root, dirs, files in os.walk(finished_run):
+        for d in dirs:
+            assert os.stat(os.path.join(root, d)).st_mode & 0o777 == 0o755, d
+        for f in files:
+            if f != ".lock":
+                assert os.stat(os.path.join(root, f)).st_mode & 0o777 == 0o644, f
 
 
 @pytest.mark.parametrize("extra, fragment", [

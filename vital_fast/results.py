@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import shutil
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -107,11 +107,23 @@ def read_manifest(out_dir: str) -> Dict[str, Any]:
     return m
 
 
+def _make_dir(parent: str, prefix: str) -> str:
+    """A new folder with a unique name, made with the permissions of a plain ``os.mkdir`` (0o777 less
+    the umask): ``tempfile.mkdtemp`` would make it 0o700 and a shared gallery unreadable to others."""
+    while True:
+        path = os.path.join(parent, f"{prefix}{secrets.token_hex(6)}")
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+
+
 def write_target(out_dir: str, slug: str, files: Dict[str, np.ndarray], record: Dict[str, Any]) -> Dict[str, str]:
     """Write one target's files into ``targets/<slug>/`` atomically; return the relative paths."""
     tdir = os.path.join(out_dir, "targets")
     os.makedirs(tdir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{slug}-", dir=tdir)
+    tmp = _make_dir(tdir, f".tmp-{slug}-")
     rel = {}
     try:
         for name, arr in files.items():
@@ -124,7 +136,7 @@ def write_target(out_dir: str, slug: str, files: Dict[str, np.ndarray], record: 
             os.fsync(fh.fileno())
         final = os.path.join(tdir, slug)
         if os.path.exists(final):  # a re-run of this target: swap, then drop the old one
-            old = tempfile.mkdtemp(prefix=f".old-{slug}-", dir=tdir)
+            old = _make_dir(tdir, f".old-{slug}-")
             os.replace(final, os.path.join(old, "x"))
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
