@@ -235,19 +235,32 @@ def test_pickled_module_needs_allow_pickle(tmp_path):
     assert lm.weights == "file" and lm.fingerprint == weights_fingerprint(net) and lm.num_classes == 5
 
 
-def test_torchscript_file(tmp_path):
+def test_torchscript_file(tmp_path, resnet18):
+    # A ScriptModule's layers run compiled code: no forward hook can tap them. Without arch the
+    # archive is refused at load time (a ValueError naming the problem and the way out) ...
     net = _tiny().eval()
     path = tmp_path / "net.ts"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(net), str(path))
-    lm = load_model(f"file:{path}")
-    x = torch.rand(2, 3, 8, 8)
-    assert torch.allclose(lm.model(x), net(x))
-    assert lm.weights == "file" and lm.name.startswith("file:") and lm.num_classes == 5
-    assert lm.fingerprint == weights_fingerprint(net)
-    with pytest.raises(TypeError, match="TorchScript"):
-        FeatureTaps(lm, ["0"])
+    with pytest.raises(ValueError, match="TorchScript archive.*forward hooks.*arch=") as info:
+        load_model(f"file:{path}")
+    assert "\n" not in str(info.value)
+    # ... with arch its weights are loaded into that architecture, whose layers can be tapped.
+    ts = tmp_path / "r18.pt"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(resnet18.model, torch.zeros(1, 3, 32, 32)), str(ts))
+    lm = load_model(str(ts), arch="resnet18")
+    assert not isinstance(lm.model, torch.jit.ScriptModule)
+    assert lm.fingerprint == resnet18.fingerprint
+    assert (lm.weights, lm.family, lm.num_classes) == ("file", "resnet", 1000)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad(), FeatureTaps(lm, ["layer1"]) as taps:
+        assert taps.run(x)["layer1"].shape == (1, 64, 8, 8)
+        assert torch.allclose(lm.model(x), resnet18.model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="TorchScript archive in .* does not fit arch"):
+        load_model(str(ts), arch="resnet34")
 
 
 def test_missing_file_and_random_file():

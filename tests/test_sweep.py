@@ -342,3 +342,24 @@ def test_class_relevance_in_a_sweep_equals_visualize(tmp_path, images, cache_dir
     assert float(v.losses[0, -1]) == rec["final_loss"] != float(plain.losses[0, -1])
     with Image.open(tmp_path / "crel" / rec["files"]["image"]) as im:
         assert np.array_equal(np.asarray(im), to_uint8(v.images[0]))
+
+
+def test_wnid_class_folders_resolved_per_images_folder(tmp_path, monkeypatch):
+    """Two image folders with different wnids.txt, swept in one process: each resolves class 1 by its
+    own file (the mapping was once put in os.environ, where the second sweep read the first's)."""
+    from PIL import Image
+
+    monkeypatch.delenv("VITAL_FAST_WNIDS", raising=False)
+    m = tiny_loaded()
+    refs = {}
+    for name, ids in (("a", ["n001", "n002"]), ("b", ["n101", "n102"])):
+        root = tmp_path / name
+        (root / ids[1]).mkdir(parents=True)
+        (root / "wnids.txt").write_text("\n".join(ids) + "\n")
+        Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(root / ids[1] / f"{name}.png")
+        out = run_sweep(m, str(root), str(tmp_path / f"out-{name}"), classes=[1], batch=1,
+                        settings=small_settings(stages=[(1.0, 1)]), cache=DiskCache(enabled=False),
+                        class_layers=LAYERS)
+        refs[name] = out.manifest["targets"][0]["references"]
+    assert refs == {"a": [str(tmp_path / "a" / "n002" / "a.png")], "b": [str(tmp_path / "b" / "n102" / "b.png")]}
+    assert "VITAL_FAST_WNIDS" not in os.environ

@@ -41,7 +41,6 @@ and merges all ranks after the final barrier. The gloo backend is used for the f
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import json
@@ -49,7 +48,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -63,7 +61,9 @@ from vital_fast._version import __version__
 from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.regularizers import image_priors, lr_factor
 from vital_fast.optim.targets import Target
+from vital_fast.optim.visualize import check_size
 from vital_fast.references.cache import DiskCache
+from vital_fast.runfolder import FolderLock
 from vital_fast.references.images import ImageSet, imagenet_labels, list_image_files, load_images
 
 __all__ = ["SweepSummary", "parse_index_spec", "read_index", "run_sweep", "single_stage", "sweep_identity"]
@@ -272,52 +272,7 @@ class _Dist:
 # --------------------------------------------------------------------------------------------
 
 
-class _Lock:
-    """``flock`` on OUT/.lock for the life of the sweep; never blocks."""
-
-    def __init__(self) -> None:
-        self.fd: Optional[int] = None
-
-    @staticmethod
-    def _holder(path: str) -> str:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                txt = fh.read().strip()
-            return f" ({txt})" if txt else ""
-        except OSError:
-            return ""
-
-    def try_existing(self, out: str) -> None:
-        """If OUT/.lock exists, take it now (opening an existing file changes nothing)."""
-        path = os.path.join(out, LOCK)
-        if os.path.isfile(path):
-            self._take(path, create=False)
-
-    def take(self, out: str) -> None:
-        if self.fd is None:
-            os.makedirs(out, exist_ok=True)
-            self._take(os.path.join(out, LOCK), create=True)
-        os.ftruncate(self.fd, 0)
-        since = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
-
-    def _take(self, path: str, create: bool) -> None:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ValueError(f"{os.path.dirname(path)} is in use by another sweep{self._holder(path)}; wait for it "
-                             f"to finish or use another --out") from None
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self.fd)
-                self.fd = None
+_Lock = FolderLock  # one lock for every writer of a run folder (vital_fast.runfolder)
 
 
 def sweep_identity(manifest: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
@@ -906,7 +861,7 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
 
             class_logit_layer(loaded)  # a model without class logits fails here, before any work
     _check_targets(loaded, targets)
-    final = int(size or loaded.input_size)
+    final = check_size(size, loaded.input_size)
     for S in sorted({max(16, int(round(sc * final))) for sc, _ in settings.stages}):
         _check_resolution(loaded, S)
     cls_layers = [(l, float(w)) for l, w in (class_layers if class_layers is not None else default_layers(loaded))]
@@ -928,11 +883,9 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
         if class_list:
             from vital_fast.references.images import class_image_folder, find_wnid_file
 
-            wn = find_wnid_file(images)
-            if wn and not os.environ.get("VITAL_FAST_WNIDS"):
-                os.environ["VITAL_FAST_WNIDS"] = wn
+            wn = find_wnid_file(images)  # this folder's own mapping (never put in os.environ)
             for c in class_list:
-                src = (class_images or {}).get(c) or class_image_folder(images, c)
+                src = (class_images or {}).get(c) or class_image_folder(images, c, wn)
                 if src is None:
                     raise ValueError(f"no reference images for class:{c}: expected a subfolder "
                                      f"{os.path.join(images, str(c))} (or named by its WordNet id)")
@@ -1182,7 +1135,7 @@ def _write_result(out: str, engine: _Engine, sl: _Slot, sweep_id: str, rank: int
 def _write_manifest(out: str, meta: Dict[str, Any], header: Dict[str, Any], timings: Dict[str, float],
                     final: bool = False) -> Dict[str, Any]:
     """manifest.json from every rank's index (the index is the truth; this is its readable form)."""
-    from vital_fast.results import MANIFEST, MANIFEST_FORMAT, make_grid, save_png, to_uint8, write_json_atomic
+    from vital_fast.results import MANIFEST, MANIFEST_FORMAT, make_grid, to_uint8, write_json_atomic, write_png_atomic
 
     done = read_index(out, meta["id"])
     order = {k: i for i, k in enumerate(meta["keys"])}
@@ -1210,9 +1163,7 @@ def _write_manifest(out: str, meta: Dict[str, Any], header: Dict[str, Any], timi
             with Image.open(os.path.join(out, r["files"]["image"])) as im:
                 arr = np.asarray(im.convert("RGB").resize((96, 96)), dtype=np.float32) / 255.0
             thumbs.append(torch.from_numpy(arr).permute(2, 0, 1))
-        tmp = os.path.join(out, ".tmp-grid.png")
-        save_png(to_uint8(make_grid(torch.stack(thumbs))), tmp)
-        os.replace(tmp, os.path.join(out, "grid.png"))
+        write_png_atomic(to_uint8(make_grid(torch.stack(thumbs))), os.path.join(out, "grid.png"))
         m["grid"] = "grid.png"
     write_json_atomic(m, os.path.join(out, MANIFEST))
     return m

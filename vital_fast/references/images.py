@@ -1,7 +1,20 @@
 """Reference images: reading files and folders, the offline photographs, preprocessing.
 
-Images are handled as float tensors ``(3, H, W)`` in [0, 1]. Unreadable and grayscale files are
-skipped with one warning that counts them.
+Images are handled as float tensors ``(3, H, W)`` in [0, 1]. Files are read as a photo collection
+holds them, the way torchvision's ``ImageFolder`` does (``PIL.Image.convert("RGB")``):
+
+- grayscale (``1``, ``L``, ``LA``), palette (``P``, ``PA``), ``CMYK``, ``RGBA`` and other 8-bit modes
+  are converted to RGB (alpha dropped, gray replicated);
+- 16-bit and 32-bit integer and float grayscale (``I;16``, ``I``, ``F``) are scaled to [0, 1] by their
+  bit depth first (a 16-bit PNG by 65535; an ``I``/``F`` image by 255 or 65535 when its values fit that
+  range, else by its own minimum and maximum), so that a 16-bit scan is not all white;
+- the EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), as a photo viewer shows it;
+- a file larger than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89
+  megapixels; :class:`PIL.Image.DecompressionBombWarning` and ``...Error``) is skipped, not decoded
+  nor downscaled: decoding it could exhaust memory, and a reference photograph need not be that large.
+
+Unreadable, truncated and too-large files are skipped with one warning that counts them; they are
+never fatal for a folder as long as one usable image remains.
 """
 
 from __future__ import annotations
@@ -44,26 +57,55 @@ def tensor_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def _unit_gray(im) -> np.ndarray:
+    """A high-depth grayscale image (``I;16*``, ``I``, ``F``) as ``(H, W)`` float32 in [0, 1]."""
+    arr = np.asarray(im).astype(np.float32)
+    if im.mode.startswith("I;16"):
+        return arr / 65535.0
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=hi, neginf=lo)
+    if lo >= 0.0 and hi <= 1.0 and im.mode == "F":
+        return arr
+    if lo >= 0.0 and hi <= 255.0:
+        return arr / 255.0
+    if lo >= 0.0 and hi <= 65535.0:
+        return arr / 65535.0
+    return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+
+
 def load_image(path: str) -> torch.Tensor:
-    """Read one image file as ``(3, H, W)`` float32 in [0, 1].
+    """Read one image file as ``(3, H, W)`` float32 in [0, 1] (any Pillow mode; EXIF orientation applied).
 
     Raises
     ------
     ValueError
-        When the file cannot be read as an image, or is grayscale (not RGB).
+        When the file cannot be read as an image (unreadable, truncated, a mode Pillow cannot convert
+        to RGB), or is past Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
-                raise ValueError(f"{path}: not an RGB image (mode {im.mode})")
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"{path}: unreadable image ({exc})") from exc
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        with warnings.catch_warnings():
+            # past MAX_IMAGE_PIXELS Pillow warns (past twice that it raises): skip both, never decode
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Palette images with Transparency ..."
+            with Image.open(path) as im:
+                im.load()
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:  # a broken EXIF block: keep the pixels as stored
+                    pass
+                if im.mode.startswith("I") or im.mode == "F":
+                    gray = _unit_gray(im)
+                    arr = np.repeat(gray[:, :, None], 3, axis=2)
+                else:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"{path}: too large to decode safely ({exc})") from exc
+    except Exception as exc:  # a truncated or foreign file: Pillow raises many kinds
+        raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1).contiguous()
 
 
 def list_image_files(folder: str, recursive: bool = True) -> List[str]:
@@ -84,7 +126,8 @@ def load_images(
 ) -> ImageSet:
     """Load reference images from a folder, a list of files or tensors, or a ``(K, 3, H, W)`` tensor.
 
-    Unreadable or grayscale files are skipped with one warning that counts them. Tensors must be
+    Files in any Pillow mode are converted to RGB (see the module docstring). Unreadable, truncated
+    and too-large files are skipped with one warning that counts them. Tensors must be
     ``(3, H, W)`` float in [0, 1].
 
     Raises
@@ -134,8 +177,8 @@ def load_images(
         out.hashes.append(h)
     if out.skipped:
         warnings.warn(
-            f"{what}: skipped {out.skipped} of {len(items)} files that are unreadable or not RGB "
-            f"(first: {reasons[0]})",
+            f"{what}: skipped {out.skipped} of {len(items)} files that could not be read as images "
+            f"(unreadable, truncated or past Pillow's decompression-bomb limit; first: {reasons[0]})",
             UserWarning,
             stacklevel=2,
         )
@@ -208,8 +251,9 @@ def offline_photo_path(name: str) -> str:
 
             path = os.path.join(matplotlib.get_data_path(), "sample_data", fname)
     except ImportError as exc:
-        raise RuntimeError(f"the offline photograph {name!r} needs the package {pkg}: pip install "
-                           f"{ {'skimage': 'scikit-image', 'sklearn': 'scikit-learn'}.get(pkg, pkg)}") from exc
+        dist = {"skimage": "scikit-image", "sklearn": "scikit-learn"}.get(pkg, pkg)
+        raise ImportError(f"the offline photograph {name!r} needs the package {dist}, which comes with the "
+                          f"extra 'demo': pip install 'vital_fast[demo]' (or pip install {dist})") from exc
     if not os.path.isfile(path):
         raise RuntimeError(f"the offline photograph {name!r} is missing from {pkg} (expected {path})")
     return path
@@ -241,35 +285,68 @@ def imagenet_labels() -> List[str]:
 
 # Class folders: a subfolder per class, named by the class index or its WordNet id.
 
+WNID_FILES = ("wnids.txt", "LOC_synset_mapping.txt", "synsets.txt")
+_WNID_CACHE: Dict[Tuple[str, float, int], List[str]] = {}
 
-def class_image_folder(root: str, index: int) -> Optional[str]:
-    """The subfolder of ``root`` holding class ``index``: named by the index (``285``) or a WordNet id."""
+
+def class_image_folder(root: str, index: int, wnids_file: Optional[str] = None) -> Optional[str]:
+    """The subfolder of ``root`` holding class ``index``: named by the index (``285``) or a WordNet id.
+
+    The WordNet ids come from ``wnids_file`` when given; else from a ``wnids.txt`` (or
+    ``LOC_synset_mapping.txt``, ``synsets.txt``) in ``root`` itself (:func:`find_wnid_file`); else from
+    ``$VITAL_FAST_WNIDS`` when the user set it. The mapping is an argument, never process state: two
+    folders with different files resolve each by its own.
+
+    Raises
+    ------
+    ValueError
+        ``wnids_file`` (or ``$VITAL_FAST_WNIDS``, when used) names a file that does not exist.
+    """
     cand = os.path.join(root, str(index))
     if os.path.isdir(cand):
         return cand
-    wnid = _wnid(index)
+    if wnids_file is None:
+        wnids_file = find_wnid_file(root)
+        if wnids_file is None and os.environ.get("VITAL_FAST_WNIDS"):
+            wnids_file = os.environ["VITAL_FAST_WNIDS"]
+            if not os.path.isfile(wnids_file):
+                raise ValueError(f"$VITAL_FAST_WNIDS: no such WordNet id file: {wnids_file}")
+    elif not os.path.isfile(wnids_file):
+        raise ValueError(f"no such WordNet id file: {wnids_file}")
+    wnid = _wnid(index, wnids_file)
     if wnid and os.path.isdir(os.path.join(root, wnid)):
         return os.path.join(root, wnid)
     return None
 
 
-def _wnid(index: int) -> Optional[str]:
-    """The WordNet id of an ImageNet class, when a mapping is available offline.
-
-    A ``wnids.txt`` (1000 lines, in class order) or ``LOC_synset_mapping.txt`` beside the images,
-    or in ``$VITAL_FAST_WNIDS``, provides it.
-    """
-    path = os.environ.get("VITAL_FAST_WNIDS")
-    if path and os.path.isfile(path):
+def _read_wnids(path: str) -> List[str]:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime, st.st_size)
+    if key not in _WNID_CACHE:
         with open(path, encoding="utf-8") as fh:
-            ids = [line.split()[0] for line in fh if line.strip()]
-        if 0 <= index < len(ids):
-            return ids[index]
+            _WNID_CACHE[key] = [line.split()[0] for line in fh if line.strip()]
+    return _WNID_CACHE[key]
+
+
+def _wnid(index: int, wnids_file: Optional[str]) -> Optional[str]:
+    """The WordNet id of an ImageNet class from ``wnids_file``: a ``wnids.txt`` (one id per line, in
+    class order) or a ``LOC_synset_mapping.txt`` (id, then the names). ``None`` without a readable file
+    or for an index past its end."""
+    if not wnids_file or not os.path.isfile(wnids_file):
+        return None
+    try:
+        ids = _read_wnids(wnids_file)
+    except (OSError, UnicodeDecodeError):
+        return None
+    if 0 <= index < len(ids):
+        return ids[index]
     return None
 
 
 def find_wnid_file(root: str) -> Optional[str]:
-    for name in ("wnids.txt", "LOC_synset_mapping.txt", "synsets.txt"):
+    """A class-order WordNet id file in ``root`` (``wnids.txt``, ``LOC_synset_mapping.txt`` or
+    ``synsets.txt``), or ``None``."""
+    for name in WNID_FILES:
         p = os.path.join(root, name)
         if os.path.isfile(p):
             return p

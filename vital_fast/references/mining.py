@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from vital_fast.references.cache import DiskCache
+from vital_fast.references.cache import DiskCache, check_tensor
 from vital_fast.references.images import ImageSet, resize_center_crop
 
 CHANNEL_REF_MODES = ("image", "patch")
@@ -94,7 +94,24 @@ def mine_topk(
                 locs.append(torch.stack([arg // grid[-1], arg % grid[-1]], dim=-1))
         return {"score": torch.cat(scores), "loc": torch.cat(locs), "grid": torch.tensor(grid)}
 
-    val = cache.get_or_compute("mine", parts, compute)
+    def validate(val):
+        from vital_fast.references.prototypes import layer_channels
+
+        if not isinstance(val, dict) or not {"score", "loc", "grid"} <= set(val):
+            raise ValueError("not a top-k mining entry")
+        check_tensor(val["grid"], "grid", ndim=1, floating=False)
+        grid = [int(g) for g in val["grid"]]
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"bad grid {grid}")
+        c = layer_channels(loaded, layer, None)  # (B, N, C) outputs are read as (B, C, N, 1)
+        check_tensor(val["score"], "scores", shape=(len(pool), c))
+        check_tensor(val["loc"], "locations", shape=(len(pool), val["score"].shape[1], 2), floating=False)
+        loc = val["loc"]
+        if loc.numel() and (bool((loc < 0).any()) or int(loc[..., 0].max()) >= grid[0]
+                            or int(loc[..., 1].max()) >= grid[1]):
+            raise ValueError(f"locations outside the {grid[0]}x{grid[1]} grid")
+
+    val = cache.get_or_compute("mine", parts, compute, validate)
     score_all, loc_all = val["score"], val["loc"]  # (N, C), (N, C, 2)
     n_ch = score_all.shape[1]
     chans = list(range(n_ch)) if channels is None else [int(c) for c in channels]

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vital_fast.ops.prototype import channel_importance, sorted_prototype
-from vital_fast.references.cache import DiskCache
+from vital_fast.references.cache import DiskCache, check_tensor
 from vital_fast.references.images import ImageSet, random_resized_crops, resize_center_crop
 
 
@@ -39,6 +39,53 @@ def _features(loaded, x: torch.Tensor, layers: Sequence[str], batch: int = 8) ->
             for l in layers:
                 out[l].append(feats[l].float().cpu())
     return {l: torch.cat(v) for l, v in out.items()}
+
+
+def layer_channels(loaded, layer: str, channel_dim: Optional[int]) -> Optional[int]:
+    """The size of ``layer``'s output along ``channel_dim`` (1, or -1 for tokens; ``None``: the last
+    dimension of a ``(B, N, C)`` output, else dimension 1, as top-k mining reads it) from the model's
+    layer table (one dry forward pass, memoized per model), or ``None`` when it cannot be found.
+    A cache validator's check only: never raises."""
+    try:
+        from vital_fast.optim.visualize import _layer_table
+
+        shape = {d["name"]: tuple(d["shape"]) for d in _layer_table(loaded)}.get(layer)
+    except Exception:  # noqa: BLE001 - no table: the other checks still apply
+        return None
+    if not shape:
+        return None
+    if channel_dim is None:
+        channel_dim = -1 if len(shape) == 2 else 1
+    return int(shape[-1] if channel_dim == -1 else shape[0])
+
+
+def _check_references(val, loaded, names: Sequence[str], q_max: int, with_importance: bool,
+                      channel_dims: Optional[Dict[str, int]]) -> None:
+    """Validate a cached references entry: ``{"prototypes": {layer: (C, Q)}, "importance": {layer:
+    (C,)}, "n": int}`` with the layers asked for, C the layer's channels (where ``channel_dims``
+    tells them), 1 <= Q <= ``q_max``, float, finite, rows sorted. Raises ValueError saying what is wrong."""
+    if not isinstance(val, dict) or not isinstance(val.get("prototypes"), dict):
+        raise ValueError("not a references entry")
+    protos, imp = val["prototypes"], val.get("importance", {})
+    if not isinstance(val.get("n"), int) or val["n"] < 1:
+        raise ValueError(f"bad reference count {val.get('n')!r}")
+    if set(protos) != set(names):
+        raise ValueError(f"prototypes for layers {sorted(protos)}, expected {sorted(names)}")
+    if with_importance and (not isinstance(imp, dict) or set(imp) != set(names)):
+        raise ValueError(f"importance for layers {sorted(imp) if isinstance(imp, dict) else imp!r}, "
+                         f"expected {sorted(names)}")
+    for l in names:
+        c = layer_channels(loaded, l, channel_dims[l]) if channel_dims and l in channel_dims else None
+        p = protos[l]
+        check_tensor(p, f"prototype of {l!r}", shape=(c, None))
+        if not 1 <= p.shape[1] <= q_max:
+            raise ValueError(f"prototype of {l!r} has {p.shape[1]} quantiles, expected 1 to {q_max}")
+        if p.shape[1] > 1:
+            step = (p[:, 1:] - p[:, :-1]).min()
+            if bool(step < -1e-4 * (float(p.abs().max()) + 1e-6)):
+                raise ValueError(f"prototype of {l!r} has unsorted rows")
+        if with_importance:
+            check_tensor(imp[l], f"importance of {l!r}", shape=(p.shape[0],))
 
 
 def prepare_inputs(loaded, images: ImageSet, size: int, crops: int, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -102,7 +149,11 @@ def class_references(
                 imp[l] = channel_importance(r, channel_dim=cd)
         return {"prototypes": protos, "importance": imp, "n": int(x.shape[0])}
 
-    val = cache.get_or_compute("class_ref", parts, compute)
+    def validate(val):
+        _check_references(val, loaded, names, settings.quantiles, use_rel,
+                          {l: loaded.channel_dim_of(l) for l in names})
+
+    val = cache.get_or_compute("class_ref", parts, compute, validate)
     return TargetReferences(list(layers), val["prototypes"], val.get("importance", {}), val["n"])
 
 
@@ -149,5 +200,11 @@ def channel_references(
             imp[l] = channel_importance(r)
         return {"prototypes": protos, "importance": imp, "n": int(x.shape[0])}
 
-    val = cache.get_or_compute("channel_ref", parts, compute)
+    def validate(val):
+        # rows: dim 1 of the features (sorted_prototype's default), the channels of (B, C, H, W)
+        # layers; for token layers it is the token count, which depends on the size: not checked
+        _check_references(val, loaded, names, settings.quantiles, True,
+                          {l: 1 for l in names if loaded.channel_dim_of(l) == 1})
+
+    val = cache.get_or_compute("channel_ref", parts, compute, validate)
     return TargetReferences(list(record_layers), val["prototypes"], val["importance"], val["n"])
