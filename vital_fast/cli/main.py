@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("model", help="efficientnet-lite0|1|2, torchvision:NAME, or a model file")
     l.add_argument("--size", type=int, default=None, help="input size for the shapes (default: the model's)")
     l.add_argument("--random-weights", action="store_true", help="torchvision models: do not need pretrained weights")
+    l.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
+                   "(e.g. torchvision:resnet50)")
 
     v = sub.add_parser("visualize", help="visualize class and channel targets of a model")
     v.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, or a model file")
@@ -69,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "it is a candidate for channel top-k mining")
     v.add_argument("--out", required=True, help="run folder to write")
     v.add_argument("--random-weights", action="store_true", help="torchvision models: random weights")
-    v.add_argument("--arch", default=None, help="architecture of a state_dict model file (e.g. torchvision:resnet50)")
+    v.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
+                   "(e.g. torchvision:resnet50)")
     v.add_argument("--method", default="vital", help="vital (default) or a baseline: actmax, fourier, maco, bnstats")
     v.add_argument("--channel-refs", choices=["image", "patch"], default=None,
                    help="channel references: top-k full images or patches at the unit (default: the preset's)")
