@@ -126,3 +126,13 @@ def test_loading_value_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="size mismatch") as info:
         load_model(sd, arch="resnet18")
     assert "\n" not in str(info.value)
+
+
+def test_demo_without_the_photo_package_names_the_extra(monkeypatch, capsys, tmp_path):
+    from vital_fast.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "vital_fast[demo]" in err and "Traceback" not in err, err
+    assert not (tmp_path / "demo").exists()

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from vital_fast._errors import MissingPackageError  # noqa: F401  (part of this module's API)
 from vital_fast.models import taps
 
 __all__ = ["FAMILIES", "LoadedModel", "guess_family", "load_model", "weights_fingerprint"]
@@ -44,14 +45,6 @@ _PATH_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".ckpt", ".bin", ".pkl", ".tar")
 _WEIGHTS = ("pretrained", "random", "file")
 
 Triple = Tuple[float, float, float]
-
-
-class MissingPackageError(ImportError, ValueError):
-    """A package a model needs is not installed; the message names it and how to install it.
-
-    An ``ImportError``, and a ``ValueError`` too: bad input that the CLI reports in one line with
-    exit code 2.
-    """
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -357,7 +350,7 @@ def _load_lite(n: int, weights: str) -> dict:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ImportError(
+        raise MissingPackageError(
             f"load_model: efficientnet-lite{n} needs the package 'efficientnet-lite-pytorch', which "
             "comes with the extra 'demo': `pip install 'vital_fast[demo]'` (or "
             "`pip install efficientnet-lite-pytorch`)"
@@ -551,7 +544,7 @@ def _load_file(path: str, arch: Optional[str], allow_pickle: bool) -> dict:
             except ModuleNotFoundError as err:  # the pickled model's classes live in a package
                 pkg = (err.name or "").split(".")[0]
                 hint = " (pip install 'vital_fast[timm]')" if pkg == "timm" else ""
-                raise ImportError(
+                raise MissingPackageError(
                     f"load_model: {path} holds a pickled model whose classes need the package "
                     f"'{pkg}', which is not installed{hint}"
                 ) from err

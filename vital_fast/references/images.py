@@ -252,7 +252,9 @@ def offline_photo_path(name: str) -> str:
             path = os.path.join(matplotlib.get_data_path(), "sample_data", fname)
     except ImportError as exc:
         dist = {"skimage": "scikit-image", "sklearn": "scikit-learn"}.get(pkg, pkg)
-        raise ImportError(f"the offline photograph {name!r} needs the package {dist}, which comes with the "
+        from vital_fast._errors import MissingPackageError
+
+        raise MissingPackageError(f"the offline photograph {name!r} needs the package {dist}, which comes with the "
                           f"extra 'demo': pip install 'vital_fast[demo]' (or pip install {dist})") from exc
     if not os.path.isfile(path):
         raise RuntimeError(f"the offline photograph {name!r} is missing from {pkg} (expected {path})")
