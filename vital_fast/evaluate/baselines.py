@@ -289,11 +289,15 @@ class _Objective:
         ``x`` holds ``B * repeat`` normalized images, element-major.
         """
         from vital_fast.models import FeatureTaps
+        from vital_fast.models.batching import pad_batch, unpad
 
         need_logits = bool(self.class_idx) or prior is not None
         layers = list(self.channel_groups)
         feats: Dict[str, torch.Tensor] = {}
         logits = None
+        n = x.shape[0]
+        if prior is None:  # one-element CPU batches run as two (models/batching.py); the BN prior sees the batch
+            x = pad_batch(x)
         if layers and not need_logits:
             feats = FeatureTaps(self.loaded.model, layers, stop_after=True).run(x)
         elif layers:
@@ -302,6 +306,9 @@ class _Objective:
                 feats = dict(taps.outputs)
         else:
             logits = self.loaded.model(x)
+        feats = unpad(feats, n, x.shape[0])
+        if logits is not None and logits.shape[0] != n:
+            logits = logits[:n]
         R = repeat
         scores = torch.zeros(self.B, R, device=x.device, dtype=torch.float32)
         if self.class_idx:

@@ -66,6 +66,8 @@ from zennit.rules import Pass
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 from zennit.types import Activation, BatchNorm, Convolution
 
+from vital_fast.models.batching import pad_batch, unpad
+
 __all__ = [
     "COMPOSITES",
     "FAMILIES",
@@ -758,6 +760,12 @@ def relevance_maps(
     captured: Dict[str, torch.Tensor] = {}
     target_out: List[torch.Tensor] = []
     handles = []
+    # A one-element CPU batch runs as two (vital_fast.models.batching): its convolutions then take
+    # oneDNN, not the MKL path whose sums depend on the thread schedule.
+    n = x.shape[0]
+    x = pad_batch(x.detach())
+    if x.shape[0] != n:
+        channels = channels.reshape(-1).repeat(x.shape[0])
 
     def make_record_hook(name):
         def hook(module, args, output):
@@ -790,7 +798,8 @@ def relevance_maps(
                     pass
                 if not target_out:
                     raise ValueError(f"{OP}: target layer {target_layer!r} did not run in the forward pass")
-                maps = _backward(target_out[0], channels, captured, record_names, target_layer, family)
+                maps = unpad(_backward(target_out[0], channels, captured, record_names, target_layer, family),
+                             n, x.shape[0])
         finally:
             for handle in handles:
                 handle.remove()
