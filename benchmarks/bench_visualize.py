@@ -27,7 +27,7 @@ import torch
 
 from vital_fast.models import FeatureTaps, default_layers, load_model
 from vital_fast.optim import Settings, visualize
-from vital_fast.optim.visualize import layers_before
+from vital_fast.models.facts import plan_layers_before
 from vital_fast.reference import paper_style_sort_match_loss
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet, tensor_hash
@@ -63,7 +63,7 @@ def time_paper_loop(loaded, target: str, size: int, steps: int, n_refs: int) -> 
             layers = [l for l, _ in default_layers(loaded)]
         else:
             _, tl, ch = target.split(":")
-            layers = [l for l, _ in layers_before(loaded, tl, default_layers(loaded), 0.1)]
+            layers = [l for l, _ in plan_layers_before(loaded, tl, default_layers(loaded), 0.1)]
         refs = torch.stack(random_refs(target, n_refs, size).images)
         with FeatureTaps(model, layers) as taps:
             if kind == "class":

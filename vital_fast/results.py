@@ -1,5 +1,8 @@
 """Saving visualization results: images, transparency, references, a grid and a manifest.
 
+The images themselves (PNG encoding, the alpha map, the reference strip, the grid) are made by
+:mod:`vital_fast.report.images`; this module owns the run folder's layout and its manifest.
+
 A run folder looks like::
 
     OUT/manifest.json                 package version, model name and fingerprint, settings, seed,
@@ -21,90 +24,21 @@ import os
 import platform
 import secrets
 import shutil
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vital_fast._version import __version__
 from vital_fast.references.cache import atomic_write_bytes
-from vital_fast.runfolder import identity_diff, identity_of_manifest, locked, run_identity
+from vital_fast.report.images import alpha_map, reference_strip, save_png, to_uint8, write_grid
+from vital_fast.runfolder import MANIFEST, identity_diff, identity_of_manifest, locked, read_manifest, run_identity
 
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """``(C, H, W)`` in [0, 1] -> ``(H, W, C)`` uint8."""
-    return (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-
-
-def save_png(arr: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    mode = {3: "RGB", 4: "RGBA"}[arr.shape[-1]]
-    Image.fromarray(arr, mode=mode).save(path, format="PNG")
-
-
-def alpha_map(transparency: torch.Tensor, clip_percentile: float = 98.0) -> torch.Tensor:
-    """Transparency ``(1, H, W)`` -> alpha in [0, 1], clipped at a percentile (the paper's 98th)."""
-    t = transparency.float().flatten()
-    hi = torch.quantile(t, clip_percentile / 100.0).clamp_min(1e-12)
-    return (transparency.float() / hi).clamp(0, 1)
-
-
-def reference_strip(images: Sequence[torch.Tensor], size: int = 96, max_n: int = 8) -> torch.Tensor:
-    """Up to ``max_n`` reference thumbnails, center-cropped squares, side by side ``(3, size, n*size)``."""
-    thumbs = []
-    for img in list(images)[:max_n]:
-        _, h, w = img.shape
-        s = min(h, w)
-        sq = img[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        thumbs.append(F.interpolate(sq[None].float(), size=(size, size), mode="bilinear", align_corners=False,
-                                    antialias=True)[0])
-    return torch.cat(thumbs, dim=2) if thumbs else torch.ones(3, size, size)
-
-
-def make_grid(images: torch.Tensor, ncol: Optional[int] = None, pad: int = 4) -> torch.Tensor:
-    B, C, H, W = images.shape
-    ncol = ncol or min(B, 8)
-    nrow = -(-B // ncol)
-    grid = torch.ones(C, nrow * (H + pad) + pad, ncol * (W + pad) + pad)
-    for i in range(B):
-        r, c = divmod(i, ncol)
-        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = images[i]
-    return grid
-
-
-def write_png_atomic(arr: np.ndarray, path: str) -> None:
-    """Write a PNG atomically under a temporary name unique to this process."""
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode={3: "RGB", 4: "RGBA"}[arr.shape[-1]]).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode("utf-8"))
-
-
-def read_manifest(out_dir: str) -> Dict[str, Any]:
-    """The manifest of a run folder; ValueError when the folder is not a vital_fast run."""
-    p = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(p):
-        raise ValueError(f"{out_dir} is not a vital_fast run folder (no {MANIFEST})")
-    try:
-        with open(p, encoding="utf-8") as fh:
-            m = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{p}: unreadable manifest ({exc})") from None
-    if not isinstance(m, dict) or m.get("tool") != "vital_fast":
-        raise ValueError(f"{p} is not a vital_fast manifest")
-    return m
 
 
 def _make_dir(parent: str, prefix: str) -> str:
@@ -221,15 +155,8 @@ def _save_result_locked(result, out_dir, *, labels, seed, extra) -> Dict[str, An
         by_key[rec["key"]] = rec
     manifest["targets"] = list(by_key.values())
     manifest["timings"] = result.timings
-    grid_imgs = []
-    from PIL import Image
-
-    for rec in manifest["targets"]:
-        with Image.open(os.path.join(out_dir, rec["files"]["image"])) as im:
-            arr = np.asarray(im.convert("RGB").resize((160, 160)), dtype=np.float32) / 255.0
-        grid_imgs.append(torch.from_numpy(arr).permute(2, 0, 1))
-    if grid_imgs:
-        write_png_atomic(to_uint8(make_grid(torch.stack(grid_imgs))), os.path.join(out_dir, "grid.png"))
-        manifest["grid"] = "grid.png"
+    grid = write_grid(out_dir, manifest["targets"], thumb=160)
+    if grid:
+        manifest["grid"] = grid
     write_json_atomic(manifest, os.path.join(out_dir, MANIFEST))
     return manifest

@@ -20,6 +20,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Set
 
 LOCK = ".lock"
+MANIFEST = "manifest.json"
 
 # The files and folders a run writes (what --force removes); anything else in a folder is the user's.
 RUN_ARTEFACTS = ("manifest.json", "grid.png", "index.html", "targets", "compare.json")
@@ -132,6 +133,21 @@ def check_writable(out: str) -> None:
         raise ValueError(f"--out {out} cannot be written ({exc.strerror or exc}: {probe_dir})") from None
 
 
+def read_manifest(out_dir: str) -> Dict[str, Any]:
+    """The manifest of a run folder; ValueError when the folder is not a vital_fast run."""
+    p = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(p):
+        raise ValueError(f"{out_dir} is not a vital_fast run folder (no {MANIFEST})")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            m = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{p}: unreadable manifest ({exc})") from None
+    if not isinstance(m, dict) or m.get("tool") != "vital_fast":
+        raise ValueError(f"{p} is not a vital_fast manifest")
+    return m
+
+
 # --------------------------------------------------------------------------------------------
 # Identity
 # --------------------------------------------------------------------------------------------
@@ -161,8 +177,10 @@ def identity_of_manifest(m: Mapping[str, Any]) -> Dict[str, Any]:
                    "size": m.get("size"), "preset": m.get("preset")})
 
 
-def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
-    """What differs between two identities, one short phrase per field."""
+def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                  names: Optional[Mapping[str, str]] = None) -> List[str]:
+    """What differs between two identities, one short phrase per field (``names``: field -> words)."""
+    names = _FIELD_NAMES if names is None else names
     old, new = _canon(old), _canon(new)
     out = []
     for k in sorted(set(old) | set(new)):
@@ -172,8 +190,10 @@ def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
         if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
             ks = [s for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
             out.append("settings " + ", ".join(f"{s}: {a.get(s)!r} there, {b.get(s)!r} here" for s in ks[:3]))
+        elif all(isinstance(v, (str, int, float, bool, type(None))) for v in (a, b)):
+            out.append(f"{names.get(k, k)}: {a!r} there, {b!r} here")
         else:
-            out.append(f"{_FIELD_NAMES.get(k, k)}: {a!r} there, {b!r} here")
+            out.append(f"{names.get(k, k)} differ")
     return out
 
 
@@ -187,8 +207,6 @@ def _entries(out: str) -> List[str]:
 
 
 def _check(out: str, identity: Optional[Mapping[str, Any]], resume: bool, force: bool) -> None:
-    from vital_fast.results import MANIFEST, read_manifest
-
     entries = _entries(out)
     if not entries:
         return

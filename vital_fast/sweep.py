@@ -61,9 +61,9 @@ from vital_fast._version import __version__
 from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.regularizers import image_priors, lr_factor
 from vital_fast.optim.targets import Target
-from vital_fast.optim.visualize import check_size
+from vital_fast.models.facts import check_resolution, check_size, check_targets, layer_table, plan_layers_before
 from vital_fast.references.cache import DiskCache
-from vital_fast.runfolder import FolderLock
+from vital_fast.runfolder import FolderLock, identity_diff
 from vital_fast.references.images import ImageSet, imagenet_labels, list_image_files, load_images
 
 __all__ = ["SweepSummary", "parse_index_spec", "read_index", "run_sweep", "single_stage", "sweep_identity"]
@@ -292,20 +292,7 @@ _FIELD_NAMES = {"fingerprint": "model weights", "layer": "layer", "channels": "c
 
 
 def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
-    old, new = _canon(old), _canon(new)
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if a == b:
-            continue
-        if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
-            ks = [s for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
-            out.append("settings " + ", ".join(f"{s}: {a.get(s)!r} there, {b.get(s)!r} here" for s in ks[:3]))
-        elif all(isinstance(v, (str, int, float, bool, type(None))) for v in (a, b)):
-            out.append(f"{_FIELD_NAMES.get(k, k)}: {a!r} there, {b!r} here")
-        else:
-            out.append(f"{_FIELD_NAMES.get(k, k)} differ")
-    return out
+    return identity_diff(old, new, _FIELD_NAMES)
 
 
 def _index_path(out: str, rank: int) -> str:
@@ -434,8 +421,6 @@ class _Engine:
     def __init__(self, loaded, settings: Settings, seed: int, final_size: int, class_layers, cache: DiskCache,
                  refs_for: Callable[[Target], Tuple[ImageSet, Dict[str, Any]]], early_stop: Optional[float],
                  early_stop_window: Optional[int]) -> None:
-        from vital_fast.optim.visualize import layers_before
-
         self.loaded = loaded
         self.s = settings
         self.seed = seed
@@ -445,7 +430,7 @@ class _Engine:
         self.sizes = [max(16, int(round(sc * final_size))) for sc, _ in settings.stages]
         self.stage_steps = [int(n) for _, n in settings.stages]
         self.class_layers = list(class_layers)
-        self._layers_before = layers_before
+        self._layers_before = plan_layers_before
         self.early_stop = early_stop
         total = settings.steps
         self.window = int(early_stop_window or max(5, total // 10))
@@ -628,7 +613,7 @@ class _Engine:
     # --- results -------------------------------------------------------------------------------
 
     def result_files(self, slot: _Slot) -> Dict[str, np.ndarray]:
-        from vital_fast.results import alpha_map, reference_strip, to_uint8
+        from vital_fast.report.images import alpha_map, reference_strip, to_uint8
 
         with torch.no_grad():
             img = self.loaded.denormalize(slot.x.detach()).clamp(0, 1).cpu()[0]
@@ -653,10 +638,9 @@ def _label(t: Target, names: Sequence[str]) -> str:
 
 def _layer_channels(loaded, layer: str) -> int:
     from vital_fast.models import resolve_layer
-    from vital_fast.optim.visualize import _layer_table
 
     resolve_layer(loaded.model, layer)  # unknown name: ValueError with the closest names
-    shapes = {d["name"]: d["shape"] for d in _layer_table(loaded)}
+    shapes = {d["name"]: d["shape"] for d in layer_table(loaded)}
     shape = shapes.get(layer)
     if shape is None:
         raise ValueError(f"layer {layer!r} produces no tensor output")
@@ -822,7 +806,6 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
                early_stop_window, exact, device, class_layers, class_images, dist: _Dist) -> _Plan:
     """Validate everything (every rank, before anything is written) and fix the sweep's identity."""
     from vital_fast.models import LoadedModel, default_layers, load_model
-    from vital_fast.optim.visualize import _check_resolution, _check_targets
 
     if batch < 1:
         raise ValueError(f"sweep: batch must be >= 1, got {batch}")
@@ -860,10 +843,10 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
             from vital_fast.models import class_logit_layer
 
             class_logit_layer(loaded)  # a model without class logits fails here, before any work
-    _check_targets(loaded, targets)
+    check_targets(loaded, targets)
     final = check_size(size, loaded.input_size)
     for S in sorted({max(16, int(round(sc * final))) for sc, _ in settings.stages}):
-        _check_resolution(loaded, S)
+        check_resolution(loaded, S)
     cls_layers = [(l, float(w)) for l, w in (class_layers if class_layers is not None else default_layers(loaded))]
     # images: the mining pool (loaded now) and the class folders (checked now, loaded per target)
     class_src: Dict[int, Any] = {}
@@ -1135,7 +1118,8 @@ def _write_result(out: str, engine: _Engine, sl: _Slot, sweep_id: str, rank: int
 def _write_manifest(out: str, meta: Dict[str, Any], header: Dict[str, Any], timings: Dict[str, float],
                     final: bool = False) -> Dict[str, Any]:
     """manifest.json from every rank's index (the index is the truth; this is its readable form)."""
-    from vital_fast.results import MANIFEST, MANIFEST_FORMAT, make_grid, to_uint8, write_json_atomic, write_png_atomic
+    from vital_fast.report.images import make_grid, to_uint8, write_png_atomic
+    from vital_fast.results import MANIFEST, MANIFEST_FORMAT, write_json_atomic
 
     done = read_index(out, meta["id"])
     order = {k: i for i, k in enumerate(meta["keys"])}

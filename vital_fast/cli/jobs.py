@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
-
 from vital_fast.optim import Settings, Target, visualize
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import (

@@ -227,9 +227,9 @@ def _pending(args, targets):
 
 
 def _run_targets(args, loaded, targets, refs, settings, identity, extra=None) -> int:
-    from vital_fast.cli.gallery import build_gallery
     from vital_fast.cli.jobs import run_into_folder
     from vital_fast.cli.progress import Progress
+    from vital_fast.report.gallery import build_gallery
 
     bar = Progress(max(1, len(range(0, len(targets), args.batch)) * settings.steps), label="optimizing")
     if targets:
@@ -296,9 +296,9 @@ def cmd_visualize(args) -> int:
     settings = _settings(args)
     _check_out(args)
     loaded = _load(args)
-    from vital_fast.optim.visualize import _check_targets
+    from vital_fast.models.facts import check_targets
 
-    _check_targets(loaded, targets)
+    check_targets(loaded, targets)
     with _owned_folder(args, loaded, settings, args.method) as identity:
         targets = _pending(args, targets)
         refs = gather_references(loaded, targets, args.images, settings, _cache(args), args.size) if targets else {}
@@ -306,7 +306,7 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from vital_fast.cli.gallery import build_gallery
+    from vital_fast.report.gallery import build_gallery
 
     if not os.path.isdir(args.run):
         raise UsageError(f"no such run folder: {args.run}")
@@ -315,7 +315,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from vital_fast.cli.compare import compare_runs
+    from vital_fast.report.compare import compare_runs
 
     for r in (args.run_a, args.run_b):
         if not os.path.isdir(r):

@@ -132,7 +132,7 @@ def cmd_sweep(args) -> int:
         manifest_every=args.manifest_every, extra={"preset": args.preset},
     )
     if summary.rank == 0:
-        from vital_fast.cli.gallery import build_gallery
+        from vital_fast.report.gallery import build_gallery
 
         index = build_gallery(args.out)
         if summary.done_before == summary.total:

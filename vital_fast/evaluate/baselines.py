@@ -76,7 +76,9 @@ from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.regularizers import l2_penalty, lr_factor, total_variation
 from vital_fast.optim.targets import Target, parse_target
 from vital_fast.optim.transforms import draw_affine, draw_jitter, roll_flip, scale_rotate
-from vital_fast.optim.visualize import check_size, descend
+from vital_fast.models.facts import as_loaded, check_resolution, check_size, check_targets
+from vital_fast.optim.result import VisualizationResult
+from vital_fast.optim.step import descend
 from vital_fast.references.images import ImageSet, load_images, random_resized_crops, resize_center_crop
 
 __all__ = ["BASELINES", "METHODS", "BaselineSettings", "baseline_options", "run_baseline"]
@@ -419,13 +421,11 @@ def run_baseline(
     >>> r.images.shape, r.losses.shape
     (torch.Size([1, 3, 16, 16]), torch.Size([1, 2]))
     """
-    from vital_fast.optim.visualize import VisualizationResult, _as_loaded, _check_resolution, _check_targets
-
     t_start = time.perf_counter()
     if method not in BASELINES:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     opts = baseline_options(method, **dict(options or {}))
-    loaded = _as_loaded(model)
+    loaded = as_loaded(model)
     if device is not None:
         loaded = loaded.to(device)
     dev = next(iter(loaded.model.parameters())).device
@@ -436,11 +436,11 @@ def run_baseline(
     keys = [t.key for t in targets]
     if len(set(keys)) != len(keys):
         raise ValueError(f"visualize: duplicate targets in {keys}")
-    _check_targets(loaded, targets)
+    check_targets(loaded, targets)
     final = check_size(size, loaded.input_size)
     stage_sizes = [max(16, int(round(s * final))) for s, _ in base.stages]
     for s in sorted(set(stage_sizes + [final])):
-        _check_resolution(loaded, s)
+        check_resolution(loaded, s)
     ref_sets = _ref_sets(targets, references, required=(method == "maco"))
     if method == "bnstats" and not any(isinstance(m, nn.BatchNorm2d) for m in loaded.model.modules()):
         raise ValueError(f"method bnstats matches BatchNorm statistics, but {loaded.name} has no BatchNorm2d layer; "

@@ -56,12 +56,13 @@ Bad input never loses the metrics that can be computed: a run without class targ
 with another label space, too few images for a Fréchet distance, missing reference files, a
 model that cannot be loaded, each gives "n/a" for what it prevents and one line in
 ``messages`` (and in the summary's ``notes``).
+
+The models' inputs and features come from :mod:`vital_fast.evaluate.features`; the files
+(``metrics.*``, ``compare.*``, the gallery) are written by :mod:`vital_fast.report.metrics_io`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -69,35 +70,29 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from vital_fast.references.cache import atomic_write_bytes
-from vital_fast.references.images import load_image, tensor_hash
-from vital_fast.results import MANIFEST, read_manifest, write_json_atomic
+from vital_fast.evaluate.features import (
+    cached_views,
+    channel_max,
+    layer_plan,
+    load_spec,
+    logits_and_features,
+    ref_inputs,
+    sort_match_distance,
+    vis_inputs,
+)
+from vital_fast.references.images import load_image
+from vital_fast.report.metrics_io import COLUMNS, NA, markdown_table, write_compare_tables, write_run_metrics
+from vital_fast.results import read_manifest
 
 __all__ = [
     "NA", "RunData", "compare_runs", "evaluate_run", "frechet_distance", "judge_for", "load_run",
     "markdown_table", "topk_hits",
 ]
 
-NA = "n/a"
-METRICS_JSON = "metrics.json"
 DEFAULT_JUDGE = "efficientnet-lite2"
 FID_CROPS = 5
-CORNER = 0.75  # side of the corner crops, relative to the image
 MAX_REFS = 50
-
-# Columns of the comparison table: (summary key, header, format).
-COLUMNS: List[Tuple[str, str, str]] = [
-    ("method", "method", "s"), ("model", "model", "s"), ("targets", "targets", "d"),
-    ("s_per_target", "s / target", ".1f"),
-    ("model_top1", "model top-1", "%"), ("model_top5", "model top-5", "%"),
-    ("judge_top1", "judge top-1", "%"), ("judge_top5", "judge top-5", "%"),
-    ("judge_top1_rec", "judge top-1, refs recognized", "%"),
-    ("fid", "FID (judge) ↓", ".1f"), ("w2", "W2 ↓", ".4g"), ("act_ratio", "act. ratio", ".2f"),
-    ("diversity", "diversity", ".3f"),
-]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,16 +271,8 @@ def load_run(run_dir: str, max_refs: int = MAX_REFS) -> RunData:
 
 
 # ------------------------------------------------------------------------------------------------
-# Models: loading, inputs, features
+# The judge
 # ------------------------------------------------------------------------------------------------
-
-
-def _load(spec, device, arch=None):
-    from vital_fast.models import LoadedModel, load_model
-
-    if isinstance(spec, LoadedModel):
-        return spec.to(device)
-    return load_model(spec, device=device, arch=arch)
 
 
 def judge_for(model_name: str, num_classes: Optional[int]) -> Optional[str]:
@@ -305,116 +292,6 @@ def judge_for(model_name: str, num_classes: Optional[int]) -> Optional[str]:
     return "efficientnet-lite0" if model_name == DEFAULT_JUDGE else DEFAULT_JUDGE
 
 
-def _resize_to(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-
-
-def vis_inputs(loaded, images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Visualizations as the model sees them: the whole image resized to its input size, ``(N, 3, S, S)``."""
-    return torch.cat([_resize_to(im[None].float(), loaded.input_size) for im in images])
-
-
-def ref_inputs(loaded, images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Real images as the model's evaluation geometry sees them (resize, center crop), ``(N, 3, S, S)``."""
-    return torch.stack([loaded.resize_crop(im.float()) for im in images])
-
-
-def crops_of(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` deterministic views per image, image-major: 1 = the image, 5 = the image and its 4 corner crops."""
-    if n == 1:
-        return x
-    if n != 5:
-        raise ValueError(f"fid_crops must be 1 or 5, got {n}")
-    S = x.shape[-1]
-    c = int(round(S * CORNER))
-    views = [x, x[..., :c, :c], x[..., :c, S - c:], x[..., S - c:, :c], x[..., S - c:, S - c:]]
-    views = [_resize_to(v, S) for v in views]
-    return torch.stack(views, dim=1).flatten(0, 1)
-
-
-def logits_and_features(loaded, x01: torch.Tensor, batch: int = 16) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Logits ``(N, K)`` and penultimate features ``(N, D)`` (the input of the last ``nn.Linear``; None without one)."""
-    model = loaded.model
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    dev = loaded.device
-    got: List[torch.Tensor] = []
-    handle = last.register_forward_pre_hook(lambda mod, inp: got.append(inp[0].detach().flatten(1).float().cpu())) \
-        if last is not None else None
-    outs = []
-    try:
-        with torch.no_grad():
-            for i in range(0, x01.shape[0], batch):
-                out = model(loaded.normalize(x01[i:i + batch]).to(dev))
-                outs.append(out.float().cpu())
-    finally:
-        if handle is not None:
-            handle.remove()
-    return torch.cat(outs), (torch.cat(got) if got else None)
-
-
-_FEATURE_CACHE: Dict[Tuple[str, str, str, int], Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-
-
-def _cached_views(loaded, img: torch.Tensor, kind: str, crops: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Logits and features of ``crops`` views of one image (cached per process: references are shared by runs)."""
-    key = (loaded.fingerprint, tensor_hash(img), kind, crops)
-    if key not in _FEATURE_CACHE:
-        x = vis_inputs(loaded, [img]) if kind == "vis" else ref_inputs(loaded, [img])
-        _FEATURE_CACHE[key] = logits_and_features(loaded, crops_of(x, crops))
-        if len(_FEATURE_CACHE) > 4096:
-            _FEATURE_CACHE.pop(next(iter(_FEATURE_CACHE)))
-    return _FEATURE_CACHE[key]
-
-
-def _tap(loaded, x01: torch.Tensor, layers: Sequence[str], batch: int = 8) -> Dict[str, torch.Tensor]:
-    from vital_fast.models import FeatureTaps
-
-    out: Dict[str, List[torch.Tensor]] = {l: [] for l in layers}
-    with torch.no_grad(), FeatureTaps(loaded.model, list(layers), detach=True, stop_after=True) as taps:
-        for i in range(0, x01.shape[0], batch):
-            f = taps.run(loaded.normalize(x01[i:i + batch]).to(loaded.device))
-            for l in layers:
-                out[l].append(f[l].float().cpu())
-    return {l: torch.cat(v) for l, v in out.items()}
-
-
-def _layer_plan(loaded, t: Mapping[str, Any]) -> List[str]:
-    from vital_fast.models import default_layers
-    from vital_fast.optim.visualize import layers_before
-
-    base = list(default_layers(loaded))
-    if t.get("kind") == "class":
-        return [l for l, _ in base]
-    return [l for l, _ in layers_before(loaded, t["layer"], base, 0.1)]
-
-
-def sort_match_distance(loaded, image: torch.Tensor, refs: Sequence[torch.Tensor],
-                        layers: Sequence[str]) -> Dict[str, float]:
-    """Per layer, the mean over channels of the sort-matching W2 between ``image`` and the references' prototype."""
-    from vital_fast import sort_match_loss, sorted_prototype
-
-    fv = _tap(loaded, vis_inputs(loaded, [image]), layers)
-    fr = _tap(loaded, ref_inputs(loaded, refs), layers)
-    out = {}
-    for l in layers:
-        cd = loaded.channel_dim_of(l)
-        proto = sorted_prototype(fr[l], None, channel_dim=cd)
-        out[l] = float(sort_match_loss(fv[l], proto, channel_dim=cd, check_values=False))
-    return out
-
-
-def _channel_max(loaded, x01: torch.Tensor, layer: str, channel: int) -> torch.Tensor:
-    f = _tap(loaded, x01, [layer])[layer]
-    if loaded.channel_dim_of(layer) == -1:
-        f = f.transpose(1, 2)
-    return f[:, channel].flatten(1).amax(1)
-
-
 # ------------------------------------------------------------------------------------------------
 # evaluate_run
 # ------------------------------------------------------------------------------------------------
@@ -423,35 +300,6 @@ def _channel_max(loaded, x01: torch.Tensor, layer: str, channel: int) -> torch.T
 def _mean(vals: Sequence[Any]) -> Union[float, str]:
     v = [float(x) for x in vals if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))]
     return float(np.mean(v)) if v else NA
-
-
-def _fmt(v: Any, spec: str) -> str:
-    if v is None:
-        return NA
-    if spec == "s" or isinstance(v, str):
-        return str(v)
-    if spec == "d":
-        return str(int(v))
-    if spec == "%":
-        return f"{100 * float(v):.1f} %"
-    return format(float(v), spec)
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str, str]] = COLUMNS) -> str:
-    """A markdown table with one row per mapping and one column per ``(key, header, format)``."""
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k, NA), f) for k, _, f in columns) + " |" for r in rows]
-    return "\n".join([head, sep] + body)
-
-
-def _csv(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(keys)
-    for r in rows:
-        w.writerow([("" if r.get(k) is None else r.get(k, NA)) for k in keys])
-    return buf.getvalue()
 
 
 def _s_per_target(m: Mapping[str, Any]) -> Union[float, str]:
@@ -485,7 +333,7 @@ def _evaluate(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[s
         spec = model if model is not None else rd.model_name
         key = ("model", id(spec) if not isinstance(spec, str) else spec, arch)
         if key not in models:
-            models[key] = _load(spec, device, arch)
+            models[key] = load_spec(spec, device, arch)
         lm = models[key]
         if rd.fingerprint and lm.fingerprint != rd.fingerprint:
             msgs.append(f"the model loaded as {spec!r} has weights {lm.fingerprint}, the run was made with "
@@ -505,7 +353,7 @@ def _evaluate(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[s
     if judge is not None and judge != "none":
         key = ("judge", id(judge) if not isinstance(judge, str) else judge)
         if key not in models:
-            models[key] = judge if isinstance(judge, LoadedModel) else _load(judge, device)
+            models[key] = judge if isinstance(judge, LoadedModel) else load_spec(judge, device)
         jm = models[key]
         jname = jm.name
     judge_labels_ok = jm is not None
@@ -557,7 +405,7 @@ def _evaluate(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[s
     def judge_metrics():
         vl, vf = [], []
         for im in vis_class:
-            lg, fe = _cached_views(jm, im, "vis", fid_crops)
+            lg, fe = cached_views(jm, im, "vis", fid_crops)
             vl.append(lg[:1])
             vf.append(fe)
         if judge_labels_ok:
@@ -578,7 +426,7 @@ def _evaluate(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[s
         for t in class_t:
             hits_t = []
             for im in rd.references.get(t["key"], []):
-                lg, fe = _cached_views(jm, im, "ref", fid_crops)
+                lg, fe = cached_views(jm, im, "ref", fid_crops)
                 rf.append(fe)
                 hits_t.append(int(lg[0].argmax()) == int(t["index"]))
             rhits += hits_t
@@ -607,11 +455,11 @@ def _evaluate(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[s
             if not refs:
                 no_refs += 1
                 continue
-            d = sort_match_distance(lm, rd.images[t["key"]], refs, _layer_plan(lm, t))
+            d = sort_match_distance(lm, rd.images[t["key"]], refs, layer_plan(lm, t))
             per[t["key"]]["w2"] = float(np.mean(list(d.values())))
             if t.get("kind") == "channel":
-                v = _channel_max(lm, vis_inputs(lm, [rd.images[t["key"]]]), t["layer"], int(t["index"]))
-                r = _channel_max(lm, ref_inputs(lm, refs), t["layer"], int(t["index"]))
+                v = channel_max(lm, vis_inputs(lm, [rd.images[t["key"]]]), t["layer"], int(t["index"]))
+                r = channel_max(lm, ref_inputs(lm, refs), t["layer"], int(t["index"]))
                 denom = float(r.mean())
                 per[t["key"]]["act_ratio"] = float(v[0]) / denom if abs(denom) > 1e-12 else NA
         if no_refs:
@@ -639,45 +487,6 @@ def _evaluate(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[s
         "fid_crops": fid_crops, "summary": summary, "targets": per, "messages": msgs,
     }
     return _Evaluation(metrics, feats_vis)
-
-
-def _write_outputs(run_dir: str, metrics: Dict[str, Any], rebuild_gallery: bool = True) -> None:
-    """metrics.json, metrics.md, metrics.csv, and the manifest's metrics (atomically); then the gallery."""
-    write_json_atomic(metrics, os.path.join(run_dir, METRICS_JSON))
-    s = metrics["summary"]
-    rows = []
-    m = read_manifest(run_dir)
-    labels = {t["key"]: t.get("label", t["key"]) for t in m.get("targets", [])}
-    tcols = [("key", "target", "s"), ("label", "label", "s"), ("model_top1", "model top-1", "d"),
-             ("judge_top1", "judge top-1", "d"), ("judge_prob", "judge p(class)", ".3f"), ("w2", "W2", ".4g"),
-             ("act_ratio", "act. ratio", ".2f"), ("primary", "primary", ".3g")]
-    for key, p in metrics["targets"].items():
-        rows.append(dict(p, key=key, label=labels.get(key, key)))
-    md = [f"# Metrics of {os.path.basename(os.path.normpath(run_dir))}", "", markdown_table([s]), "",
-          markdown_table(rows, tcols), ""]
-    if metrics["messages"]:
-        md += ["Notes:", ""] + [f"- {x}" for x in metrics["messages"]] + [""]
-    atomic_write_bytes(os.path.join(run_dir, "metrics.md"), "\n".join(md).encode("utf-8"))
-    keys = ["key", "label", "model_top1", "model_top5", "model_prob", "judge_top1", "judge_top5", "judge_prob",
-            "refs_recognized", "w2", "act_ratio", "primary"]
-    summary_row = {"key": "ALL", "label": s.get("method"), **{k: s.get(k) for k in keys if k in s}}
-    atomic_write_bytes(os.path.join(run_dir, "metrics.csv"), _csv(rows + [summary_row], keys).encode("utf-8"))
-    # the manifest: summary for the gallery's table, per-target metrics with "primary" for its sort
-    shown = {k: s[k] for k in ("method", "judge", "model_top1", "model_top5", "judge_top1", "judge_top5",
-                               "judge_top1_rec", "recognized_targets", "ref_judge_top1", "fid", "fid_images", "w2",
-                               "act_ratio", "diversity", "s_per_target",
-                               "notes") if k in s and s[k] != ""}
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in shown.items()}
-    m["metrics"] = {"summary": shown}
-    for t in m.get("targets", []):
-        if t["key"] in metrics["targets"]:
-            t["metrics"] = {k: v for k, v in metrics["targets"][t["key"]].items()
-                            if not isinstance(v, str) or k == "primary"}
-    write_json_atomic(m, os.path.join(run_dir, MANIFEST))
-    if rebuild_gallery:
-        from vital_fast.cli.gallery import build_gallery
-
-        build_gallery(run_dir)
 
 
 def evaluate_run(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[str] = None,
@@ -717,7 +526,7 @@ def evaluate_run(run_dir: str, *, model=None, judge: Any = "auto", arch: Optiona
     """
     ev = _evaluate(run_dir, model=model, judge=judge, arch=arch, fid_crops=fid_crops, device=device, models=models)
     if write:
-        _write_outputs(run_dir, ev.metrics)
+        write_run_metrics(run_dir, ev.metrics)
     return ev.metrics
 
 
@@ -741,7 +550,7 @@ def compare_runs(run_dirs: Sequence[str], *, judge: Any = "auto", model=None, ar
     for r in run_dirs:
         ev = _evaluate(r, model=model, judge=judge, arch=arch, fid_crops=fid_crops, device=device, models=models)
         if write:
-            _write_outputs(r, ev.metrics)
+            write_run_metrics(r, ev.metrics)
         evals.append(ev)
     groups: Dict[Tuple[str, str], List[_Evaluation]] = {}
     for ev in evals:
@@ -770,10 +579,5 @@ def compare_runs(run_dirs: Sequence[str], *, judge: Any = "auto", model=None, ar
         rows.append(row)
     md = markdown_table(rows)
     if out:
-        os.makedirs(out, exist_ok=True)
-        atomic_write_bytes(os.path.join(out, "compare.md"), (md + "\n").encode("utf-8"))
-        keys = [k for k, _, _ in COLUMNS] + ["runs", "notes"]
-        atomic_write_bytes(os.path.join(out, "compare.csv"), _csv(rows, keys).encode("utf-8"))
-        write_json_atomic({"runs": [os.path.abspath(r) for r in run_dirs], "rows": rows,
-                           "per_run": [e.metrics for e in evals]}, os.path.join(out, "compare.json"))
+        write_compare_tables(out, run_dirs, rows, md, [e.metrics for e in evals])
     return rows, md

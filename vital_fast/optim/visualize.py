@@ -6,119 +6,22 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from vital_fast.ops import lrp_weight, sort_match_loss
+from vital_fast.models.facts import as_loaded, check_resolution, check_size, check_targets, plan_layers_before
 from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.regularizers import image_priors, lr_factor
+from vital_fast.optim.result import ProgressFn, VisualizationResult
+from vital_fast.optim.step import descend
 from vital_fast.optim.targets import Target, parse_target
 from vital_fast.optim.transforms import draw_affine, draw_jitter, roll_flip, scale_rotate
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet, load_images
 from vital_fast.references.prototypes import TargetReferences, channel_references, class_references
-
-
-@dataclass
-class VisualizationResult:
-    """What :func:`visualize` returns: one image per target, and how it was made."""
-
-    targets: List[Target]
-    images: torch.Tensor          # (B, 3, H, W) in [0, 1]
-    transparency: torch.Tensor    # (B, 1, H, W): accumulated |dL/dx|, per element scaled to [0, 1]
-    losses: torch.Tensor          # (B, steps): each target's total loss at every step
-    settings: Settings
-    seeds: List[int]
-    references: List[ImageSet]    # the reference images (or patches) each target used
-    layers: List[List[Tuple[str, float]]]  # matched layers and weights per target
-    timings: Dict[str, float] = field(default_factory=dict)
-    model_name: str = ""
-    fingerprint: str = ""
-
-
-ProgressFn = Callable[[int, int, torch.Tensor], None]
-
-
-def _as_loaded(model):
-    from vital_fast.models import LoadedModel, load_model
-
-    return model if isinstance(model, LoadedModel) else load_model(model)
-
-
-def layers_before(loaded, target_layer: str, candidates: Sequence[Tuple[str, float]], stem_weight: float) -> List[Tuple[str, float]]:
-    """The matched layers that run before ``target_layer`` (execution order), the first weighted ``stem_weight``.
-
-    A target in the first matched layer, with nothing before it, is matched at its own layer.
-    """
-    from vital_fast.models import resolve_layer
-
-    order = {d["name"]: i for i, d in enumerate(_layer_table(loaded))}
-    if target_layer not in order:
-        resolve_layer(loaded.model, target_layer)  # raises with the closest valid names
-        raise ValueError(f"layer {target_layer!r} produces no tensor output")
-    before = [l for l, _ in candidates if l in order and order[l] < order[target_layer]]
-    if not before:
-        return [(target_layer, 1.0)]
-    return [(l, stem_weight if i == 0 and len(before) > 1 else 1.0) for i, l in enumerate(before)]
-
-
-_LAYER_TABLES: Dict[Tuple[int, int], List[dict]] = {}
-
-
-def _layer_table(loaded) -> List[dict]:
-    from vital_fast.models import list_layers
-
-    key = (id(loaded.model), loaded.input_size)
-    if key not in _LAYER_TABLES:
-        dev = next(iter(loaded.model.parameters())).device
-        _LAYER_TABLES[key] = list_layers(loaded.model, loaded.input_size, device=dev)
-    return _LAYER_TABLES[key]
-
-
-def _check_targets(loaded, targets: Sequence[Target]) -> Dict[str, tuple]:
-    """Stop before any optimization on an unknown layer or an index out of range."""
-    from vital_fast.models import resolve_layer
-
-    shapes = {d["name"]: d["shape"] for d in _layer_table(loaded)}
-    for t in targets:
-        if t.kind == "class":
-            n = loaded.num_classes
-            if n is not None and t.index >= n:
-                raise ValueError(f"target {t.key}: the model has {n} classes (0-{n - 1})")
-        else:
-            resolve_layer(loaded.model, t.layer)
-            shape = shapes.get(t.layer)
-            if shape is None:
-                raise ValueError(f"target {t.key}: layer {t.layer!r} produces no tensor output")
-            c = shape[-1] if loaded.channel_dim_of(t.layer) == -1 else shape[0]
-            if t.index >= c:
-                raise ValueError(f"target {t.key}: layer {t.layer!r} has {c} channels (0-{c - 1})")
-    return shapes
-
-
-def check_size(size: Optional[int], default: int) -> int:
-    """The final resolution: ``size``, or ``default`` when it is None; ValueError for anything below 16 px."""
-    if size is None:
-        return int(default)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
-        raise ValueError(f"size must be an int of at least 16 pixels, got {size!r}")
-    return size
-
-
-def _check_resolution(loaded, size: int) -> None:
-    dev = next(iter(loaded.model.parameters())).device
-    try:
-        with torch.no_grad():
-            loaded.model(torch.zeros(1, 3, size, size, device=dev))
-    except Exception as exc:
-        raise ValueError(
-            f"the model fails on a {size}x{size} input ({type(exc).__name__}: {exc}); choose another "
-            f"--size or a stage schedule whose resolutions the model accepts (its native size is "
-            f"{loaded.input_size})"
-        ) from None
 
 
 def visualize(
@@ -186,7 +89,7 @@ def visualize(
 
         return run_baseline(model, targets, references, method=method, preset=preset, settings=settings, seed=seed,
                             size=size, device=device, class_layers=class_layers, cache=cache, progress=progress)
-    loaded = _as_loaded(model)
+    loaded = as_loaded(model)
     if device is not None:
         loaded = loaded.to(device)
     dev = next(iter(loaded.model.parameters())).device
@@ -200,11 +103,11 @@ def visualize(
         raise ValueError(f"visualize: duplicate targets in {keys}")
     from vital_fast.models import default_layers
 
-    shapes = _check_targets(loaded, targets)
+    shapes = check_targets(loaded, targets)
     final = check_size(size, loaded.input_size)
     stage_sizes = [max(16, int(round(s * final))) for s, _ in settings.stages]
     for s in sorted(set(stage_sizes)):
-        _check_resolution(loaded, s)
+        check_resolution(loaded, s)
     cls_layers = list(class_layers) if class_layers is not None else list(default_layers(loaded))
     for l, _ in cls_layers:
         if l not in shapes:
@@ -231,7 +134,7 @@ def visualize(
         if t.kind == "class":
             layer_plan.append(cls_layers)
         else:
-            layer_plan.append(layers_before(loaded, t.layer, cls_layers, settings.channel_stem_weight))
+            layer_plan.append(plan_layers_before(loaded, t.layer, cls_layers, settings.channel_stem_weight))
 
     seeds = [t.seed(seed) for t in targets]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -298,29 +201,6 @@ def visualize(
     }
     return VisualizationResult(targets, images, transparency, losses, settings, seeds, ref_sets, layer_plan,
                                timings, loaded.name, loaded.fingerprint)
-
-
-def descend(opt: torch.optim.Optimizer, x: torch.Tensor, loss: torch.Tensor, alpha: torch.Tensor, losses: torch.Tensor,
-            step: int, total_steps: int, progress: Optional[ProgressFn], *, grad_of: Optional[torch.Tensor] = None,
-            bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> int:
-    """One optimizer step shared by VITAL and the baselines; returns the next global step.
-
-    The per-element ``loss`` (B,) is summed and backpropagated once; the absolute gradient of
-    ``grad_of`` (default ``x``), summed over colour, accumulates into the transparency ``alpha``;
-    the optimizer steps; ``x`` is clamped to ``bounds = (lo, hi)``; the losses are recorded in
-    column ``step`` of ``losses`` and reported to ``progress``.
-    """
-    opt.zero_grad(set_to_none=True)
-    loss.sum().backward()
-    alpha += (x if grad_of is None else grad_of).grad.detach().abs().sum(1, keepdim=True)
-    opt.step()
-    if bounds is not None:
-        with torch.no_grad():
-            x.copy_(torch.max(torch.min(x, bounds[1]), bounds[0]))
-    losses[:, step] = loss.detach().float().cpu()
-    if progress is not None:
-        progress(step + 1, total_steps, losses[:, step])
-    return step + 1
 
 
 def matching_loss(loaded, groups: Sequence[dict], feats: Dict[str, torch.Tensor],

@@ -50,9 +50,9 @@ def layer_channels(loaded, layer: str, channel_dim: Optional[int]) -> Optional[i
     layer table (one dry forward pass, memoized per model), or ``None`` when it cannot be found.
     A cache validator's check only: never raises."""
     try:
-        from vital_fast.optim.visualize import _layer_table
+        from vital_fast.models.facts import layer_table
 
-        shape = {d["name"]: tuple(d["shape"]) for d in _layer_table(loaded)}.get(layer)
+        shape = {d["name"]: tuple(d["shape"]) for d in layer_table(loaded)}.get(layer)
     except Exception:  # noqa: BLE001 - no table: the other checks still apply
         return None
     if not shape:

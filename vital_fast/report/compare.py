@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
 
-from vital_fast.cli.gallery import CSS, esc, src
+from vital_fast.report.gallery import CSS, esc, src
 from vital_fast.references.cache import atomic_write_bytes
 from vital_fast.references.images import load_image, resize_center_crop
 from vital_fast.results import read_manifest
