@@ -429,7 +429,9 @@ def test_default_layers_generic():
 
 
 @pytest.mark.parametrize(
-    "module", ["vital_fast.models.taps", "vital_fast.models.loading", "vital_fast.models.presets"]
+    "module",
+    ["vital_fast.models.taps", "vital_fast.models.loading", "vital_fast.models.identity",
+     "vital_fast.models.presets"],
 )
 def test_docstring_examples(module):
     mod = importlib.import_module(module)

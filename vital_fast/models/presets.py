@@ -28,7 +28,7 @@ from typing import Any, List, Optional, Sequence, Tuple, TypeVar
 from torch import nn
 
 from vital_fast.models import taps
-from vital_fast.models.loading import FAMILIES, guess_family
+from vital_fast.models.identity import FAMILIES, guess_family
 
 __all__ = [
     "class_logit_layer",

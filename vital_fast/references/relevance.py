@@ -42,6 +42,10 @@ Families
 (torchvision: :class:`CNBlockCanonizer`), ``"vit"`` and ``"generic"``: zennit's ``EpsilonPlusFlat``
 (or ``EpsilonPlus``) without canonizers, with a warning. For ViTs the maps keep the token layout
 ``(B, N, D)`` and the channel is the last dimension.
+
+The single-sweep rules live in :mod:`vital_fast.references.lrp_rules`, the canonizers of each
+family in :mod:`vital_fast.references.lrp_canonizers`; this module builds the composites from
+them and runs the sweep.
 """
 
 from __future__ import annotations
@@ -50,23 +54,39 @@ import threading
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
-from torchvision.models.resnet import BasicBlock as ResNetBasicBlock
-from torchvision.models.resnet import Bottleneck as ResNetBottleneck
-from zennit.canonizers import AttributeCanonizer, Canonizer, MergeBatchNorm, SequentialMergeBatchNorm
 from zennit.composites import EpsilonPlus, EpsilonPlusFlat
-from zennit.core import Composite, Hook, RemovableHandle, RemovableHandleList, stabilize
+from zennit.core import Composite
 from zennit.layer import Sum
 from zennit.rules import Pass
-from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 from zennit.types import Activation, BatchNorm, Convolution
 
 from vital_fast.models.batching import pad_batch, unpad
+from vital_fast.references.lrp_canonizers import (
+    CNBlockCanonizer,
+    EfficientNetMergeBatchNorm,
+    MBConvSumCanonizer,
+    MergeBatchNormExact,
+    ResidualAdd,
+    ResNetResidualCanonizer,
+    SequentialMergeBatchNormExact,
+    _family_canonizers,
+    _LayerScale,
+)
+from vital_fast.references.lrp_rules import (
+    OP,
+    PAPER_STABILIZER,
+    _AbsSplitAddRule,
+    _AbsSplitRule,
+    _MaxPoolAsAvgRule,
+    _NormRule,
+    _PassRule,
+    _ZPlusRule,
+)
 
 __all__ = [
     "COMPOSITES",
@@ -82,463 +102,8 @@ __all__ = [
     "relevance_maps",
 ]
 
-OP = "relevance_maps"
 FAMILIES = ("resnet", "efficientnet_lite", "densenet", "convnext", "vit", "generic")
 COMPOSITES = ("paper", "epsilon_plus_flat", "epsilon_plus")
-# The paper's code stabilizes z+ with eps = 1e-5 (DESIGN.md §5).
-PAPER_STABILIZER = 1e-5
-
-
-# ----------------------------------------------------------------------------------------------
-# Single-sweep rules (zennit Hooks)
-# ----------------------------------------------------------------------------------------------
-
-
-class _RuleNode(torch.autograd.Function):
-    """Ties a module's output (computed on detached inputs) back to its inputs; backward = rule."""
-
-    @staticmethod
-    def forward(ctx, rule, module, out, *xs):
-        ctx.rule = rule
-        ctx.module = module
-        ctx.in_shapes = [x.shape for x in xs]
-        if rule.saves_input:
-            ctx.save_for_backward(*xs)
-        # a detached alias, not the tensor itself: returning an input as-is makes autograd wrap it
-        # as a view, and the in-place activations of torchvision models then refuse to run on it
-        return out.detach()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, relevance):
-        xs = ctx.saved_tensors if ctx.rule.saves_input else (None,) * len(ctx.in_shapes)
-        rels = ctx.rule.relevances(ctx.module, xs, relevance)
-        for rel, shape in zip(rels, ctx.in_shapes):
-            if rel.shape != shape:
-                raise RuntimeError(
-                    f"{OP}: rule {type(ctx.rule).__name__} on {type(ctx.module).__name__} produced relevance "
-                    f"of shape {tuple(rel.shape)} for an input of shape {tuple(shape)}"
-                )
-        return (None, None, None, *rels)
-
-
-class _SweepRule(Hook):
-    """Base of the single-sweep rules: a zennit Hook whose backward is an autograd node of its own.
-
-    ``pre_forward`` hands the module detached aliases of its first ``n_inputs`` inputs, so
-    autograd does not differentiate the module at all; ``post_forward`` re-attaches the output to
-    the real inputs through :class:`_RuleNode`, whose backward calls :meth:`relevances`.
-    """
-
-    saves_input = True
-    n_inputs = 1
-
-    def __init__(self, stabilizer: float = PAPER_STABILIZER):
-        super().__init__()
-        self.stabilizer = stabilizer
-        self._pending: List[Optional[Tuple[torch.Tensor, ...]]] = []
-
-    def copy(self):
-        return self.__class__(stabilizer=self.stabilizer)
-
-    def register(self, module):
-        return RemovableHandleList(
-            [
-                RemovableHandle(self),
-                module.register_forward_pre_hook(self.pre_forward),
-                module.register_forward_hook(self.post_forward),
-            ]
-        )
-
-    def pre_forward(self, module, args):
-        xs = tuple(args[: self.n_inputs])
-        if (
-            len(xs) != self.n_inputs
-            or not all(isinstance(x, torch.Tensor) for x in xs)
-            or not any(x.requires_grad for x in xs)
-            or not torch.is_grad_enabled()
-        ):
-            self._pending.append(None)
-            return None
-        self._pending.append(xs)
-        return tuple(x.detach() for x in xs) + tuple(args[self.n_inputs :])
-
-    def post_forward(self, module, args, output):
-        xs = self._pending.pop() if self._pending else None
-        if xs is None or not isinstance(output, torch.Tensor):
-            return None
-        return _RuleNode.apply(self, module, output, *xs)
-
-    def remove(self):
-        self._pending.clear()
-        super().remove()
-
-    def relevances(self, module, xs, rel):
-        """Relevance of each input, given the saved inputs ``xs`` and the output relevance."""
-        return (self.relevance(module, xs[0], rel),)
-
-    def relevance(self, module, x, rel):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-class _PassRule(_SweepRule):
-    """Relevance passes through unchanged (BatchNorm, LayerNorm, element-wise activations)."""
-
-    saves_input = False
-
-    def relevance(self, module, x, rel):
-        return rel
-
-
-@contextmanager
-def _swapped_params(module: nn.Module, **tensors):
-    """Temporarily replace entries of ``module._parameters`` (no nn.Parameter creation, no hooks)."""
-    params = module._parameters
-    saved = {key: params[key] for key in tensors if key in params}
-    try:
-        for key in saved:
-            params[key] = tensors[key]
-        yield module
-    finally:
-        params.update(saved)
-
-
-class _ClampedParams:
-    """z+ parameter views of one module: w+ (and lazily w-, b+), reused while the weights are unchanged.
-
-    Valid while the weight's storage, version counter, dtype and device are the same (an in-place
-    update bumps the version; ``.data =`` or ``.to()`` changes the storage). The cache keeps a
-    detached alias of the weight it was built from, so that storage cannot be freed and reused at
-    the same address while the entry lives.
-    """
-
-    __slots__ = ("source", "version", "bias_key", "pos", "neg", "bias_pos")
-
-    def __init__(self, weight, bias):
-        self.source = weight.detach()
-        self.version = weight._version
-        self.bias_key = None if bias is None else (bias.data_ptr(), bias._version)
-        self.pos = self.source.clamp(min=0)
-        self.neg = None
-        self.bias_pos = None if bias is None else bias.detach().clamp(min=0)
-
-    def valid_for(self, weight, bias):
-        return (
-            self.source.data_ptr() == weight.data_ptr()
-            and self.version == weight._version
-            and self.source.dtype == weight.dtype
-            and self.source.shape == weight.shape
-            and self.bias_key == (None if bias is None else (bias.data_ptr(), bias._version))
-        )
-
-    def negative(self):
-        if self.neg is None:
-            self.neg = self.source.clamp(max=0)
-        return self.neg
-
-
-_PARAM_CACHE: "weakref.WeakKeyDictionary[nn.Module, _ClampedParams]" = weakref.WeakKeyDictionary()
-# Trades memory (one clamped copy of each convolution's weight, two for convolutions that see
-# negative inputs) for not re-clamping every weight on every call.
-CACHE_CLAMPED_WEIGHTS = True
-
-
-def _clamped_params(module: nn.Module) -> _ClampedParams:
-    weight = module.weight
-    bias = getattr(module, "bias", None)
-    entry = _PARAM_CACHE.get(module) if CACHE_CLAMPED_WEIGHTS else None
-    if entry is None or not entry.valid_for(weight, bias):
-        with torch.no_grad():
-            entry = _ClampedParams(weight, bias)
-        if CACHE_CLAMPED_WEIGHTS:
-            _PARAM_CACHE[module] = entry
-    return entry
-
-
-class _ZPlusRule(_SweepRule):
-    """z+ (alpha=1, beta=0) exactly as zennit's ``ZPlus``: z = x+ w+ + b+ + x- w-, R_i = x_i c_i.
-
-    The x- branch is skipped when the input has no negative entries (after a ReLU): the result is
-    the same, the work half. z is non-negative, so zennit's stabilizer ``z + eps·sign(z)`` (sign(0)
-    taken as +1) is exactly ``z + eps``.
-    """
-
-    def relevance(self, module, x, rel):
-        params = _clamped_params(module)
-        has_neg = bool(x.min() < 0)
-        parts = [x.clamp(min=0), x.clamp(max=0)] if has_neg else [x]
-        with torch.enable_grad():
-            inputs = [part.detach().requires_grad_() for part in parts]
-            with _swapped_params(module, weight=params.pos, bias=params.bias_pos):
-                z = module.forward(inputs[0])
-            if has_neg:
-                with _swapped_params(module, weight=params.negative(), bias=None):
-                    z = z + module.forward(inputs[1])
-        # in place on z's values only: no node of this small graph saved z
-        scaled = rel / z.detach().add_(self.stabilizer)
-        grads = torch.autograd.grad(z, inputs, scaled)
-        out = grads[0].mul_(parts[0])
-        if has_neg:
-            out.addcmul_(parts[1], grads[1])
-        return out
-
-
-class _NormRule(_SweepRule):
-    """z-rule for parameter-free linear modules (average pooling): R_i = x_i d z/dx_i · R / z."""
-
-    def _forward(self, module, x, out_shape):
-        return module.forward(x)
-
-    def relevance(self, module, x, rel):
-        with torch.enable_grad():
-            xi = x.detach().requires_grad_()
-            z = self._forward(module, xi, rel.shape)
-        (grad,) = torch.autograd.grad(z, xi, rel / stabilize(z.detach(), self.stabilizer))
-        return x * grad
-
-
-class _MaxPoolAsAvgRule(_NormRule):
-    """Max pooling explained as average pooling (the paper's code swaps in a 2x2 average pool)."""
-
-    def _forward(self, module, x, out_shape):
-        z = F.avg_pool2d(x, 2, 2)
-        if z.shape == out_shape:
-            return z
-        return F.avg_pool2d(
-            x, module.kernel_size, module.stride, module.padding, module.ceil_mode, count_include_pad=True
-        )
-
-
-class _AbsSplitRule(_SweepRule):
-    """Residual sum (zennit ``Sum`` over stacked summands): R_k = |x_k| / sum_j |x_j| · R."""
-
-    def relevance(self, module, x, rel):
-        dim = module.dim
-        mag = x.abs()
-        share = rel.unsqueeze(dim) / mag.sum(dim, keepdim=True).add_(self.stabilizer)
-        return mag.mul_(share)
-
-
-class _AbsSplitAddRule(_SweepRule):
-    """Residual ``a + b`` (:class:`ResidualAdd`): R_a = |a| / (|a| + |b|) · R, and R_b likewise."""
-
-    n_inputs = 2
-
-    def relevances(self, module, xs, rel):
-        mag_a, mag_b = xs[0].abs(), xs[1].abs()
-        share = torch.div(rel, (mag_a + mag_b).add_(self.stabilizer))
-        return mag_a.mul_(share), mag_b.mul_(share)
-
-
-# ----------------------------------------------------------------------------------------------
-# Canonizers
-# ----------------------------------------------------------------------------------------------
-
-
-class MergeBatchNormExact(MergeBatchNorm):
-    """zennit's batch-norm merge with the BN epsilon zeroed while merged (then restored).
-
-    zennit 0.5.1 folds ``(var + eps)`` into the linear layer but leaves ``eps`` in the now-identity
-    BN, which then divides by ``sqrt(1 + eps)`` and shifts every later activation.
-    """
-
-    def register(self, linears, batch_norm):
-        super().register(linears, batch_norm)
-        self._saved_eps = batch_norm.eps
-        batch_norm.eps = 0.0
-
-    def remove(self):
-        super().remove()
-        self.batch_norm.eps = self._saved_eps
-
-
-class SequentialMergeBatchNormExact(MergeBatchNormExact, SequentialMergeBatchNorm):
-    """``SequentialMergeBatchNorm`` with the epsilon fix of :class:`MergeBatchNormExact`."""
-
-
-def _is_mbconv(module: nn.Module) -> bool:
-    return all(hasattr(module, key) for key in ("_depthwise_conv", "_bn1", "_project_conv", "_bn2", "_block_args"))
-
-
-def _is_efficientnet(module: nn.Module) -> bool:
-    return all(hasattr(module, key) for key in ("_conv_stem", "_bn0", "_blocks"))
-
-
-class EfficientNetMergeBatchNorm(MergeBatchNormExact):
-    """Merge the batch norms of ``efficientnet_lite_pytorch`` (and lukemelas') EfficientNets.
-
-    zennit's sequential merger finds nothing there: each convolution holds a padding submodule, so
-    the conv is no leaf. The pairs are known by name instead: per MBConvBlock ``_expand_conv/_bn0``,
-    ``_depthwise_conv/_bn1``, ``_project_conv/_bn2``; on the model ``_conv_stem/_bn0`` and
-    ``_conv_head/_bn1``.
-    """
-
-    BLOCK_PAIRS = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
-    MODEL_PAIRS = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"))
-
-    def apply(self, root_module):
-        instances = []
-        for module in root_module.modules():
-            if _is_mbconv(module):
-                pairs = self.BLOCK_PAIRS
-            elif _is_efficientnet(module):
-                pairs = self.MODEL_PAIRS
-            else:
-                continue
-            for conv_name, bn_name in pairs:
-                conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-                if isinstance(conv, Convolution) and isinstance(bn, BatchNorm):
-                    instance = self.copy()
-                    instance.register((conv,), bn)
-                    instances.append(instance)
-        return instances
-
-
-class ResidualAdd(nn.Module):
-    """``a + b`` as a module of its own, so that a rule can split relevance between the summands.
-
-    The two-input alternative to zennit's ``Sum`` over ``stack([a, b], -1)``: no stacked copy, and
-    the forward is one addition. Only the single-sweep ("paper") rules handle it; zennit's stock
-    hooks see a module's first input only, so the stock composites keep ``Sum``.
-    """
-
-    def forward(self, a, b):
-        return a + b
-
-
-def _residual_sum(block: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    adder = block.canonizer_sum
-    if isinstance(adder, ResidualAdd):
-        return adder(a, b)
-    return adder(torch.stack([a, b], dim=-1))
-
-
-class _ResidualCanonizer(AttributeCanonizer):
-    """Swap a block's forward for one whose skip sum is a module (``Sum`` or ``ResidualAdd``)."""
-
-    def __init__(self, two_input: bool = False):
-        self.two_input = two_input
-        super().__init__(self._attribute_map)
-
-    def copy(self):
-        return self.__class__(two_input=self.two_input)
-
-    def _applies(self, module: nn.Module) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _extra(self, module: nn.Module) -> dict:
-        return {}
-
-    def _attribute_map(self, name, module):
-        if not self._applies(module):
-            return None
-        return {
-            "forward": type(self).forward.__get__(module),
-            "canonizer_sum": ResidualAdd() if self.two_input else Sum(),
-            **self._extra(module),
-        }
-
-
-class ResNetResidualCanonizer(_ResidualCanonizer):
-    """torchvision ResNet Bottleneck/BasicBlock with the skip sum as a module.
-
-    Same forward as zennit's ``ResNetBottleneckCanonizer``/``ResNetBasicBlockCanonizer`` (which
-    the stock composites use); with ``two_input=True`` the sum is a :class:`ResidualAdd`.
-    """
-
-    def _applies(self, module):
-        return isinstance(module, (ResNetBottleneck, ResNetBasicBlock))
-
-    @staticmethod
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        if hasattr(self, "conv3"):  # Bottleneck
-            out = self.relu(self.bn2(self.conv2(out)))
-            out = self.bn3(self.conv3(out))
-        else:
-            out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        return self.relu(_residual_sum(self, identity, out))
-
-
-class MBConvSumCanonizer(_ResidualCanonizer):
-    """Route the skip connection of EfficientNet MBConv blocks through a module.
-
-    The stock ``x = x + inputs`` is invisible to module hooks; the replacement forward is the
-    original one (efficientnet_lite_pytorch 0.1.0) with ``canonizer_sum(stack([x, inputs], -1))``
-    (a zennit ``Sum``; or a :class:`ResidualAdd` with ``two_input=True``) in its place, so a rule
-    (zennit's Norm or the paper's absolute split) acts on it. Undone on removal.
-    """
-
-    def _applies(self, module):
-        return _is_mbconv(module)
-
-    @staticmethod
-    def forward(self, inputs, drop_connect_rate=None):
-        x = inputs
-        if self._block_args.expand_ratio != 1:
-            x = self._swish(self._bn0(self._expand_conv(inputs)))
-        x = self._swish(self._bn1(self._depthwise_conv(x)))
-        if self.has_se:
-            x_squeezed = F.adaptive_avg_pool2d(x, 1)
-            x_squeezed = self._se_expand(self._swish(self._se_reduce(x_squeezed)))
-            x = torch.sigmoid(x_squeezed) * x
-        x = self._bn2(self._project_conv(x))
-        args = self._block_args
-        if args.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
-            if drop_connect_rate and self.training:
-                keep = 1.0 - drop_connect_rate
-                mask = torch.floor(keep + torch.rand([x.shape[0], 1, 1, 1], dtype=x.dtype, device=x.device))
-                x = x / keep * mask
-            x = _residual_sum(self, x, inputs)
-        return x
-
-
-class _LayerScale(nn.Module):
-    """``x * owner.layer_scale`` as a module (so a rule can pass relevance through it)."""
-
-    def __init__(self, owner: nn.Module):
-        super().__init__()
-        self._owner = weakref.ref(owner)  # not a submodule: no parameter is registered twice
-
-    def forward(self, x):
-        return x * self._owner().layer_scale
-
-
-def _is_cnblock(module: nn.Module) -> bool:
-    return hasattr(module, "layer_scale") and hasattr(module, "stochastic_depth") and hasattr(module, "block")
-
-
-class CNBlockCanonizer(_ResidualCanonizer):
-    """torchvision ConvNeXt blocks: the residual ``result += input`` through a module, and the
-    layer scale as a module of its own (relevance passes through a per-channel scaling)."""
-
-    def _applies(self, module):
-        return _is_cnblock(module)
-
-    def _extra(self, module):
-        return {"canonizer_scale": _LayerScale(module)}
-
-    @staticmethod
-    def forward(self, input):
-        result = self.stochastic_depth(self.canonizer_scale(self.block(input)))
-        return _residual_sum(self, input, result)
-
-
-def _family_canonizers(family: str, merge_bn: bool, two_input: bool) -> List[Canonizer]:
-    if family == "resnet":
-        if two_input:
-            return [ResNetResidualCanonizer(two_input=True)]
-        merge = [SequentialMergeBatchNormExact()] if merge_bn else []
-        return merge + [ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer()]
-    if family == "efficientnet_lite":
-        merge = [EfficientNetMergeBatchNorm()] if merge_bn else []
-        return merge + [MBConvSumCanonizer(two_input=two_input)]
-    if family == "convnext":
-        return [CNBlockCanonizer(two_input=two_input)]
-    return []  # densenet: BN precedes its conv (nothing to merge), concatenation needs no rule
 
 
 # ----------------------------------------------------------------------------------------------

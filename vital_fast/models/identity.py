@@ -1,0 +1,124 @@
+"""What a network is, read from the module itself: its architecture family, classifier size and
+weights fingerprint.
+
+:func:`guess_family` names the family from the class and module names (one of :data:`FAMILIES`);
+:func:`weights_fingerprint` hashes the weights (a cache key for reference prototypes). All three
+public names are re-exported by :mod:`vital_fast.models.loading` and :mod:`vital_fast.models`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from vital_fast.models import taps
+
+__all__ = ["FAMILIES", "guess_family", "weights_fingerprint"]
+
+FAMILIES = ("resnet", "densenet", "convnext", "efficientnet_lite", "vit", "generic")
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint
+# --------------------------------------------------------------------------------------------
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A stable hash of a model's weights: 16 hex characters of a sha256.
+
+    The hash covers, for every ``state_dict()`` entry in sorted name order, the name, the dtype,
+    the shape and the raw bytes (parameters and buffers such as BatchNorm running statistics).
+    It does not depend on the device or on ``requires_grad``.
+
+    Parameters
+    ----------
+    model : nn.Module or LoadedModel
+        The network.
+
+    Returns
+    -------
+    str
+        16 lowercase hex characters.
+
+    Example
+    -------
+    >>> import torch
+    >>> from vital_fast.models import weights_fingerprint
+    >>> a = torch.nn.Linear(2, 2)
+    >>> b = torch.nn.Linear(2, 2)
+    >>> _ = b.load_state_dict(a.state_dict())
+    >>> weights_fingerprint(a) == weights_fingerprint(b)
+    True
+    """
+    module, _ = taps._unwrap(model)
+    state = module.state_dict()
+    h = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        if not isinstance(value, torch.Tensor):  # extra state; hashed by its repr
+            h.update(f"{name}|extra|{value!r}\n".encode())
+            continue
+        t = value.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{str(t.dtype)}|{tuple(value.shape)}\n".encode())
+        if t.numel():
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Family and metadata helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _class_names(model: nn.Module) -> Tuple[str, str]:
+    """(class name, qualified name) also for TorchScript modules."""
+    if isinstance(model, torch.jit.ScriptModule):
+        cls = getattr(model, "original_name", type(model).__name__)
+        try:
+            qual = model._c._type().qualified_name()
+        except Exception:  # pragma: no cover - private API; the class name still works
+            qual = cls
+        return cls, qual.replace("__torch__.", "")
+    return type(model).__name__, f"{type(model).__module__}.{type(model).__name__}"
+
+
+def guess_family(model: nn.Module) -> str:
+    """The architecture family of a module, from its class and module names.
+
+    Returns one of :data:`FAMILIES`; ``"generic"`` when nothing matches.
+
+    Example
+    -------
+    >>> import torch
+    >>> from vital_fast.models import guess_family
+    >>> guess_family(torch.nn.Sequential())
+    'generic'
+    """
+    module, _ = taps._unwrap(model)
+    cls, qual = _class_names(module)
+    text = qual.lower()
+    if "efficientnet_lite_pytorch" in text or "efficientnet_pytorch" in text:
+        return "efficientnet_lite"  # same _conv_stem/_blocks layout: the same presets apply
+    if "densenet" in text:
+        return "densenet"
+    if "convnext" in text:
+        return "convnext"
+    if "resnet" in text or "resnext" in text:
+        return "resnet"
+    if cls == "VisionTransformer" or "vision_transformer" in text:
+        return "vit"
+    return "generic"
+
+
+def _infer_num_classes(model: nn.Module) -> Optional[int]:
+    """``out_features`` of the last ``nn.Linear`` registered in the model, if any."""
+    last = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            last = mod.out_features
+        elif getattr(mod, "original_name", None) == "Linear" and hasattr(mod, "weight"):
+            last = int(mod.weight.shape[0])
+    return last

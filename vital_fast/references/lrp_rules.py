@@ -1,0 +1,269 @@
+"""The single-sweep LRP rules of the "paper" composite (see :mod:`vital_fast.references.relevance`).
+
+Each rule is a zennit ``Hook`` subclass, but works as a single backward sweep: a hooked module's
+forward runs on a detached input and its output is re-attached through one custom autograd node
+(:class:`_RuleNode`) whose backward *is* the rule. zennit's stock hooks instead let autograd
+differentiate the module and then overwrite that gradient, clone every input and recompute each
+convolution twice; the sweep gives the same maps (tests/test_relevance.py checks it against
+zennit's own ``ZPlus``/``Pass`` hooks) about 3x faster on ResNet-50.
+
+- :class:`_ZPlusRule`: z+ for convolutions and ``nn.Linear`` (zennit's ``ZPlus`` semantics), with
+  the clamped weights cached per module while they are unchanged (``CACHE_CLAMPED_WEIGHTS``);
+- :class:`_PassRule`: relevance passed through (BatchNorm, LayerNorm, element-wise activations);
+- :class:`_NormRule` / :class:`_MaxPoolAsAvgRule`: the z-rule for average pooling, and max
+  pooling explained as average pooling;
+- :class:`_AbsSplitRule` / :class:`_AbsSplitAddRule`: residual sums split by ``|a| / (|a| + |b|)``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from zennit.core import Hook, RemovableHandle, RemovableHandleList, stabilize
+
+# Errors raised inside a rule's backward name the call that runs the sweep.
+OP = "relevance_maps"
+# The paper's code stabilizes z+ with eps = 1e-5 (DESIGN.md §5).
+PAPER_STABILIZER = 1e-5
+
+
+class _RuleNode(torch.autograd.Function):
+    """Ties a module's output (computed on detached inputs) back to its inputs; backward = rule."""
+
+    @staticmethod
+    def forward(ctx, rule, module, out, *xs):
+        ctx.rule = rule
+        ctx.module = module
+        ctx.in_shapes = [x.shape for x in xs]
+        if rule.saves_input:
+            ctx.save_for_backward(*xs)
+        # a detached alias, not the tensor itself: returning an input as-is makes autograd wrap it
+        # as a view, and the in-place activations of torchvision models then refuse to run on it
+        return out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, relevance):
+        xs = ctx.saved_tensors if ctx.rule.saves_input else (None,) * len(ctx.in_shapes)
+        rels = ctx.rule.relevances(ctx.module, xs, relevance)
+        for rel, shape in zip(rels, ctx.in_shapes):
+            if rel.shape != shape:
+                raise RuntimeError(
+                    f"{OP}: rule {type(ctx.rule).__name__} on {type(ctx.module).__name__} produced relevance "
+                    f"of shape {tuple(rel.shape)} for an input of shape {tuple(shape)}"
+                )
+        return (None, None, None, *rels)
+
+
+class _SweepRule(Hook):
+    """Base of the single-sweep rules: a zennit Hook whose backward is an autograd node of its own.
+
+    ``pre_forward`` hands the module detached aliases of its first ``n_inputs`` inputs, so
+    autograd does not differentiate the module at all; ``post_forward`` re-attaches the output to
+    the real inputs through :class:`_RuleNode`, whose backward calls :meth:`relevances`.
+    """
+
+    saves_input = True
+    n_inputs = 1
+
+    def __init__(self, stabilizer: float = PAPER_STABILIZER):
+        super().__init__()
+        self.stabilizer = stabilizer
+        self._pending: List[Optional[Tuple[torch.Tensor, ...]]] = []
+
+    def copy(self):
+        return self.__class__(stabilizer=self.stabilizer)
+
+    def register(self, module):
+        return RemovableHandleList(
+            [
+                RemovableHandle(self),
+                module.register_forward_pre_hook(self.pre_forward),
+                module.register_forward_hook(self.post_forward),
+            ]
+        )
+
+    def pre_forward(self, module, args):
+        xs = tuple(args[: self.n_inputs])
+        if (
+            len(xs) != self.n_inputs
+            or not all(isinstance(x, torch.Tensor) for x in xs)
+            or not any(x.requires_grad for x in xs)
+            or not torch.is_grad_enabled()
+        ):
+            self._pending.append(None)
+            return None
+        self._pending.append(xs)
+        return tuple(x.detach() for x in xs) + tuple(args[self.n_inputs :])
+
+    def post_forward(self, module, args, output):
+        xs = self._pending.pop() if self._pending else None
+        if xs is None or not isinstance(output, torch.Tensor):
+            return None
+        return _RuleNode.apply(self, module, output, *xs)
+
+    def remove(self):
+        self._pending.clear()
+        super().remove()
+
+    def relevances(self, module, xs, rel):
+        """Relevance of each input, given the saved inputs ``xs`` and the output relevance."""
+        return (self.relevance(module, xs[0], rel),)
+
+    def relevance(self, module, x, rel):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _PassRule(_SweepRule):
+    """Relevance passes through unchanged (BatchNorm, LayerNorm, element-wise activations)."""
+
+    saves_input = False
+
+    def relevance(self, module, x, rel):
+        return rel
+
+
+@contextmanager
+def _swapped_params(module: nn.Module, **tensors):
+    """Temporarily replace entries of ``module._parameters`` (no nn.Parameter creation, no hooks)."""
+    params = module._parameters
+    saved = {key: params[key] for key in tensors if key in params}
+    try:
+        for key in saved:
+            params[key] = tensors[key]
+        yield module
+    finally:
+        params.update(saved)
+
+
+class _ClampedParams:
+    """z+ parameter views of one module: w+ (and lazily w-, b+), reused while the weights are unchanged.
+
+    Valid while the weight's storage, version counter, dtype and device are the same (an in-place
+    update bumps the version; ``.data =`` or ``.to()`` changes the storage). The cache keeps a
+    detached alias of the weight it was built from, so that storage cannot be freed and reused at
+    the same address while the entry lives.
+    """
+
+    __slots__ = ("source", "version", "bias_key", "pos", "neg", "bias_pos")
+
+    def __init__(self, weight, bias):
+        self.source = weight.detach()
+        self.version = weight._version
+        self.bias_key = None if bias is None else (bias.data_ptr(), bias._version)
+        self.pos = self.source.clamp(min=0)
+        self.neg = None
+        self.bias_pos = None if bias is None else bias.detach().clamp(min=0)
+
+    def valid_for(self, weight, bias):
+        return (
+            self.source.data_ptr() == weight.data_ptr()
+            and self.version == weight._version
+            and self.source.dtype == weight.dtype
+            and self.source.shape == weight.shape
+            and self.bias_key == (None if bias is None else (bias.data_ptr(), bias._version))
+        )
+
+    def negative(self):
+        if self.neg is None:
+            self.neg = self.source.clamp(max=0)
+        return self.neg
+
+
+_PARAM_CACHE: "weakref.WeakKeyDictionary[nn.Module, _ClampedParams]" = weakref.WeakKeyDictionary()
+# Trades memory (one clamped copy of each convolution's weight, two for convolutions that see
+# negative inputs) for not re-clamping every weight on every call.
+CACHE_CLAMPED_WEIGHTS = True
+
+
+def _clamped_params(module: nn.Module) -> _ClampedParams:
+    weight = module.weight
+    bias = getattr(module, "bias", None)
+    entry = _PARAM_CACHE.get(module) if CACHE_CLAMPED_WEIGHTS else None
+    if entry is None or not entry.valid_for(weight, bias):
+        with torch.no_grad():
+            entry = _ClampedParams(weight, bias)
+        if CACHE_CLAMPED_WEIGHTS:
+            _PARAM_CACHE[module] = entry
+    return entry
+
+
+class _ZPlusRule(_SweepRule):
+    """z+ (alpha=1, beta=0) exactly as zennit's ``ZPlus``: z = x+ w+ + b+ + x- w-, R_i = x_i c_i.
+
+    The x- branch is skipped when the input has no negative entries (after a ReLU): the result is
+    the same, the work half. z is non-negative, so zennit's stabilizer ``z + eps·sign(z)`` (sign(0)
+    taken as +1) is exactly ``z + eps``.
+    """
+
+    def relevance(self, module, x, rel):
+        params = _clamped_params(module)
+        has_neg = bool(x.min() < 0)
+        parts = [x.clamp(min=0), x.clamp(max=0)] if has_neg else [x]
+        with torch.enable_grad():
+            inputs = [part.detach().requires_grad_() for part in parts]
+            with _swapped_params(module, weight=params.pos, bias=params.bias_pos):
+                z = module.forward(inputs[0])
+            if has_neg:
+                with _swapped_params(module, weight=params.negative(), bias=None):
+                    z = z + module.forward(inputs[1])
+        # in place on z's values only: no node of this small graph saved z
+        scaled = rel / z.detach().add_(self.stabilizer)
+        grads = torch.autograd.grad(z, inputs, scaled)
+        out = grads[0].mul_(parts[0])
+        if has_neg:
+            out.addcmul_(parts[1], grads[1])
+        return out
+
+
+class _NormRule(_SweepRule):
+    """z-rule for parameter-free linear modules (average pooling): R_i = x_i d z/dx_i · R / z."""
+
+    def _forward(self, module, x, out_shape):
+        return module.forward(x)
+
+    def relevance(self, module, x, rel):
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_()
+            z = self._forward(module, xi, rel.shape)
+        (grad,) = torch.autograd.grad(z, xi, rel / stabilize(z.detach(), self.stabilizer))
+        return x * grad
+
+
+class _MaxPoolAsAvgRule(_NormRule):
+    """Max pooling explained as average pooling (the paper's code swaps in a 2x2 average pool)."""
+
+    def _forward(self, module, x, out_shape):
+        z = F.avg_pool2d(x, 2, 2)
+        if z.shape == out_shape:
+            return z
+        return F.avg_pool2d(
+            x, module.kernel_size, module.stride, module.padding, module.ceil_mode, count_include_pad=True
+        )
+
+
+class _AbsSplitRule(_SweepRule):
+    """Residual sum (zennit ``Sum`` over stacked summands): R_k = |x_k| / sum_j |x_j| · R."""
+
+    def relevance(self, module, x, rel):
+        dim = module.dim
+        mag = x.abs()
+        share = rel.unsqueeze(dim) / mag.sum(dim, keepdim=True).add_(self.stabilizer)
+        return mag.mul_(share)
+
+
+class _AbsSplitAddRule(_SweepRule):
+    """Residual ``a + b`` (:class:`ResidualAdd`): R_a = |a| / (|a| + |b|) · R, and R_b likewise."""
+
+    n_inputs = 2
+
+    def relevances(self, module, xs, rel):
+        mag_a, mag_b = xs[0].abs(), xs[1].abs()
+        share = torch.div(rel, (mag_a + mag_b).add_(self.stabilizer))
+        return mag_a.mul_(share), mag_b.mul_(share)
