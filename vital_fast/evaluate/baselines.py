@@ -66,13 +66,14 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vital_fast.optim.presets import Settings, get_preset
+from vital_fast.optim.progress import ProgressArg, resolve_progress
 from vital_fast.optim.regularizers import l2_penalty, lr_factor, total_variation
 from vital_fast.optim.targets import Target, parse_target
 from vital_fast.optim.transforms import draw_affine, draw_jitter, roll_flip, scale_rotate
@@ -376,7 +377,7 @@ def run_baseline(
     device: Union[str, torch.device, None] = None,
     class_layers: Optional[Sequence[Tuple[str, float]]] = None,
     cache=None,
-    progress: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    progress: ProgressArg = None,
     options: Optional[Mapping[str, Any]] = None,
 ):
     """Visualize targets with a baseline method; the arguments and result of :func:`~vital_fast.optim.visualize`.
@@ -384,7 +385,8 @@ def run_baseline(
     Parameters
     ----------
     model, targets, references, preset, settings, seed, size, device, progress
-        As for :func:`~vital_fast.optim.visualize`. ``settings.stages`` gives the budget (the same
+        As for :func:`~vital_fast.optim.visualize` (``progress=True``: a tqdm bar, or plain stderr
+        lines without tqdm; a callable ``progress(step, total, losses)``). ``settings.stages`` gives the budget (the same
         steps and resolutions as VITAL); ``warmup``, ``jitter``, ``flip``, ``scale``, ``rotate``
         and ``ref_crops`` are used where the method uses them (the initialization and the learning
         rate are the method's own options). References are optional except for ``maco`` (its
@@ -470,13 +472,17 @@ def run_baseline(
     total_steps = base.steps
     losses = torch.zeros(B, total_steps)
     t0 = time.perf_counter()
-    if method in ("actmax", "bnstats"):
-        images, alpha = _run_pixel(loaded, method, opts, base, objective, bn_prior, gens, stage_sizes, dev, losses,
-                                   progress)
-        t_refs = 0.0
-    else:
-        images, alpha, t_refs = _run_spectral(loaded, method, opts, base, objective, gens, stage_sizes, final, dev,
-                                              losses, progress, ref_sets)
+    callback, close_progress = resolve_progress(progress, method)
+    try:
+        if method in ("actmax", "bnstats"):
+            images, alpha = _run_pixel(loaded, method, opts, base, objective, bn_prior, gens, stage_sizes, dev, losses,
+                                       callback)
+            t_refs = 0.0
+        else:
+            images, alpha, t_refs = _run_spectral(loaded, method, opts, base, objective, gens, stage_sizes, final,
+                                                  dev, losses, callback, ref_sets)
+    finally:
+        close_progress()
     t_opt = time.perf_counter() - t0 - t_refs
     a = alpha.detach().float().cpu()
     amax = a.flatten(1).amax(1).clamp_min(1e-12).view(B, 1, 1, 1)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from vital_fast.ops import lrp_weight, sort_match_loss
 from vital_fast.models.facts import as_loaded, check_resolution, check_size, check_targets, plan_layers_before
 from vital_fast.optim.presets import Settings, get_preset
+from vital_fast.optim.progress import ProgressArg, resolve_progress
 from vital_fast.optim.regularizers import image_priors, lr_factor
 from vital_fast.optim.result import ProgressFn, VisualizationResult
 from vital_fast.optim.step import descend
@@ -36,7 +37,7 @@ def visualize(
     device: Union[str, torch.device, None] = None,
     class_layers: Optional[Sequence[Tuple[str, float]]] = None,
     cache: Optional[DiskCache] = None,
-    progress: Optional[ProgressFn] = None,
+    progress: ProgressArg = None,
     method: str = "vital",
 ) -> VisualizationResult:
     """Visualize several targets in one batched optimization.
@@ -66,8 +67,11 @@ def visualize(
         Matched layers of class targets (default: the architecture family's preset).
     cache : DiskCache, optional
         Where prototypes are cached (default: the user cache folder).
-    progress : callable, optional
-        Called as ``progress(step, total_steps, losses)`` after every step.
+    progress : bool or callable, optional
+        ``True``: a tqdm progress bar on stderr (``tqdm.auto``: the notebook widget in Jupyter) when
+        tqdm is installed, else a plain stderr line at every tenth of the steps; ``False`` or
+        ``None``: nothing; a callable: called as ``progress(step, total_steps, losses)`` after
+        every step.
     method : str
         ``"vital"`` (this method); the baselines of :mod:`vital_fast.evaluate.baselines` run in the
         same engine with the same targets, references, seeds and outputs.
@@ -89,6 +93,16 @@ def visualize(
 
         return run_baseline(model, targets, references, method=method, preset=preset, settings=settings, seed=seed,
                             size=size, device=device, class_layers=class_layers, cache=cache, progress=progress)
+    callback, close_progress = resolve_progress(progress, "visualize")
+    try:
+        return _visualize(model, targets, references, preset, settings, seed, size, device, class_layers, cache,
+                          callback, t_start)
+    finally:
+        close_progress()
+
+
+def _visualize(model, targets, references, preset, settings, seed, size, device, class_layers, cache,
+               progress: Optional[ProgressFn], t_start: float) -> VisualizationResult:
     loaded = as_loaded(model)
     if device is not None:
         loaded = loaded.to(device)
