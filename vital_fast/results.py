@@ -7,10 +7,12 @@ A run folder looks like::
 
     OUT/manifest.json                 package version, model name and fingerprint, settings, seed,
                                       every finished target with the paths of its files, timings
-    OUT/grid.png                      all targets side by side
+    OUT/grid.png                      all targets side by side, labelled
+    OUT/index.html, OUT/pages/*.html  the gallery and a page per target (vital_fast.report.gallery)
     OUT/targets/<slug>/image.png      the visualization
     OUT/targets/<slug>/image_rgba.png the visualization with its transparency map as alpha
     OUT/targets/<slug>/references.png the reference images or patches it was matched against
+    OUT/targets/<slug>/ref_00.png ... each of them (up to 16) at a readable size
     OUT/targets/<slug>/result.json    that target's record (the manifest's entry)
 
 Each target folder is written under a temporary name and renamed into place, and the manifest is
@@ -24,6 +26,7 @@ import os
 import platform
 import secrets
 import shutil
+import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -31,10 +34,12 @@ import torch
 
 from vital_fast._version import __version__
 from vital_fast.references.cache import atomic_write_bytes
-from vital_fast.report.images import alpha_map, reference_strip, save_png, to_uint8, write_grid
+from vital_fast.report.images import alpha_map, fit_within, reference_strip, save_png, to_uint8, write_grid
 from vital_fast.runfolder import MANIFEST, identity_diff, identity_of_manifest, locked, read_manifest, run_identity
 
 MANIFEST_FORMAT = 1
+MAX_REF_FILES = 16  # reference images written one by one per target (the strip shows up to 8)
+REF_SIDE = 224  # their longer side, at most
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
@@ -82,11 +87,17 @@ def write_target(out_dir: str, slug: str, files: Dict[str, np.ndarray], record: 
     return rel
 
 
-def target_records(result, labels: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
-    """The manifest entries of a :class:`~vital_fast.optim.VisualizationResult` (without files)."""
+def target_records(result, labels: Optional[Dict[str, str]] = None,
+                   annotations: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """The manifest entries of a :class:`~vital_fast.optim.VisualizationResult` (without files).
+
+    ``annotations`` maps a target key to extra fields of its record, e.g. ``predictions`` (the
+    visualized model's top-5 ``[index, name, probability]``) or ``activation_ratio`` (a channel's
+    mean activation on the image over its mean on the references), computed where the model is.
+    """
     recs = []
     for i, t in enumerate(result.targets):
-        recs.append({
+        recs.append({**(annotations or {}).get(t.key, {}),
             "key": t.key, "kind": t.kind, "index": t.index, "layer": t.layer, "slug": t.slug,
             "label": (labels or {}).get(t.key, t.key), "seed": result.seeds[i],
             "layers": [[l, w] for l, w in result.layers[i]],
@@ -115,7 +126,8 @@ def result_identity(result, seed: Optional[int], extra: Optional[Dict[str, Any]]
 
 
 def save_result(result, out_dir: str, *, labels: Optional[Dict[str, str]] = None, seed: Optional[int] = None,
-                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                extra: Optional[Dict[str, Any]] = None,
+                annotations: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Write a result into ``out_dir`` (targets, grid, manifest); merge with targets already there.
 
     The folder's lock is held while writing (a folder in use by another run is refused), and a
@@ -124,10 +136,10 @@ def save_result(result, out_dir: str, *, labels: Optional[Dict[str, str]] = None
     """
     os.makedirs(out_dir, exist_ok=True)
     with locked(out_dir):
-        return _save_result_locked(result, out_dir, labels=labels, seed=seed, extra=extra)
+        return _save_result_locked(result, out_dir, labels=labels, seed=seed, extra=extra, annotations=annotations)
 
 
-def _save_result_locked(result, out_dir, *, labels, seed, extra) -> Dict[str, Any]:
+def _save_result_locked(result, out_dir, *, labels, seed, extra, annotations=None) -> Dict[str, Any]:
     identity = (extra or {}).get("run") or result_identity(result, seed, extra)
     manifest = None
     if os.path.isfile(os.path.join(out_dir, MANIFEST)):
@@ -142,7 +154,8 @@ def _save_result_locked(result, out_dir, *, labels, seed, extra) -> Dict[str, An
         manifest = dict(header, targets=[], timings={})
     else:
         manifest.update({k: v for k, v in header.items() if k not in ("targets",)})
-    records = target_records(result, labels)
+    manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # when the run was first saved
+    records = target_records(result, labels, annotations)
     by_key = {r["key"]: r for r in manifest.get("targets", [])}
     for i, rec in enumerate(records):
         files = {
@@ -150,6 +163,9 @@ def _save_result_locked(result, out_dir, *, labels, seed, extra) -> Dict[str, An
             "image_rgba": np.concatenate([to_uint8(result.images[i]), to_uint8(alpha_map(result.transparency[i]))], axis=-1),
             "references": to_uint8(reference_strip(result.references[i].images)),
         }
+        # each reference at a readable size, for the target's own page
+        for j, ref in enumerate(list(result.references[i].images)[:MAX_REF_FILES]):
+            files[f"ref_{j:02d}"] = to_uint8(fit_within(ref, REF_SIDE))
         rec["timings"] = {"s_per_target_step": result.timings.get("s_per_target_step")}
         rec["files"] = write_target(out_dir, rec["slug"], files, rec)
         by_key[rec["key"]] = rec

@@ -23,7 +23,7 @@ LOCK = ".lock"
 MANIFEST = "manifest.json"
 
 # The files and folders a run writes (what --force removes); anything else in a folder is the user's.
-RUN_ARTEFACTS = ("manifest.json", "grid.png", "index.html", "targets", "compare.json")
+RUN_ARTEFACTS = ("manifest.json", "grid.png", "index.html", "targets", "pages", "compare.json", "comparisons.json")
 _RUN_PREFIXES = (".tmp-", ".old-", "index-rank")
 
 _HELD: Set[str] = set()  # folders whose lock this process holds (real paths)

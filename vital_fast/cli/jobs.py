@@ -65,6 +65,28 @@ def labels_for(targets: Sequence[Target]) -> Dict[str, str]:
     return out
 
 
+def annotate(loaded, res) -> Dict[str, dict]:
+    """What the visualized model says of each result image, for its record: ``predictions`` (top-5
+    ``[index, name, probability]``) of class targets, ``activation_ratio`` of channel targets (its
+    mean activation on the image over the mean on its references). One forward pass each; cheap."""
+    from vital_fast.report.predict import channel_activation_ratio, top_predictions
+
+    out: Dict[str, dict] = {t.key: {} for t in res.targets}
+    cls = [i for i, t in enumerate(res.targets) if t.kind == "class"]
+    if cls:
+        n = getattr(loaded, "num_classes", None)
+        names = imagenet_labels()
+        preds = top_predictions(loaded, [res.images[i] for i in cls], names if n in (None, len(names)) else None)
+        for i, p in zip(cls, preds or []):
+            out[res.targets[i].key]["predictions"] = p
+    for i, t in enumerate(res.targets):
+        if t.kind == "channel":
+            r = channel_activation_ratio(loaded, t.layer, t.index, res.images[i], res.references[i].images)
+            if r is not None:
+                out[t.key]["activation_ratio"] = r
+    return out
+
+
 def run_into_folder(
     loaded,
     targets: Sequence[Target],
@@ -96,7 +118,8 @@ def run_into_folder(
                         size=size, cache=cache, progress=progress, method=method)
         done_steps += settings.steps
         manifest = save_result(res, out_dir, labels=labels, seed=seed,
-                               extra=dict(extra or {}, preset=preset, method=method))
+                               extra=dict(extra or {}, preset=preset, method=method),
+                               annotations=annotate(loaded, res))
     return manifest
 
 

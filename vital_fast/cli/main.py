@@ -42,6 +42,13 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
                    help="relevance of the synthetic image every K steps (default: the preset's, 1)")
     p.add_argument("--class-relevance", action="store_true",
                    help="weight class targets' features by LRP relevance from the class logit (off: the paper)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a TOML or JSON file (.json: JSON, else TOML): setting names at the top level, "
+                   "e.g. lr = 0.1 or stages = [[0.5, 60], [1.0, 90]]; applied over the preset")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="set_items",
+                   help="one setting (repeatable), e.g. --set lr=0.1 --set flip=false --set 'stages=[[1.0, 50]]' "
+                   "(lists as JSON). Order: the preset, then --config, then each --set, then --steps (which scales "
+                   "the resulting stages), --lrp-every, --class-relevance, --channel-refs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channel references: top-k full images or patches at the unit (default: the preset's)")
     _common_run_args(v)
 
-    r = sub.add_parser("report", help="(re)build the HTML gallery of a run folder")
-    r.add_argument("run", help="run folder")
+    r = sub.add_parser("report", help="(re)build the HTML gallery of a run folder, or the runs index of a folder of runs")
+    r.add_argument("run", help="run folder, or a folder of run folders (writes an index.html listing them)")
 
     c = sub.add_parser("compare", help="compare two runs of the same targets (e.g. two model versions)")
     c.add_argument("run_a")
@@ -116,9 +123,15 @@ def _plugin_modules():
 
 
 def _settings(args):
+    from vital_fast.cli.settings_args import apply_overrides
     from vital_fast.optim import get_preset
 
-    s = get_preset(args.preset)
+    try:
+        s = get_preset(args.preset)
+        # preset < --config < --set (in order) < the dedicated flags below
+        s = apply_overrides(s, getattr(args, "config", None), getattr(args, "set_items", None) or ())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.steps is not None:
         if args.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {args.steps}")
@@ -306,11 +319,11 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from vital_fast.report.gallery import build_gallery
+    from vital_fast.report.gallery import build_report
 
     if not os.path.isdir(args.run):
         raise UsageError(f"no such run folder: {args.run}")
-    print(build_gallery(args.run))
+    print(build_report(args.run))
     return EXIT_OK
 
 

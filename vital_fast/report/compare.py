@@ -15,7 +15,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from vital_fast.report.gallery import CSS, esc, src
+from vital_fast.report.gallery import CHECK_JS, CSS, build_gallery, esc, page_path, record_comparison, src
 from vital_fast.references.cache import atomic_write_bytes
 from vital_fast.references.images import load_image, resize_center_crop
 from vital_fast.results import read_manifest
@@ -91,25 +91,36 @@ def compare_runs(run_a: str, run_b: str, out: str) -> str:
         k = common[i]
         rows.append({"key": k, "label": tb[k].get("label", k), "distance": float(dist[i]),
                      "a": os.path.relpath(os.path.join(run_a, ta[k]["files"]["image"]), out),
-                     "b": os.path.relpath(os.path.join(run_b, tb[k]["files"]["image"]), out)})
+                     "b": os.path.relpath(os.path.join(run_b, tb[k]["files"]["image"]), out),
+                     "page_a": os.path.relpath(os.path.join(run_a, page_path(ta[k])), out),
+                     "page_b": os.path.relpath(os.path.join(run_b, page_path(tb[k])), out)})
     os.makedirs(out, exist_ok=True)
     report = {"run_a": os.path.abspath(run_a), "run_b": os.path.abspath(run_b), "measure": how,
               "model_a": ma.get("model"), "model_b": mb.get("model"), "targets": rows,
               "only_in_a": [k for k in ta if k not in tb], "only_in_b": [k for k in tb if k not in ta]}
     atomic_write_bytes(os.path.join(out, "compare.json"), json.dumps(report, indent=2).encode())
+    # each run's gallery links this page, and this page links both runs and every target's page
+    name_a, name_b = os.path.basename(os.path.abspath(run_a)), os.path.basename(os.path.abspath(run_b))
+    page_file = os.path.join(out, "index.html")
+    for run, other in ((run_a, name_b), (run_b, name_a)):
+        record_comparison(run, page_file, other)
+    link_a = os.path.relpath(os.path.join(run_a, "index.html"), out)
+    link_b = os.path.relpath(os.path.join(run_b, "index.html"), out)
     body = "".join(
         f'<tr><td>{esc(r["label"])}<br><small>{esc(r["key"])}</small></td><td>{r["distance"]:.4f}</td>'
-        f'<td><img loading="lazy" src="{src(r["a"])}" width="180" alt="A"></td>'
-        f'<td><img loading="lazy" src="{src(r["b"])}" width="180" alt="B"></td></tr>'
+        f'<td><a href="{src(r["page_a"])}"><img loading="lazy" src="{src(r["a"])}" width="180" alt="A: {esc(r["label"])}"></a></td>'
+        f'<td><a href="{src(r["page_b"])}"><img loading="lazy" src="{src(r["b"])}" width="180" alt="B: {esc(r["label"])}"></a></td></tr>'
         for r in rows
     )
     page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>vital_fast compare</title>
 <style>{CSS} table{{border-collapse:collapse;margin:16px 24px}} td,th{{border:1px solid #dde1e7;padding:6px;background:#fff;vertical-align:top}}</style></head>
 <body><header><h1>Comparison, sorted by change</h1><div class="meta">
-A: <code>{esc(run_a)}</code> — {esc(ma.get('model', {}).get('name'))} <code>{esc(ma.get('model', {}).get('fingerprint'))}</code><br>
-B: <code>{esc(run_b)}</code> — {esc(mb.get('model', {}).get('name'))} <code>{esc(mb.get('model', {}).get('fingerprint'))}</code><br>
+A: <a id="run-a" href="{src(link_a)}"><code>{esc(name_a)}</code></a> <code>{esc(run_a)}</code> — {esc(ma.get('model', {}).get('name'))} <code>{esc(ma.get('model', {}).get('fingerprint'))}</code><br>
+B: <a id="run-b" href="{src(link_b)}"><code>{esc(name_b)}</code></a> <code>{esc(run_b)}</code> — {esc(mb.get('model', {}).get('name'))} <code>{esc(mb.get('model', {}).get('fingerprint'))}</code><br>
 distance: {esc(how)}<br>{len(rows)} common targets; only in A: {len(report['only_in_a'])}; only in B: {len(report['only_in_b'])}</div></header>
-<table><tr><th>target</th><th>distance</th><th>A</th><th>B</th></tr>{body}</table></body></html>"""
-    path = os.path.join(out, "index.html")
-    atomic_write_bytes(path, page.encode("utf-8"))
-    return path
+<table><tr><th>target</th><th>distance</th><th>A</th><th>B</th></tr>{body}</table>
+<p class="meta" style="padding:0 24px"><a download href="compare.json">compare.json</a></p><script>{CHECK_JS}</script></body></html>"""
+    atomic_write_bytes(page_file, page.encode("utf-8"))
+    for run in (run_a, run_b):  # so that each gallery links this comparison
+        build_gallery(run)
+    return page_file

@@ -68,20 +68,54 @@ def write_png_atomic(arr: np.ndarray, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def fit_within(img: torch.Tensor, side: int) -> torch.Tensor:
+    """``(3, H, W)`` scaled down (never up) so that its longer side is at most ``side``."""
+    _, h, w = img.shape
+    if max(h, w) <= side:
+        return img
+    s = side / max(h, w)
+    return F.interpolate(img[None].float(), size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                         align_corners=False, antialias=True)[0]
+
+
+def labelled_grid(tiles: Sequence[np.ndarray], labels: Sequence[str], thumb: int, ncol: Optional[int] = None,
+                  pad: int = 4, text_h: int = 14) -> np.ndarray:
+    """``(thumb, thumb, 3)`` uint8 tiles in rows, each with its label written under it (white background)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n = len(tiles)
+    ncol = ncol or min(n, 8)
+    nrow = -(-n // ncol)
+    cell_h = thumb + text_h
+    canvas = Image.new("RGB", (ncol * (thumb + pad) + pad, nrow * (cell_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for i, (tile, label) in enumerate(zip(tiles, labels)):
+        r, c = divmod(i, ncol)
+        x, y = pad + c * (thumb + pad), pad + r * (cell_h + pad)
+        canvas.paste(Image.fromarray(tile), (x, y))
+        text = str(label)
+        while text and draw.textlength(text, font=font) > thumb:  # shorten to the tile's width
+            text = text[:-2] + "…" if len(text) > 2 else ""
+        draw.text((x + 1, y + thumb + 1), text, fill=(30, 35, 48), font=font)
+    return np.asarray(canvas)
+
+
 def write_grid(out_dir: str, records: Sequence[Dict[str, Any]], thumb: int = 160) -> Optional[str]:
-    """Write ``out_dir/grid.png``: every record's ``files["image"]`` as a ``thumb`` square, side by side.
+    """Write ``out_dir/grid.png``: every record's ``files["image"]`` as a ``thumb`` square, side by
+    side, with the record's label under each tile.
 
     Returns the grid's path relative to ``out_dir`` (for the manifest's ``"grid"``), or None and
     nothing written when there are no records.
     """
     from PIL import Image
 
-    imgs = []
+    tiles = []
     for rec in records:
         with Image.open(os.path.join(out_dir, rec["files"]["image"])) as im:
-            arr = np.asarray(im.convert("RGB").resize((thumb, thumb)), dtype=np.float32) / 255.0
-        imgs.append(torch.from_numpy(arr).permute(2, 0, 1))
-    if not imgs:
+            tiles.append(np.asarray(im.convert("RGB").resize((thumb, thumb)), dtype=np.uint8))
+    if not tiles:
         return None
-    write_png_atomic(to_uint8(make_grid(torch.stack(imgs))), os.path.join(out_dir, GRID))
+    labels = [rec.get("label") or rec.get("key", "") for rec in records]
+    write_png_atomic(labelled_grid(tiles, labels, thumb), os.path.join(out_dir, GRID))
     return GRID

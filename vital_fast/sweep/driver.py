@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from vital_fast.optim.presets import Settings
@@ -358,6 +359,20 @@ def _prepare_folder(out: str, ident: Dict[str, Any], sweep_id: str, resume: bool
     return {"done": [k for k in keys if k in done], "nonce": f"{sweep_id}-{os.getpid()}-{time.time_ns()}"}
 
 
+def _annotation(engine: _Engine, sl: _Slot, rgb: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
+    """The visualized model's top-5 of a class target's image, or a channel's activation on its image
+    relative to its references (one forward pass; see :mod:`vital_fast.report.predict`)."""
+    from vital_fast.report.predict import channel_activation_ratio, top_predictions
+
+    img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
+    t = sl.target
+    if t.kind == "class":
+        p = top_predictions(engine.loaded, [img], names or None)
+        return {"predictions": p[0]} if p else {}
+    r = channel_activation_ratio(engine.loaded, t.layer, t.index, img, list(sl.refset.images))
+    return {} if r is None else {"activation_ratio": r}
+
+
 def _write_result(out: str, engine: _Engine, sl: _Slot, sweep_id: str, rank: int, names: Sequence[str],
                   writer: _IndexWriter) -> Dict[str, Any]:
     from vital_fast.results import write_target
@@ -375,6 +390,7 @@ def _write_result(out: str, engine: _Engine, sl: _Slot, sweep_id: str, rank: int
         "sweep": sweep_id, "rank": rank, "timings": {"slot_s": round(time.perf_counter() - sl.t0, 3)},
     }
     files = engine.result_files(sl)
+    rec.update(_annotation(engine, sl, files["image"], names))
     rel = write_target(out, t.slug, files, rec)
     _fsync_tree(os.path.join(out, "targets", t.slug))
     rec["files"] = rel

@@ -146,16 +146,26 @@ class _IndexWriter:
 def _write_manifest(out: str, meta: Dict[str, Any], header: Dict[str, Any], timings: Dict[str, float],
                     final: bool = False) -> Dict[str, Any]:
     """manifest.json from every rank's index (the index is the truth; this is its readable form)."""
-    from vital_fast.report.images import make_grid, to_uint8, write_png_atomic
+    from vital_fast.report.images import labelled_grid, write_png_atomic
     from vital_fast.results import MANIFEST, MANIFEST_FORMAT, write_json_atomic
 
     done = read_index(out, meta["id"])
     order = {k: i for i, k in enumerate(meta["keys"])}
     recs = sorted((r for k, r in done.items() if k in order), key=lambda r: order[r["key"]])
     ident = meta["ident"]
+    created = meta.get("created")
+    if created is None:  # when the sweep was first written: kept across rewrites and resumes
+        try:
+            with open(os.path.join(out, MANIFEST), encoding="utf-8") as fh:
+                old = json.load(fh)
+            if (old.get("sweep") or {}).get("id") == meta["id"]:
+                created = old.get("created")
+        except (OSError, ValueError):
+            pass
+        created = meta["created"] = created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     m: Dict[str, Any] = {
         "tool": "vital_fast", "format": MANIFEST_FORMAT, "version": __version__, "torch": torch.__version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), "created": created,
         "model": {"name": header["model_name"], "fingerprint": header["fingerprint"]},
         "settings": header["settings"], "seed": header["seed"], "preset": meta.get("preset"), "method": "vital",
         **{k: v for k, v in (meta.get("extra") or {}).items() if k not in ("preset",)},
@@ -170,12 +180,12 @@ def _write_manifest(out: str, meta: Dict[str, Any], header: Dict[str, Any], timi
     if final and 0 < len(recs) <= 64:
         from PIL import Image
 
-        thumbs = []
+        tiles = []
         for r in recs:
             with Image.open(os.path.join(out, r["files"]["image"])) as im:
-                arr = np.asarray(im.convert("RGB").resize((96, 96)), dtype=np.float32) / 255.0
-            thumbs.append(torch.from_numpy(arr).permute(2, 0, 1))
-        write_png_atomic(to_uint8(make_grid(torch.stack(thumbs))), os.path.join(out, "grid.png"))
+                tiles.append(np.asarray(im.convert("RGB").resize((96, 96)), dtype=np.uint8))
+        labels = [r.get("label") or r.get("key", "") for r in recs]
+        write_png_atomic(labelled_grid(tiles, labels, 96), os.path.join(out, "grid.png"))
         m["grid"] = "grid.png"
     write_json_atomic(m, os.path.join(out, MANIFEST))
     return m

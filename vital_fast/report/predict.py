@@ -1,0 +1,80 @@
+"""What the visualized model itself says about a visualization, computed when a run is saved.
+
+- :func:`top_predictions`: the model's top-k classes of each image, ``[index, name, probability]``.
+- :func:`channel_activation_ratio`: a channel's mean activation on the image relative to the mean
+  over its reference images (1.0: as strong as on its references).
+
+Both run one forward pass without gradients on images resized to the model's input size; they are
+cheap next to the optimization, and a failure returns None instead of failing the save.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _batch(loaded, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    s = loaded.input_size
+    x = torch.stack([F.interpolate(im[None].float(), size=(s, s), mode="bilinear", align_corners=False,
+                                   antialias=True)[0] for im in images]).clamp(0, 1)
+    return loaded.normalize(x).to(loaded.device)
+
+
+def top_predictions(loaded, images: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None,
+                    k: int = 5) -> Optional[List[List[list]]]:
+    """Top-``k`` softmax predictions of ``loaded`` for images ``(3, H, W)`` in [0, 1].
+
+    Returns one list per image of ``[index, name, probability]`` (name ``"class <i>"`` without
+    ``names``), or None when the model's output is not a ``(B, classes)`` logit matrix.
+    """
+    if not len(images):
+        return []
+    try:
+        with torch.no_grad():
+            out = loaded.model(_batch(loaded, images))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
+            return None
+        p = out.float().softmax(1).cpu()
+        v, i = p.topk(min(k, p.shape[1]), dim=1)
+    except Exception as exc:  # noqa: BLE001 - predictions are extra; a model we cannot run is noted
+        warnings.warn(f"top-{k} predictions skipped: {exc}")
+        return None
+    names = list(names or [])
+    return [[[int(c), names[int(c)] if int(c) < len(names) else f"class {int(c)}", round(float(pr), 5)]
+             for c, pr in zip(ii, vv)] for ii, vv in zip(i.tolist(), v.tolist())]
+
+
+def channel_activation_ratio(loaded, layer: str, channel: int, image: torch.Tensor,
+                             references: Sequence[torch.Tensor]) -> Optional[float]:
+    """Mean activation of ``channel`` at ``layer`` on ``image`` divided by its mean over ``references``."""
+    if not len(references):
+        return None
+    try:
+        module = dict(loaded.model.named_modules())[layer]
+        cdim = loaded.channel_dim_of(layer)
+        store = {}
+
+        def hook(mod, inp, out):
+            store["a"] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+
+        h = module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                loaded.model(_batch(loaded, [image] + list(references)))
+        finally:
+            h.remove()
+        a = store["a"].float().movedim(cdim, 1).select(1, channel)
+        per = a.flatten(1).mean(1).cpu()
+        ref = float(per[1:].mean())
+        if abs(ref) < 1e-12:
+            return None
+        return round(float(per[0]) / ref, 4)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"channel activation of {layer}:{channel} skipped: {exc}")
+        return None
