@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from vital_fast.references.cache import atomic_write_bytes
 from vital_fast.results import read_manifest
+from vital_fast.runfolder import locked
 
 PAGE_SIZE = 60
 
@@ -528,16 +529,17 @@ def build_gallery(out_dir: str) -> str:
 def record_comparison(run_dir: str, page: str, other: str) -> None:
     """Note in ``run_dir/comparisons.json`` the comparison page ``page`` (with run ``other``)."""
     p = os.path.join(run_dir, COMPARISONS)
-    try:
-        with open(p, encoding="utf-8") as fh:
-            items = json.load(fh)
-        items = items if isinstance(items, list) else []
-    except (OSError, ValueError):
-        items = []
-    rel = os.path.relpath(page, run_dir).replace(os.sep, "/")
-    items = [c for c in items if isinstance(c, dict) and c.get("page") != rel]
-    items.append({"page": rel, "other": other})
-    atomic_write_bytes(p, json.dumps(items, indent=1).encode("utf-8"))
+    with locked(run_dir):  # read-modify-write: never beside a run that is writing this folder
+        try:
+            with open(p, encoding="utf-8") as fh:
+                items = json.load(fh)
+            items = items if isinstance(items, list) else []
+        except (OSError, ValueError):
+            items = []
+        rel = os.path.relpath(page, run_dir).replace(os.sep, "/")
+        items = [c for c in items if isinstance(c, dict) and c.get("page") != rel]
+        items.append({"page": rel, "other": other})
+        atomic_write_bytes(p, json.dumps(items, indent=1).encode("utf-8"))
 
 
 def _find_comparisons(root: str, run_dirs: Sequence[str]) -> List[str]:
