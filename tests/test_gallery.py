@@ -18,7 +18,7 @@ import torch
 from vital_fast import results
 from vital_fast.optim import Settings, Target, VisualizationResult
 from vital_fast.references.images import ImageSet
-from vital_fast.report import gallery
+from vital_fast.report import gallery, runs
 from vital_fast.report.compare import compare_runs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -167,7 +167,7 @@ def test_runs_index_and_compare(tmp_path):
     assert any(h.startswith("../a/pages/") for h in p.hrefs)
     for run_dir in (a, b):
         assert "../cmp/index.html" in links_of(run_dir / "index.html").hrefs
-    index = gallery.build_report(str(root))
+    index = runs.build_report(str(root))
     q = assert_resolves(index)
     assert "a/index.html" in q.hrefs and "b/index.html" in q.hrefs and "cmp/index.html" in q.hrefs
     assert "../index.html" in links_of(a / "index.html").hrefs  # each run links back to the runs index
@@ -178,7 +178,7 @@ def test_runs_index_and_compare(tmp_path):
 def test_report_of_a_folder_without_runs(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(ValueError, match="not a vital_fast run folder"):
-        gallery.build_report(str(tmp_path))
+        runs.build_report(str(tmp_path))
 
 
 def test_two_thousand_targets_page_is_small():
@@ -249,7 +249,7 @@ def test_chromium_runs_index_and_compare(tmp_path):
     b = root / "b"
     shutil.copytree(a, b)
     compare_runs(str(a), str(b), str(b / "compare-a"))
-    index = gallery.build_report(str(root))
+    index = runs.build_report(str(root))
     url = "file://" + os.path.abspath(index)
     dom = chromium_dom(url, tmp_path)
     run_url = urljoin(url, hrefs_in(dom, cls="run")[0])

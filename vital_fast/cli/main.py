@@ -319,7 +319,7 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from vital_fast.report.gallery import build_report
+    from vital_fast.report.runs import build_report
 
     if not os.path.isdir(args.run):
         raise UsageError(f"no such run folder: {args.run}")
