@@ -183,6 +183,20 @@ def test_report_and_evaluate_are_in_no_import_cycle():
     assert not bad, "import cycles through report/ or evaluate/:\n" + "\n".join(" <-> ".join(c) for c in bad)
 
 
+def test_no_import_cycle_anywhere():
+    comps = cycles(GRAPH)
+    assert not comps, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in comps)
+
+
+def test_no_module_over_600_lines():
+    def lines(path):
+        with open(path, encoding="utf-8") as fh:
+            return sum(1 for _ in fh)
+
+    long = {m: n for m, p in MODULES.items() if p and (n := lines(p)) > 600}
+    assert not long, f"modules over 600 lines: {long}"
+
+
 if __name__ == "__main__":  # python tests/test_imports.py: list the import cycles left in the package
     for c in cycles(GRAPH):
         print(" <-> ".join(c))
