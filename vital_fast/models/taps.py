@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from vital_fast.models.batching import pad_batch, unpad
+
 __all__ = ["FeatureTaps", "channel_dim", "list_layers", "resolve_layer"]
 
 
@@ -320,7 +322,9 @@ class FeatureTaps:
         """Clear, run ``model(x, *args, **kwargs)`` and return the tapped outputs.
 
         Works inside or outside the ``with`` block (outside, the hooks live for this call only).
-        With ``stop_after=True`` the forward pass ends after the last tapped layer.
+        With ``stop_after=True`` the forward pass ends after the last tapped layer. A one-element
+        CPU batch runs padded to two (:mod:`vital_fast.models.batching`), so that its convolutions
+        take the same thread-schedule-independent path as any other batch; the outputs are sliced back.
 
         Returns
         -------
@@ -336,8 +340,9 @@ class FeatureTaps:
         temporary = not self.active
         if temporary:
             self.__enter__()
+        xp = pad_batch(x)
         try:
-            self.model(x, *args, **kwargs)
+            self.model(xp, *args, **kwargs)
         except _StopForward:
             pass
         finally:
@@ -352,4 +357,4 @@ class FeatureTaps:
                 for n in missing
             ]
             raise RuntimeError("FeatureTaps.run: no output for " + "; ".join(details))
-        return dict(self.outputs)
+        return unpad(self.outputs, x.shape[0], xp.shape[0])

@@ -271,15 +271,12 @@ def _requantize(p: torch.Tensor, q: int) -> torch.Tensor:
 
 
 def _forward_taps(loaded, x: torch.Tensor, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """The tapped features of ``x``. A one-element CPU batch runs padded to two, so that every
-    convolution takes oneDNN rather than the thread-schedule-dependent MKL path
-    (:mod:`vital_fast.models.batching`): one target alone gets the image it gets in a batch."""
+    """The tapped features of ``x`` (``FeatureTaps.run`` pads a one-element CPU batch to two, so one
+    target alone gets the image it gets in a batch: :mod:`vital_fast.models.batching`)."""
     from vital_fast.models import FeatureTaps
-    from vital_fast.models.batching import pad_batch, unpad
 
-    xp = pad_batch(x)
     with FeatureTaps(loaded.model, list(layers), stop_after=True) as taps:
-        return unpad(taps.run(xp), x.shape[0], xp.shape[0])
+        return taps.run(x)
 
 
 def _synthetic_relevance(loaded, xt: torch.Tensor, groups: Sequence[dict], settings: Settings,

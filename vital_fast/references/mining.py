@@ -70,7 +70,6 @@ def mine_topk(
         A channel out of range for the layer, or ``k`` larger than the pool.
     """
     from vital_fast.models import FeatureTaps
-    from vital_fast.models.batching import pad_batch
 
     if k > len(pool):
         raise ValueError(f"top-k mining: k = {k} references asked for, but the image pool holds only {len(pool)} images")
@@ -85,8 +84,7 @@ def mine_topk(
         with torch.no_grad(), FeatureTaps(loaded.model, [layer], detach=True, stop_after=True) as taps:
             for i in range(0, len(pool), batch):
                 x = torch.stack([resize_center_crop(im, size, resize) for im in pool.images[i:i + batch]])
-                xp = pad_batch(loaded.normalize(x).to(dev))  # one image runs as two (models/batching.py)
-                a = taps.run(xp)[layer][:x.shape[0]].float().cpu()
+                a = taps.run(loaded.normalize(x).to(dev))[layer].float().cpu()
                 if a.dim() == 3:  # tokens (B, N, C) -> (B, C, N, 1)
                     a = a.transpose(1, 2)[..., None]
                 grid = tuple(a.shape[2:])

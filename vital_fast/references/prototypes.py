@@ -30,15 +30,12 @@ class TargetReferences:
 def _features(loaded, x: torch.Tensor, layers: Sequence[str], batch: int = 8) -> Dict[str, torch.Tensor]:
     """Features of ``x`` (model input, normalized) at ``layers``, in chunks, no grad, on CPU."""
     from vital_fast.models import FeatureTaps
-    from vital_fast.models.batching import pad_batch, unpad
 
     out: Dict[str, List[torch.Tensor]] = {l: [] for l in layers}
     dev = next(iter(loaded.model.parameters())).device
     with torch.no_grad(), FeatureTaps(loaded.model, list(layers), detach=True, stop_after=True) as taps:
         for i in range(0, x.shape[0], batch):
-            xi = x[i:i + batch].to(dev)
-            xp = pad_batch(xi)  # a one-image chunk runs as two: the same convolution path as the others
-            feats = unpad(taps.run(xp), xi.shape[0], xp.shape[0])
+            feats = taps.run(x[i:i + batch].to(dev))
             for l in layers:
                 out[l].append(feats[l].float().cpu())
     return {l: torch.cat(v) for l, v in out.items()}

@@ -16,6 +16,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from vital_fast.models.taps import FeatureTaps
+
 
 def _batch(loaded, images: Sequence[torch.Tensor]) -> torch.Tensor:
     s = loaded.input_size
@@ -56,20 +58,10 @@ def channel_activation_ratio(loaded, layer: str, channel: int, image: torch.Tens
     if not len(references):
         return None
     try:
-        module = dict(loaded.model.named_modules())[layer]
-        cdim = loaded.channel_dim_of(layer)
-        store = {}
-
-        def hook(mod, inp, out):
-            store["a"] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
-
-        h = module.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                loaded.model(_batch(loaded, [image] + list(references)))
-        finally:
-            h.remove()
-        a = store["a"].float().movedim(cdim, 1).select(1, channel)
+        with torch.no_grad():
+            out = FeatureTaps(loaded.model, [layer], detach=True, stop_after=True).run(
+                _batch(loaded, [image] + list(references)))[layer]
+        a = out.float().movedim(loaded.channel_dim_of(layer), 1).select(1, channel)
         per = a.flatten(1).mean(1).cpu()
         ref = float(per[1:].mean())
         if abs(ref) < 1e-12:
