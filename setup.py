@@ -34,7 +34,8 @@ URL = "https://github.com/vital-fast/vital_fast"
 # vital_fast._ext.load_cpp() so that available_backends() can say why (keep the two in sync).
 BUILD_NOTE = "_C_build_error.txt"
 
-INSTALL_REQUIRES = ["torch>=2.1", "torchvision", "numpy", "Pillow", "zennit"]
+# filelock: the run-folder lock (vital_fast.runfolder); 3.12 added thread_local=False
+INSTALL_REQUIRES = ["torch>=2.1", "torchvision", "numpy", "Pillow", "zennit", "filelock>=3.12"]
 EXTRAS_REQUIRE = {
     "timm": ["timm"],
     # triton publishes wheels for Linux x86-64; elsewhere the CUDA backend is simply unavailable.

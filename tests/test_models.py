@@ -437,3 +437,78 @@ def test_docstring_examples(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+class _Swapped(nn.Module):
+    """Registration order (late, early, bn, head) differs from execution order (early, bn, late, head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = nn.Conv2d(4, 4, 1)
+        self.early = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.late(self.bn(self.early(x))))
+
+
+def test_layers_before_follows_the_traced_order_the_optimizer_uses():
+    from vital_fast.models.facts import plan_layers_before
+
+    net = _Swapped()
+    lm = load_model(_Swapped())
+    cands = [("late", 1.0), ("early", 1.0), ("bn", 1.0), ("head", 1.0)]
+    # execution order, not registration order: "early" and "bn" run before "late"
+    assert layers_before(["late", "early", "bn"], "late", model=net) == ["early", "bn"]
+    assert layers_before(cands, "head", model=lm) == [("late", 1.0), ("early", 1.0), ("bn", 1.0)]  # order kept
+    for target in ("early", "bn", "late", "head"):  # one decision: the same layers as plan_layers_before
+        kept = [n for n, _ in layers_before(cands, target, model=lm)]
+        plan = plan_layers_before(lm, target, cands, 0.1)
+        assert [n for n, _ in plan] == (kept or [target]), target
+    assert layers_before(cands, "late", model=lm) == layers_before(cands, "late", model=lm.model)
+    with pytest.raises(ValueError, match="lat"):
+        layers_before(["lat"], "head", model=net)  # an unknown name is an error, with close matches
+    with pytest.raises(ValueError):
+        layers_before(["early"], "nope", model=net)
+    # without a model the given list is the order
+    assert layers_before(["late", "early", "bn"], "early") == ["late"]
+
+
+def test_layers_before_leaves_a_training_model_as_it_was():
+    net = _Swapped().train()
+    before = net.bn.running_mean.clone(), int(net.bn.num_batches_tracked)
+    assert layers_before(["early", "bn"], "head", model=net) == ["early", "bn"]
+    assert all(m.training for m in net.modules())
+    assert torch.equal(net.bn.running_mean, before[0]) and int(net.bn.num_batches_tracked) == before[1]
+
+
+def test_layer_table_cache_holds_no_freed_model():
+    """The layer-table cache is keyed by the module through a weak reference: it keeps no model alive,
+    and a new model that reuses a freed model's id gets its own table, never the old one."""
+    import gc
+    import weakref
+
+    from vital_fast.models import facts
+
+    gc.collect()  # nothing of earlier tests left to free below
+    lm = load_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    assert facts.layer_table(lm)[0]["shape"] == (4, 222, 222)
+    assert facts.layer_table(lm) is facts.layer_table(lm)  # cached
+    ref, n = weakref.ref(lm.model), len(facts._LAYER_TABLES)
+    del lm
+    gc.collect()
+    assert ref() is None  # the cache did not keep the model alive
+    assert len(facts._LAYER_TABLES) == n - 1  # and holds no entry for it
+    for _ in range(30):  # a freed model's id is often taken by the next model built
+        a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        assert [d["shape"] for d in facts.traced_layers(a, 16)] == [(4, 14, 14), (4, 14, 14)]
+        old = id(a)
+        del a
+        gc.collect()
+        b = nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.Flatten())
+        shapes = [d["shape"] for d in facts.traced_layers(b, 16)]
+        assert shapes == [(6, 12, 12), (6, 12, 12), (864,)], f"id of the freed model reused: {id(b) == old}"
+        del b
+        gc.collect()
+    assert len(facts._LAYER_TABLES) == n - 1

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from vital_fast.cli.main import main
 from vital_fast.optim.targets import Target
 from vital_fast.references.images import offline_photo_path
-from vital_fast.runfolder import FolderLock, identity_diff, run_identity
+from vital_fast.runfolder import FolderLock, clear_run, identity_diff, lock_holder, prepare_run_folder, run_identity
 
 SMALL = ["--size", "64", "--steps", "2", "--no-cache"]
 
@@ -24,11 +26,11 @@ def run_cli(args, capsys):
 
 
 def snapshot(folder):
-    """Every file under ``folder`` with its bytes (the lock file aside)."""
+    """Every file under ``folder`` with its bytes (the lock's files aside)."""
     out = {}
     for root, _, files in os.walk(folder):
         for f in files:
-            if f != ".lock":
+            if f not in (".lock", ".lock.holder"):
                 p = os.path.join(root, f)
                 with open(p, "rb") as fh:
                     out[os.path.relpath(p, folder)] = fh.read()
@@ -208,3 +210,89 @@ def test_identity_diff_names_the_field():
     b = run_identity(model="m", fingerprint="g", method="vital", seed=0, settings={"lr": 0.2}, size=None, preset="fast")
     d = identity_diff(a, b)
     assert any("model weights" in x for x in d) and any("lr: 0.1 there, 0.2 here" in x for x in d)
+
+
+# A second process that tries to take the lock of FOLDER: through FolderLock, or the way a lock library
+# that opens the lock file with O_TRUNC (filelock's UnixFileLock before 3.30) tries it.
+_SECOND = """
+import fcntl, os, sys
+from vital_fast.runfolder import FolderLock
+folder, how = sys.argv[1], sys.argv[2]
+if how == "truncating":
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_TRUNC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit("refused")
+    sys.exit("taken")
+try:
+    FolderLock().take(folder)
+except ValueError as exc:
+    sys.exit(str(exc))
+print("taken")
+"""
+
+
+def _second(folder, how="folderlock"):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _SECOND, str(folder), how], capture_output=True, text=True,
+                       timeout=300, env=env)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_a_second_process_cannot_take_a_held_lock_and_leaves_the_holder_described(tmp_path):
+    out = tmp_path / "run"
+    lock = FolderLock()
+    lock.take(str(out))
+    try:
+        holder = (out / ".lock.holder").read_text()
+        assert holder.startswith(f"pid {os.getpid()} on ") and lock_holder(str(out)) == holder.strip()
+        code, text = _second(out)
+        assert code == 1 and f"{out} is in use by another run ({holder.strip()})" in text, text
+        assert "wait for it to finish or use another --out" in text
+        if os.name == "posix":
+            code, text = _second(out, "truncating")  # wipes .lock, not the description beside it
+            assert code == 1 and "refused" in text, text
+        assert (out / ".lock.holder").read_text() == holder
+        # the same process, through another FolderLock, is refused alike (never reentrant)
+        with pytest.raises(ValueError, match="in use by another run .pid "):
+            FolderLock().take(str(out))
+        assert (out / ".lock.holder").read_text() == holder
+    finally:
+        lock.release()
+    assert sorted(os.listdir(out)) == [".lock"]  # released: no description left
+    code, text = _second(out)
+    assert code == 0 and "taken" in text, text  # free again for another process
+
+
+def test_a_lock_dies_with_its_process(tmp_path):
+    out = tmp_path / "run"
+    code, text = _second(out)  # takes the lock and exits without releasing it
+    assert code == 0, text
+    stale = (out / ".lock.holder").read_text()
+    lock = FolderLock()
+    lock.take(str(out))  # the kernel dropped the dead process's lock; its stale description is replaced
+    try:
+        now = (out / ".lock.holder").read_text()
+        assert now.startswith(f"pid {os.getpid()} ") and now != stale
+    finally:
+        lock.release()
+
+
+def test_the_holder_description_is_no_user_file_and_survives_force(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    ident = run_identity(model="m", fingerprint="f", method="vital", seed=0, settings={}, size=None, preset=None)
+    lock = prepare_run_folder(str(out), ident, resume=False, force=False)  # an empty folder is ours to write
+    try:
+        (out / "manifest.json").write_text(json.dumps({"tool": "vital_fast", "run": ident, "targets": []}))
+        (out / "targets").mkdir()
+        (out / "notes.txt").write_text("the user's")
+        holder = (out / ".lock.holder").read_text()
+        clear_run(str(out))  # what --force removes: never the lock nor its holder's description
+        assert sorted(os.listdir(out)) == [".lock", ".lock.holder", "notes.txt"]
+        assert (out / ".lock.holder").read_text() == holder
+    finally:
+        lock.release()
+    lock = prepare_run_folder(str(out / "fresh"), ident, resume=False, force=False)  # made, locked, still empty
+    lock.release()

@@ -1,16 +1,17 @@
 """Run folders that refuse what would corrupt them: a lock, an identity, checks before any work.
 
 Every writer of a run folder (``visualize``, ``demo``, sweeps, :func:`vital_fast.results.save_result`)
-holds ``OUT/.lock`` (``flock``, never blocking) while it writes, so two runs never write into one
-folder at once. A run records its *identity* (model and weights fingerprint, method, seed, settings,
-size, preset) in its manifest; ``--resume`` continues only a folder whose identity is the same, and
-names what differs otherwise. ``--force`` replaces a whole run, and never touches a folder that is
-not a vital_fast run.
+holds ``OUT/.lock`` (a :mod:`filelock` lock: ``flock`` on POSIX, ``msvcrt`` locking on Windows, never
+blocking) while it writes, so two runs never write into one folder at once. The holder describes
+itself (pid, host, since when) in ``OUT/.lock.holder``, a side file it writes atomically and removes
+on release: the lock file itself is the lock library's (some versions truncate it on every attempt).
+A run records its *identity* (model and weights fingerprint, method, seed, settings, size, preset) in
+its manifest; ``--resume`` continues only a folder whose identity is the same, and names what differs
+otherwise. ``--force`` replaces a whole run, and never touches a folder that is not a vital_fast run.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -19,67 +20,103 @@ import tempfile
 import time
 from typing import Any, Dict, List, Mapping, Optional, Set
 
+import filelock
+
 LOCK = ".lock"
+LOCK_HOLDER = ".lock.holder"  # who holds LOCK: written by the holder, removed on release
+LOCK_FILES = (LOCK, LOCK_HOLDER)  # the lock's files: neither a run's output nor the user's
 MANIFEST = "manifest.json"
 
-# The files and folders a run writes (what --force removes); anything else in a folder is the user's.
+# The files and folders a run writes (what --force removes); anything else in a folder is the user's
+# (the lock's files aside, LOCK_FILES, which are never removed while the lock may be held).
 RUN_ARTEFACTS = ("manifest.json", "grid.png", "index.html", "targets", "pages", "compare.json", "comparisons.json")
 _RUN_PREFIXES = (".tmp-", ".old-", "index-rank")
 
 _HELD: Set[str] = set()  # folders whose lock this process holds (real paths)
 
 
+def lock_holder(out: str) -> str:
+    """Who holds the lock of ``out`` as its holder wrote it (``""`` when unknown)."""
+    try:
+        with open(os.path.join(out, LOCK_HOLDER), encoding="utf-8") as fh:
+            return fh.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 class FolderLock:
-    """``flock`` on ``OUT/.lock`` for the life of a run; never blocks: a folder in use is refused."""
+    """The lock ``OUT/.lock`` for the life of a run; never blocks: a folder in use is refused."""
 
     def __init__(self) -> None:
-        self.fd: Optional[int] = None
+        self._lock: Optional[filelock.BaseFileLock] = None
+        self._described = False  # this lock wrote OUT/.lock.holder (and removes it on release)
         self.path: Optional[str] = None
 
-    @staticmethod
-    def _holder(path: str) -> str:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                txt = fh.read().strip()
-            return f" ({txt})" if txt else ""
-        except OSError:
-            return ""
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
 
     def try_existing(self, out: str) -> None:
-        """If OUT/.lock exists, take it now (opening an existing file changes nothing in the folder)."""
+        """If OUT/.lock exists, take it now (writes nothing into the folder: no holder description)."""
         path = os.path.join(out, LOCK)
         if os.path.isfile(path):
-            self._take(path, create=False)
+            self._take(out)
 
     def take(self, out: str) -> None:
-        if self.fd is None:
+        """Hold the lock of ``out`` (made if needed) and describe this holder in ``OUT/.lock.holder``."""
+        if self._lock is None:
             os.makedirs(out, exist_ok=True)
-            self._take(os.path.join(out, LOCK), create=True)
-        os.ftruncate(self.fd, 0)
+            self._take(out)
         since = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        self._describe(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
 
-    def _take(self, path: str, create: bool) -> None:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    def _take(self, out: str) -> None:
+        path = os.path.join(out, LOCK)
+        lock = filelock.FileLock(path, thread_local=False)  # an instance of its own: never reentrant
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ValueError(f"{os.path.dirname(path)} is in use by another run{self._holder(path)}; wait for it "
+            lock.acquire(timeout=0)  # one attempt
+        except filelock.Timeout:
+            folder = os.path.dirname(path)
+            holder = lock_holder(folder)
+            raise ValueError(f"{folder} is in use by another run{f' ({holder})' if holder else ''}; wait for it "
                              f"to finish or use another --out") from None
-        self.fd = fd
-        self.path = os.path.realpath(os.path.dirname(path))
+        self._lock = lock
+        self.path = os.path.realpath(out)
         _HELD.add(self.path)
 
-    def release(self) -> None:
-        if self.fd is not None:
+    def _describe(self, text: str) -> None:
+        """Write ``OUT/.lock.holder`` whole or not at all (a reader never sees half of it)."""
+        assert self.path is not None
+        tmp = os.path.join(self.path, f".tmp-lock-holder-{os.getpid()}-{time.time_ns()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as with open()
+        try:
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                os.write(fd, text.encode("utf-8"))
             finally:
-                os.close(self.fd)
-                self.fd = None
-                _HELD.discard(self.path or "")
-                self.path = None
+                os.close(fd)
+            os.replace(tmp, os.path.join(self.path, LOCK_HOLDER))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self._described = True
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        try:
+            if self._described:  # still ours: nobody else can write it while we hold the lock
+                try:
+                    os.unlink(os.path.join(self.path or "", LOCK_HOLDER))
+                except OSError:
+                    pass
+        finally:
+            lock, self._lock, self._described = self._lock, None, False
+            _HELD.discard(self.path or "")
+            self.path = None
+            lock.release()
 
     def __enter__(self) -> "FolderLock":
         return self
@@ -203,7 +240,7 @@ def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any],
 
 
 def _entries(out: str) -> List[str]:
-    return [e for e in (os.listdir(out) if os.path.isdir(out) else []) if e != LOCK]
+    return [e for e in (os.listdir(out) if os.path.isdir(out) else []) if e not in LOCK_FILES]
 
 
 def _check(out: str, identity: Optional[Mapping[str, Any]], resume: bool, force: bool) -> None:
@@ -236,7 +273,7 @@ def _check(out: str, identity: Optional[Mapping[str, Any]], resume: bool, force:
 def clear_run(out: str) -> None:
     """Remove a run's own files from ``out`` (the user's other files stay); call with the lock held."""
     for name in os.listdir(out):
-        if name == LOCK:
+        if name in LOCK_FILES:  # the lock (held by the caller) and the description of its holder
             continue
         if name in RUN_ARTEFACTS or name.startswith(_RUN_PREFIXES):
             p = os.path.join(out, name)

@@ -194,7 +194,7 @@ def _owned_folder(args, loaded, settings, method: str):
     Yields the identity. A run that ends before writing anything leaves no lock file (nor the folder,
     when it made it) behind.
     """
-    from vital_fast.runfolder import LOCK, prepare_run_folder, run_identity
+    from vital_fast.runfolder import LOCK_FILES, prepare_run_folder, run_identity
 
     identity = run_identity(model=loaded.name, fingerprint=loaded.fingerprint, method=method, seed=args.seed,
                             settings=settings.to_dict(), size=args.size, preset=args.preset)
@@ -207,8 +207,10 @@ def _owned_folder(args, loaded, settings, method: str):
         yield identity
     finally:
         try:
-            if set(os.listdir(args.out)) <= {LOCK}:  # nothing written: leave no trace
-                os.unlink(os.path.join(args.out, LOCK))
+            if set(os.listdir(args.out)) <= set(LOCK_FILES):  # nothing written: leave no trace
+                for name in LOCK_FILES:
+                    if os.path.lexists(os.path.join(args.out, name)):
+                        os.unlink(os.path.join(args.out, name))
                 if not existed:
                     os.rmdir(args.out)
         except OSError:

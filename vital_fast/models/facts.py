@@ -8,16 +8,18 @@ behind (and a new model that happens to get the same ``id`` never reads a stale 
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from vital_fast.models import taps
 from vital_fast.models.loading import LoadedModel, load_model
 from vital_fast.models.taps import list_layers, resolve_layer
 
-__all__ = ["as_loaded", "check_resolution", "check_size", "check_targets", "layer_table", "plan_layers_before"]
+__all__ = ["as_loaded", "check_resolution", "check_size", "check_targets", "layer_table", "names_before",
+           "plan_layers_before", "traced_layers"]
 
-_LAYER_TABLES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[int, List[dict]]]" = weakref.WeakKeyDictionary()
+_LAYER_TABLES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[Any, List[dict]]]" = weakref.WeakKeyDictionary()
 
 
 def as_loaded(model) -> LoadedModel:
@@ -25,13 +27,52 @@ def as_loaded(model) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model)
 
 
+def traced_layers(model, input_size=None) -> List[dict]:
+    """:func:`~vital_fast.models.taps.list_layers` of ``model`` (an ``nn.Module`` or a ``LoadedModel``), cached.
+
+    Every tappable layer in execution order with its output shape at ``input_size`` (default: the
+    ``LoadedModel``'s input size, else 224). The probe runs in eval mode (a module in training mode
+    is put back as it was, its batch-norm statistics untouched). The cache is keyed by the module
+    itself through a weak reference: it never keeps a model alive, and a freed model's entry goes
+    with it. The list is shared: do not change it.
+    """
+    module, loaded = taps._unwrap(model)
+    if input_size is None:
+        input_size = loaded.input_size if loaded is not None else 224
+    key = input_size if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+    per_model = _LAYER_TABLES.get(module)
+    if per_model is None:
+        per_model = _LAYER_TABLES[module] = {}
+    if key not in per_model:
+        training = {m: m.training for m in module.modules()}
+        try:
+            module.eval()
+            per_model[key] = list_layers(module, key)
+        finally:
+            for m, flag in training.items():
+                m.training = flag
+    return per_model[key]
+
+
 def layer_table(loaded) -> List[dict]:
     """Every tappable layer of ``loaded`` with its output shape at the model's input size (cached)."""
-    per_model = _LAYER_TABLES.setdefault(loaded.model, {})
-    if loaded.input_size not in per_model:
-        dev = next(iter(loaded.model.parameters())).device
-        per_model[loaded.input_size] = list_layers(loaded.model, loaded.input_size, device=dev)
-    return per_model[loaded.input_size]
+    return traced_layers(loaded.model, loaded.input_size)
+
+
+def names_before(model, target_layer: str, names: Sequence[str]) -> List[str]:
+    """Of ``names`` (in their order), those whose layer runs strictly before ``target_layer``.
+
+    The one ordering decision of the package: a layer is before the target when its output comes
+    first in the traced execution order (:func:`traced_layers`), so a layer that contains the target
+    (``layer3`` for ``layer3.1.conv2``) is not before it. Names without a tensor output are left out.
+    ``model``: an ``nn.Module`` or a ``LoadedModel`` (traced at its input size).
+    """
+    order = {d["name"]: i for i, d in enumerate(traced_layers(model))}
+    if target_layer not in order:
+        resolve_layer(taps._unwrap(model)[0], target_layer)  # raises with the closest valid names
+        raise ValueError(f"layer {target_layer!r} produces no tensor output")
+    t = order[target_layer]
+    return [n for n in names if n in order and order[n] < t]
 
 
 def plan_layers_before(loaded, target_layer: str, candidates: Sequence[Tuple[str, float]], stem_weight: float) -> List[Tuple[str, float]]:
@@ -39,11 +80,7 @@ def plan_layers_before(loaded, target_layer: str, candidates: Sequence[Tuple[str
 
     A target in the first matched layer, with nothing before it, is matched at its own layer.
     """
-    order = {d["name"]: i for i, d in enumerate(layer_table(loaded))}
-    if target_layer not in order:
-        resolve_layer(loaded.model, target_layer)  # raises with the closest valid names
-        raise ValueError(f"layer {target_layer!r} produces no tensor output")
-    before = [l for l, _ in candidates if l in order and order[l] < order[target_layer]]
+    before = names_before(loaded, target_layer, [l for l, _ in candidates])
     if not before:
         return [(target_layer, 1.0)]
     return [(l, stem_weight if i == 0 and len(before) > 1 else 1.0) for i, l in enumerate(before)]

@@ -28,6 +28,7 @@ from typing import Any, List, Optional, Sequence, Tuple, TypeVar
 from torch import nn
 
 from vital_fast.models import taps
+from vital_fast.models.facts import names_before, traced_layers
 from vital_fast.models.identity import FAMILIES, guess_family
 
 __all__ = [
@@ -102,7 +103,7 @@ def _vit_layers(module: nn.Module, name: str) -> Layers:
 
 
 def _generic_layers(module: nn.Module, input_size: int) -> Layers:
-    infos = taps.list_layers(module, input_size=input_size)
+    infos = traced_layers(module, input_size)
     spatial = {
         d["name"] for d in infos if len(d["shape"]) == 3 and d["shape"][1] * d["shape"][2] > 1
     }
@@ -225,8 +226,8 @@ def class_logit_layer(loaded_or_model: Any) -> str:
 def layers_before(layers: Sequence[T], target_layer: str, model: Any = None) -> List[T]:
     """The entries of ``layers`` that run strictly before ``target_layer``.
 
-    A layer counts as before the target if it comes earlier in the model and does not contain
-    the target (``layer3`` is not before ``layer3.1.conv2``).
+    A layer counts as before the target if its output comes earlier in the model's execution and
+    it does not contain the target (``layer3`` is not before ``layer3.1.conv2``).
 
     Parameters
     ----------
@@ -235,13 +236,16 @@ def layers_before(layers: Sequence[T], target_layer: str, model: Any = None) -> 
     target_layer : str
         The layer of the channel target.
     model : nn.Module or LoadedModel, optional
-        Gives the module order. Without it the target must be one of ``layers`` or lie inside one
-        of them.
+        Decides the order: the traced execution order the optimizer uses
+        (:func:`vital_fast.models.facts.names_before`, one dry forward pass, cached per model; a
+        ``LoadedModel`` is traced at its input size, a module at 224). Every name must exist in the
+        model; a layer without a tensor output is never before the target. Without it the given
+        list is the order, and the target must be one of ``layers`` or lie inside one of them.
 
     Returns
     -------
     list
-        The kept entries, same form as given.
+        The kept entries, same form and order as given.
 
     Example
     -------
@@ -252,29 +256,19 @@ def layers_before(layers: Sequence[T], target_layer: str, model: Any = None) -> 
     def name_of(item: Any) -> str:
         return item if isinstance(item, str) else item[0]
 
-    def contains(outer: str, inner: str) -> bool:
-        return inner == outer or inner.startswith(outer + ".")
-
+    names = [name_of(item) for item in layers]
     if model is not None:
         module, _ = taps._unwrap(model)
-        taps.resolve_layer(module, target_layer)
-        order = {n: i for i, (n, _) in enumerate(module.named_modules())}
-        t = order[target_layer]
-        kept = []
-        for item in layers:
-            n = name_of(item)
-            if n not in order:
-                taps.resolve_layer(module, n)  # raises with close matches
-            if order[n] < t and not contains(n, target_layer):
-                kept.append(item)
-        return kept
-    names = [name_of(item) for item in layers]
+        for n in names:
+            taps.resolve_layer(module, n)  # raises with close matches
+        kept = set(names_before(model, target_layer, names))
+        return [item for item, n in zip(layers, names) if n in kept]
     for i, n in enumerate(names):
-        if contains(n, target_layer):
+        if target_layer == n or target_layer.startswith(n + "."):
             return list(layers[:i])
     raise ValueError(
         f"layers_before: '{target_layer}' is not one of the layers {names} nor inside one of them; "
-        "pass model=... so the module order decides"
+        "pass model=... so the model's execution order decides"
     )
 
 
@@ -299,9 +293,9 @@ def default_channel_layers(
     >>> default_channel_layers(net, "2", family="generic")
     [('0', 1.0), ('1', 1.0)]
     """
-    module, fam, _, _ = _resolve_input(loaded_or_model, family)
+    _, fam, _, _ = _resolve_input(loaded_or_model, family)
     base = default_layers(loaded_or_model, family=fam)
-    kept = layers_before(base, target_layer, model=module)
+    kept = layers_before(base, target_layer, model=loaded_or_model)
     if not kept:
         raise ValueError(
             f"default_channel_layers: no default layer of this model runs before '{target_layer}' "
