@@ -29,6 +29,8 @@ class VisualizationResult:
     timings: Dict[str, float] = field(default_factory=dict)
     model_name: str = ""
     fingerprint: str = ""
+    method: str = "vital"         # the recipe that ran ("vital", a baseline, "vital+fourier", "custom:...")
+    param: Dict[str, object] = field(default_factory=dict)  # the parametrization and its options
 
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]

@@ -16,10 +16,10 @@ import torch
 from vital_fast.optim.presets import Settings
 from vital_fast.optim.targets import Target
 from vital_fast.references.cache import DiskCache
-from vital_fast.runfolder import FolderLock
+from vital_fast.runfolder import LOCK_FILES, FolderLock
 from vital_fast.references.images import ImageSet, imagenet_labels
 from vital_fast.sweep.dist import _Dist
-from vital_fast.sweep.engine import _Engine, _Slot
+from vital_fast.sweep.engine import Engine as _Engine, Slot as _Slot, result_files, sweep_engine
 from vital_fast.sweep.journal import (INDEX_PREFIX, _fsync_tree, _identity_diff, _IndexWriter, _write_manifest,
                                       read_index, sweep_identity)
 from vital_fast.sweep.plan import _label, _make_plan, _Plan, _reference_source
@@ -173,8 +173,8 @@ def run_sweep(
             pending = [t for t in plan.targets if t.key not in done_before]
             dist.open_queue(state["nonce"])
             refs_for = _reference_source(plan, pending, cache, dist)
-            engine = _Engine(plan.loaded, plan.settings, seed, plan.final, plan.class_layers, cache, refs_for,
-                             early_stop, early_stop_window)
+            engine = sweep_engine(plan.loaded, plan.settings, seed, plan.final, plan.class_layers, cache, refs_for,
+                                  early_stop, early_stop_window, plan.targets)
             run = _Run(engine, plan, pending, len(done_before), out_dir, dist, meta, header, progress, manifest_every,
                        t_start)
             run.loop(batch, refill)
@@ -314,7 +314,7 @@ def _check_folder(out: str, ident: Dict[str, Any], resume: bool, force: bool) ->
     """Read-only: may this sweep write into ``out``? ValueError with the reason if not."""
     from vital_fast.results import MANIFEST, read_manifest
 
-    entries = [e for e in (os.listdir(out) if os.path.isdir(out) else []) if e != LOCK]
+    entries = [e for e in (os.listdir(out) if os.path.isdir(out) else []) if e not in LOCK_FILES]
     if not entries or force:
         return
     if not resume:
@@ -389,7 +389,7 @@ def _write_result(out: str, engine: _Engine, sl: _Slot, sweep_id: str, rank: int
         "references": list(sl.refset.names), "metrics": metrics, "stopped_early": sl.stopped_early,
         "sweep": sweep_id, "rank": rank, "timings": {"slot_s": round(time.perf_counter() - sl.t0, 3)},
     }
-    files = engine.result_files(sl)
+    files = result_files(engine, sl)
     rec.update(_annotation(engine, sl, files["image"], names))
     rel = write_target(out, t.slug, files, rec)
     _fsync_tree(os.path.join(out, "targets", t.slug))

@@ -1,0 +1,330 @@
+"""The one optimization engine under :func:`~vital_fast.optim.visualize`, sweeps and every baseline.
+
+A :class:`Recipe` says what to optimize (a :class:`~vital_fast.optim.parametrizations.Parametrization`,
+an :class:`~vital_fast.optim.objectives.Objective`, the random :class:`~vital_fast.optim.transforms.Views`
+each step takes, the optimizer and its learning-rate schedule); the :class:`Engine` owns the loop.
+
+**Slots.** Each target occupies a slot with its own state: parameters and buffers, its own
+optimizer (so its own moments and step count), its own seeded generator (initialization and every
+random view), its stage of the multi-resolution schedule, its step, its transparency accumulator
+and its loss record. Every :meth:`Engine.tick` stacks the occupied slots (one stack per resolution
+when slots sit in different stages), renders them, takes their views, runs the network once,
+evaluates the objective (one loss per element), backpropagates the sum, and steps each slot's
+optimizer. Per-slot arithmetic never mixes slots, so a target's result does not depend on its
+neighbours or its slot (up to the convolutions' rounding, which differs with the batch size in
+oneDNN). A finished slot can be refilled with the next target (sweeps) or the batch can stay
+fixed (:meth:`Engine.run`, what ``visualize`` does).
+
+**Stages.** ``settings.stages`` gives ``(scale, steps)`` pairs. When a slot enters a stage the
+objective prepares it (VITAL recomputes the references' prototypes at the stage's resolution); a
+per-stage parametrization (pixels) is resized and its optimizer restarts; the learning rate follows
+the recipe's schedule (warm-up then cosine per stage, or constant).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from vital_fast.optim.objectives import Objective, StepContext, check_per_element
+from vital_fast.optim.parametrizations import Parametrization
+from vital_fast.optim.presets import Settings
+from vital_fast.optim.regularizers import lr_factor
+from vital_fast.optim.result import ProgressFn
+from vital_fast.optim.targets import Target
+from vital_fast.optim.transforms import Views
+from vital_fast.references.images import ImageSet
+
+__all__ = ["Engine", "Recipe", "Slot"]
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "nadam": torch.optim.NAdam}
+
+
+@dataclass
+class Recipe:
+    """What one run optimizes: parametrization, objective, views, optimizer and schedule.
+
+    ``schedule``: ``"cosine"`` (linear warm-up over ``warmup`` steps, then cosine to 0; per stage
+    for a per-stage parametrization, over the whole run otherwise) or ``"constant"``.
+    ``settings`` are recorded with the result; ``method`` names the recipe.
+    """
+
+    param: Parametrization
+    objective: Objective
+    views: Views
+    settings: Settings
+    optimizer: str = "adam"
+    lr: float = 0.05
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup: int = 0
+    method: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(sorted(_OPTIMIZERS))}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: constant, cosine")
+
+    def make_optimizer(self, params: List[torch.Tensor]) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=tuple(self.betas), eps=self.eps)
+        return torch.optim.NAdam(params, lr=self.lr)
+
+
+class Slot:
+    """One target's optimization state (see the module docstring)."""
+
+    _serial = 0
+
+    def __init__(self, target: Target, seed: int) -> None:
+        Slot._serial += 1
+        self.uid = Slot._serial
+        self.target = target
+        self.seed = seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.stage = 0
+        self.step = 0                # step within the stage
+        self.global_step = 0         # steps taken in all
+        self.p: Optional[torch.Tensor] = None
+        self.buffers: Dict[str, torch.Tensor] = {}
+        self.opt: Optional[torch.optim.Optimizer] = None
+        self.alpha: Optional[torch.Tensor] = None
+        self.refset: ImageSet = ImageSet()
+        self.state: Dict[str, Any] = {}   # the objective's per-slot state (references, relevance)
+        self.losses: List[float] = []
+        self.t0 = time.perf_counter()
+        self.stopped_early = False
+        self.done = False
+        self.extra: Dict[str, Any] = {}
+
+
+class Engine:
+    """Runs a :class:`Recipe` over slots (see the module docstring).
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+    recipe : Recipe
+    seed : int
+        The run's seed; a target's slot is seeded with ``target.seed(seed)``.
+    final_size : int
+        The last stage's side; stage sides are ``max(16, round(scale · final_size))``.
+    refs_for : callable, optional
+        ``refs_for(target) -> (ImageSet, extra)``: a target's reference images (and metrics to
+        record with it); default: none.
+    early_stop, early_stop_window : optional
+        Stop a slot in its last stage when its mean loss over the last window improved by less than
+        ``early_stop`` (relative) over the window before.
+    """
+
+    def __init__(self, loaded, recipe: Recipe, seed: int, final_size: int,
+                 refs_for: Optional[Callable[[Target], Tuple[ImageSet, Dict[str, Any]]]] = None,
+                 early_stop: Optional[float] = None, early_stop_window: Optional[int] = None) -> None:
+        self.loaded = loaded
+        self.recipe = recipe
+        self.s = recipe.settings
+        self.seed = int(seed)
+        self.final = int(final_size)
+        self.refs_for = refs_for
+        self.dev = next(iter(loaded.model.parameters())).device
+        self.sizes = [max(16, int(round(sc * final_size))) for sc, _ in self.s.stages]
+        self.stage_steps = [int(n) for _, n in self.s.stages]
+        self.total_steps = sum(self.stage_steps)
+        self.early_stop = early_stop
+        self.window = int(early_stop_window or max(5, self.total_steps // 10))
+        self.t_refs = self.t_lrp = self.t_opt = 0.0
+        self.ticks = 0
+        self.slot_steps = 0
+        self._checked = False
+
+    # --- slots -------------------------------------------------------------------------------
+
+    def setup(self, targets: Sequence[Target]) -> None:
+        """Validate the objective against the targets before any work (unknown layers, no logits...)."""
+        self.recipe.objective.setup(self, targets)
+
+    def plan(self, t: Target) -> List[Tuple[str, float]]:
+        """The (layer, weight) pairs the objective reads for ``t`` (recorded with its result)."""
+        return self.recipe.objective.plan(self, t)
+
+    def new_slot(self, t: Target) -> Slot:
+        slot = Slot(t, t.seed(self.seed))
+        t0 = time.perf_counter()
+        if self.refs_for is not None:
+            slot.refset, slot.extra = self.refs_for(t)
+        needs = self.recipe.objective.needs_references or self.recipe.param.needs_references
+        if needs and len(slot.refset) == 0:
+            raise ValueError(f"the reference set of {t.key} is empty")
+        self.t_refs += time.perf_counter() - t0
+        self.recipe.objective.enter_stage(self, slot)
+        t0 = time.perf_counter()
+        bufs = self.recipe.param.init(slot.gen, self.sizes[0], self.final, self.loaded, slot)
+        if self.recipe.param.needs_references:
+            self.t_refs += time.perf_counter() - t0
+        slot.buffers = {k: v.to(self.dev) for k, v in bufs.items() if k != "p"}
+        self._enter_stage(slot, bufs["p"].to(self.dev))
+        return slot
+
+    def _enter_stage(self, slot: Slot, p: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.recipe.param.project(p, self.loaded)
+        slot.p = p.detach().requires_grad_(True)
+        slot.opt = self.recipe.make_optimizer([slot.p])
+        slot.step = 0
+
+    def _advance(self, slot: Slot) -> None:
+        slot.step += 1
+        slot.global_step += 1
+        last = slot.stage == len(self.sizes) - 1
+        if slot.step >= self.stage_steps[slot.stage]:
+            if last:
+                slot.done = True
+                return
+            slot.stage += 1
+            S = self.sizes[slot.stage]
+            self.recipe.objective.enter_stage(self, slot)
+            if self.recipe.param.per_stage:
+                slot.alpha = F.interpolate(slot.alpha, size=(S, S), mode="bilinear", align_corners=False)
+                self._enter_stage(slot, self.recipe.param.resize(slot.p.detach(), S, self.loaded))
+            else:
+                slot.step = 0
+            return
+        w = self.window
+        if self.early_stop is not None and last and len(slot.losses) >= 2 * w and slot.step >= 2 * w:
+            prev = sum(slot.losses[-2 * w:-w]) / w
+            cur = sum(slot.losses[-w:]) / w
+            if prev - cur <= self.early_stop * abs(prev):
+                slot.done = True
+                slot.stopped_early = True
+
+    def _lr(self, slot: Slot) -> float:
+        r = self.recipe
+        if r.schedule == "constant":
+            return r.lr
+        if self.recipe.param.per_stage:
+            return r.lr * lr_factor(slot.step, self.stage_steps[slot.stage], r.warmup)
+        return r.lr * lr_factor(slot.global_step, self.total_steps, r.warmup)
+
+    # --- one optimization step of every occupied slot ------------------------------------------
+
+    def tick(self, slots: Sequence[Slot]) -> torch.Tensor:
+        """One step of every slot in ``slots``; returns their losses ``(len(slots),)``."""
+        by_size: Dict[int, List[int]] = {}
+        for i, sl in enumerate(slots):
+            by_size.setdefault(self.sizes[sl.stage], []).append(i)
+        losses = torch.zeros(len(slots))
+        t0 = time.perf_counter()
+        refs0 = self.t_refs
+        for S in sorted(by_size):
+            members = by_size[S]
+            losses[members] = self._step_group(S, [slots[i] for i in members])
+        self.t_opt += time.perf_counter() - t0 - (self.t_refs - refs0)
+        self.ticks += 1
+        self.slot_steps += len(slots)
+        return losses
+
+    def _forward(self, view: torch.Tensor, slots: Sequence[Slot]):
+        from vital_fast.models import FeatureTaps
+        from vital_fast.models.batching import pad_batch, unpad
+
+        obj, model = self.recipe.objective, self.loaded.model
+        layers = obj.layers(slots)
+        logits_needed = obj.needs_logits(slots)
+        hooks = obj.hooks(model)
+        n = view.shape[0]
+        x = view if hooks is not None else pad_batch(view)  # one-element CPU batches run as two (batching.py)
+        feats: Dict[str, torch.Tensor] = {}
+        logits = None
+        if hooks is not None:
+            hooks.__enter__()
+        try:
+            if layers and not logits_needed:
+                feats = FeatureTaps(model, layers, stop_after=True).run(x)
+            elif layers:
+                with FeatureTaps(model, layers) as taps:
+                    logits = model(x)
+                    feats = dict(taps.outputs)
+            elif logits_needed:
+                logits = model(x)
+        finally:
+            if hooks is not None:
+                hooks.__exit__(None, None, None)
+        feats = unpad(feats, n, x.shape[0])
+        if logits is not None and logits.shape[0] != n:
+            logits = logits[:n]
+        return feats, logits
+
+    def _step_group(self, S: int, slots: Sequence[Slot]) -> torch.Tensor:
+        r, B = self.recipe, len(slots)
+        p = torch.cat([sl.p for sl in slots]) if B > 1 else slots[0].p
+        bufs = {k: torch.cat([sl.buffers[k] for sl in slots]) for k in slots[0].buffers}
+        img = r.param.render(p, bufs, self.loaded)
+        if img.requires_grad and not img.is_leaf:
+            img.retain_grad()
+        image = img if img.shape[-1] == S else F.interpolate(img, size=(S, S), mode="bilinear",
+                                                             align_corners=False, antialias=True)
+        gens = [sl.gen for sl in slots]
+        prog = [(sl.global_step, self.total_steps) for sl in slots]
+        normalized = r.param.space == "normalized"
+        if r.views.space == "unit" and normalized:
+            view = self.loaded.normalize(r.views(self.loaded.denormalize(image), gens, S, prog))
+        else:
+            view = r.views(image, gens, S, prog)
+            if not normalized:
+                view = self.loaded.normalize(view)
+        feats, logits = self._forward(view, slots)
+        ctx = StepContext(self, slots, image, view, r.views.repeat, feats, logits, S)
+        total = check_per_element(r.objective(ctx), B, r.objective.name)
+        total.sum().backward()
+        grad = (p if img is p else img).grad
+        if grad is None:
+            raise ValueError(f"objective {r.objective.name} does not depend on the image (no gradient reached it)")
+        grad = grad.detach()
+        tot = total.detach().float().cpu()
+        with torch.no_grad():
+            for i, sl in enumerate(slots):
+                a = grad[i:i + 1].abs().sum(1, keepdim=True)
+                sl.alpha = a if sl.alpha is None else sl.alpha.add_(a)
+                for pg in sl.opt.param_groups:
+                    pg["lr"] = self._lr(sl)
+                sl.opt.step()
+                sl.opt.zero_grad(set_to_none=True)
+                r.param.project(sl.p, self.loaded)
+                sl.losses.append(float(tot[i]))
+        for sl in slots:  # stage changes prepare references (LRP): outside no_grad
+            self._advance(sl)
+        return tot
+
+    # --- fixed batches and results -------------------------------------------------------------
+
+    def run(self, targets: Sequence[Target], progress: Optional[ProgressFn] = None) -> List[Slot]:
+        """Optimize ``targets`` as one fixed batch to the end of the schedule."""
+        slots = [self.new_slot(t) for t in targets]
+        for step in range(self.total_steps):
+            losses = self.tick(slots)
+            if progress is not None:
+                progress(step + 1, self.total_steps, losses)
+        return slots
+
+    def image(self, slot: Slot) -> torch.Tensor:
+        """The slot's image ``(3, H, W)`` in [0, 1], on the CPU."""
+        with torch.no_grad():
+            img = self.recipe.param.render(slot.p.detach(), slot.buffers, self.loaded)
+            return self.recipe.param.to_unit(img, self.loaded).clamp(0, 1).cpu()[0]
+
+    def transparency(self, slot: Slot) -> torch.Tensor:
+        """The slot's accumulated |∂L/∂image| ``(1, H, W)`` scaled to [0, 1], on the CPU."""
+        a = slot.alpha.detach().float().cpu()
+        return (a / a.flatten(1).amax(1).clamp_min(1e-12).view(1, 1, 1, 1))[0]
+
+    def timings(self, t_start: float) -> Dict[str, float]:
+        steps = self.total_steps
+        return {"total_s": time.perf_counter() - t_start, "references_s": self.t_refs, "optimize_s": self.t_opt,
+                "relevance_s": self.t_lrp, "steps": steps, "s_per_step": self.t_opt / max(1, self.ticks),
+                "s_per_target_step": self.t_opt / max(1, self.slot_steps)}

@@ -1,0 +1,179 @@
+"""VITAL's objective: sort matching of each target's features against its reference prototypes,
+relevance-weighted for channel targets (:class:`SortMatch`), and the grouped loss it evaluates."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from vital_fast.ops import lrp_weight, sort_match_loss
+from vital_fast.optim.objectives import Objective
+from vital_fast.optim.targets import Target
+
+__all__ = ["SortMatch", "build_groups", "matching_loss"]
+
+
+class SortMatch(Objective):
+    """VITAL's loss: per element, the weighted sum over its matched layers of the sort-matching loss
+    against its target's prototypes (class targets), or of the relevance-weighted loss (channel
+    targets, and class targets with ``settings.class_relevance``), with prototypes recomputed at each
+    stage's resolution (:mod:`vital_fast.references.prototypes`, cached on disk).
+
+    ``class_layers``: the matched layers of class targets (default: the family's preset);
+    ``settings``: the run's :class:`~vital_fast.optim.Settings` (references, relevance).
+    """
+
+    name = "sort_match"
+    needs_references = True
+
+    def __init__(self, settings, class_layers: Optional[Sequence[Tuple[str, float]]] = None, cache=None) -> None:
+        self.settings = settings
+        self.class_layers = list(class_layers) if class_layers is not None else None
+        self.cache = cache
+        self._logit: Optional[str] = None
+        self._groups: Dict[int, Tuple[tuple, list]] = {}
+
+    def setup(self, engine, targets):
+        from vital_fast.models import default_layers, resolve_layer
+        from vital_fast.references.cache import DiskCache
+
+        if self.cache is None:
+            self.cache = DiskCache()
+        if self.class_layers is None:
+            self.class_layers = list(default_layers(engine.loaded))
+        shapes = {d["name"] for d in _layer_table(engine.loaded)}
+        for l, _ in self.class_layers:
+            if l not in shapes:
+                resolve_layer(engine.loaded.model, l)
+        if self.settings.class_relevance and any(t.kind == "class" for t in targets):
+            self._logit_layer(engine)  # a model without class logits fails here, before any work
+
+    def _logit_layer(self, engine) -> str:
+        if self._logit is None:
+            from vital_fast.models import class_logit_layer
+
+            self._logit = class_logit_layer(engine.loaded)
+        return self._logit
+
+    def plan(self, engine, target):
+        from vital_fast.models.facts import plan_layers_before
+
+        if target.kind == "class":
+            return list(self.class_layers)
+        return plan_layers_before(engine.loaded, target.layer, self.class_layers, self.settings.channel_stem_weight)
+
+    def enter_stage(self, engine, slot):
+        from vital_fast.references.prototypes import channel_references, class_references
+
+        t0 = time.perf_counter()
+        t, S, s, plan = slot.target, engine.sizes[slot.stage], self.settings, self.plan(engine, slot.target)
+        if t.kind == "class":
+            r = class_references(engine.loaded, t.key, slot.refset, plan, S, s, slot.seed, self.cache)
+        else:
+            rs = slot.refset.subset(range(min(len(slot.refset), s.n_refs)))
+            r = channel_references(engine.loaded, t.key, t.layer, t.index, rs, plan, S, s, self.cache)
+        slot.state["refs"] = r
+        slot.state["rel"] = {}
+        engine.t_refs += time.perf_counter() - t0
+
+    def layers(self, slots):
+        return sorted({l for sl in slots for l, _ in sl.state["refs"].layers})
+
+    def _groups_for(self, ctx) -> list:
+        key = tuple((sl.uid, sl.stage) for sl in ctx.slots)
+        hit = self._groups.get(ctx.size)
+        if hit is None or hit[0] != key:
+            hit = (key, build_groups(ctx.targets, [sl.state["refs"] for sl in ctx.slots], ctx.view.device))
+            self._groups[ctx.size] = hit
+        return hit[1]
+
+    def __call__(self, ctx):
+        slots, engine = ctx.slots, ctx.engine
+        groups = self._groups_for(ctx)
+        every = max(1, self.settings.lrp_every)
+        need = [i for i, sl in enumerate(slots) if sl.state["refs"].importance and sl.step % every == 0]
+        if need:
+            tl = time.perf_counter()
+            self._relevance(engine, ctx.view, slots, need)
+            engine.t_lrp += time.perf_counter() - tl
+
+        def relevance(gi, g):
+            members = g["index"].tolist()
+            return {l: torch.cat([slots[i].state["rel"][l] for i in members]) for l, _ in g["layers"]}
+
+        return matching_loss(engine.loaded, groups, ctx.features, relevance, len(slots), ctx.view.device)
+
+    def _relevance(self, engine, xt: torch.Tensor, slots, need: Sequence[int]) -> None:
+        """Relevance of the transformed synthetic images for the slots due a refresh, per start layer."""
+        from vital_fast.references.relevance import relevance_maps
+
+        by_layer: Dict[str, List[int]] = {}
+        for i in need:
+            t = slots[i].target
+            by_layer.setdefault(t.layer if t.kind == "channel" else self._logit_layer(engine), []).append(i)
+        for layer, members in by_layer.items():
+            idx = torch.tensor(members, device=xt.device)
+            xs = xt.detach().index_select(0, idx)
+            chans = torch.tensor([slots[i].target.index for i in members], device=xt.device)
+            rec = [l for l, _ in slots[members[0]].state["refs"].layers]
+            maps = relevance_maps(engine.loaded.model, xs, layer, chans, rec, family=engine.loaded.family,
+                                  composite=self.settings.lrp_composite)
+            for j, i in enumerate(members):
+                slots[i].state["rel"] = {l: maps[l][j:j + 1] for l in rec}
+
+
+def _layer_table(loaded):
+    from vital_fast.models.facts import layer_table
+
+    return layer_table(loaded)
+
+
+def matching_loss(loaded, groups: Sequence[dict], feats: Dict[str, torch.Tensor],
+                  relevance: Callable[[int, dict], Dict[str, torch.Tensor]], B: int, dev) -> torch.Tensor:
+    """Each element's weighted sum over its matched layers of the sort-matching loss (class groups)
+    or the relevance-weighted loss (channel groups, and class groups with ``class_relevance``: the
+    groups that carry an importance; ``relevance(gi, group)`` gives the maps)."""
+    per_elem = torch.zeros(B, device=dev)
+    for gi, g in enumerate(groups):
+        idx = g["index"]
+        rel = relevance(gi, g) if g["importance"] else None
+        for l, w in g["layers"]:
+            f = feats[l].index_select(0, idx) if len(idx) < B else feats[l]
+            cd = loaded.channel_dim_of(l)
+            if rel is None:
+                lv = sort_match_loss(f, g["protos"][l], channel_dim=cd, reduction="none", check_values=False)
+            else:
+                lv = lrp_weight(f, rel[l], g["protos"][l], g["importance"][l],
+                                channel_dim=cd, reduction="none", check_values=False)
+            per_elem = per_elem.index_add(0, idx, w * lv)
+    return per_elem
+
+
+def build_groups(targets: Sequence[Target], refs: Sequence[Any], dev) -> List[dict]:
+    """Batch elements grouped so each group shares its matched layers: all class targets, and the
+    channel targets of each target layer. Prototypes are stacked to ``(B_group, C, Q)``."""
+    from vital_fast.reference import resample_quantiles
+
+    groups: Dict[tuple, dict] = {}
+    for i, (t, r) in enumerate(zip(targets, refs)):
+        gkey = ("class",) if t.kind == "class" else ("channel", t.layer)
+        g = groups.setdefault(gkey, {"kind": t.kind, "layer": t.layer, "members": [], "layers": r.layers})
+        g["members"].append((i, t, r))
+    out = []
+    for g in groups.values():
+        members = g["members"]
+        g["index"] = torch.tensor([i for i, _, _ in members], device=dev)
+        g["channels"] = torch.tensor([t.index for _, t, _ in members], device=dev)
+        g["protos"] = {}
+        g["importance"] = {}
+        for l, _ in g["layers"]:
+            ps = [r.prototypes[l] for _, _, r in members]
+            q = min(p.shape[-1] for p in ps)
+            g["protos"][l] = torch.stack([p if p.shape[-1] == q else resample_quantiles(p, q) for p in ps]).to(dev)
+            if all(l in r.importance for _, _, r in members):
+                g["importance"][l] = torch.stack([r.importance[l] for _, _, r in members]).to(dev)
+        del g["members"]
+        out.append(g)
+    return out
