@@ -166,6 +166,13 @@ def test_lower_layers_never_import_the_cli(layer):
     assert not bad, "imports of vital_fast.cli from vital_fast." + layer + ":\n" + "\n".join(bad)
 
 
+def test_the_optimizer_imports_no_evaluation_reporting_or_sweeps():
+    """The engine is below evaluate/, report/ and sweep/: they run on it, it knows none of them."""
+    bad = sorted(f"{m} -> {d}" for m, deps in GRAPH.items() if _in(m, "optim") for d in deps
+                 if _in(d, "evaluate") or _in(d, "report") or _in(d, "sweep") or _in(d, "cli"))
+    assert not bad, "\n".join(bad)
+
+
 # What ops/ and kernels/ may use outside themselves: the low-level modules they use today.
 KERNEL_ALLOWED = {"vital_fast._backend", "vital_fast._ext", "vital_fast.reference", "vital_fast._validate"}
 

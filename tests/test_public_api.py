@@ -15,6 +15,8 @@ def test_all_snapshot():
         "LRPWeightFunction", "SortMatchLoss", "SortMatchLossFunction", "__version__",
         "available_backends", "channel_importance", "lrp_weight", "sort_match_loss",
         "sorted_prototype",
+        # the newcomer's entry points (loaded on first use)
+        "visualize", "load_model", "save_result", "Settings", "Target", "Objective", "Parametrization",
     ])
     for name in vital_fast.__all__:
         assert getattr(vital_fast, name) is not None
@@ -22,7 +24,7 @@ def test_all_snapshot():
 
 @pytest.mark.parametrize("module", [
     "vital_fast._backend", "vital_fast.ops.sort_match", "vital_fast.ops.lrp_weight",
-    "vital_fast.ops.prototype",
+    "vital_fast.ops.prototype", "vital_fast.optim.objectives",
 ])
 def test_docstring_examples(module):
     mod = importlib.import_module(module)

@@ -1,8 +1,19 @@
 """vital_fast: fast VITAL feature visualization for PyTorch.
 
-The fused sort-matching loss (:func:`sort_match_loss`), its LRP-weighted form
-(:func:`lrp_weight`), reference prototypes (:func:`sorted_prototype`), and the backends behind
-them (:func:`available_backends`). Importing this package loads nothing compiled.
+The names a newcomer reaches first::
+
+    import vital_fast as vf
+    model = vf.load_model("efficientnet-lite0")
+    result = vf.visualize(model, ["class:967"], {"class:967": "photos/espresso/"})
+    vf.save_result(result, "runs/espresso")
+
+:func:`visualize` runs a method (``"vital"``, or a baseline) on an image parametrization
+(:class:`Parametrization`: ``"pixel"``, ``"fourier"``, ``"maco"``), or the caller's own
+:class:`Objective` (objectives compose: ``a + 0.1 * b``); :class:`Settings` and :class:`Target`
+describe the run. The fused ops (:func:`sort_match_loss` and :class:`SortMatchLoss`,
+:func:`lrp_weight`, :func:`sorted_prototype`) are drop-in losses for other tools, with the backends
+behind them in :func:`available_backends`. Importing this package loads nothing compiled; the
+optimizer, models and results modules load on first use.
 """
 
 from vital_fast._backend import available_backends
@@ -17,14 +28,47 @@ from vital_fast.ops import (
     sorted_prototype,
 )
 
+_LAZY = {
+    "visualize": ("vital_fast.optim.visualize", "visualize"),
+    "load_model": ("vital_fast.models", "load_model"),
+    "save_result": ("vital_fast.results", "save_result"),
+    "Settings": ("vital_fast.optim.presets", "Settings"),
+    "Target": ("vital_fast.optim.targets", "Target"),
+    "Objective": ("vital_fast.optim.objectives", "Objective"),
+    "Parametrization": ("vital_fast.optim.parametrizations", "Parametrization"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vital_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "LRPWeightFunction",
+    "Objective",
+    "Parametrization",
+    "Settings",
     "SortMatchLoss",
     "SortMatchLossFunction",
+    "Target",
     "__version__",
     "available_backends",
     "channel_importance",
+    "load_model",
     "lrp_weight",
+    "save_result",
     "sort_match_loss",
     "sorted_prototype",
+    "visualize",
 ]

@@ -113,14 +113,15 @@ def run_header(result, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]
         "tool": "vital_fast", "format": MANIFEST_FORMAT, "version": __version__,
         "torch": torch.__version__, "python": platform.python_version(),
         "model": {"name": result.model_name, "fingerprint": result.fingerprint},
-        "settings": result.settings.to_dict(), **(extra or {}),
+        "settings": result.settings.to_dict(), "method": getattr(result, "method", "vital"),
+        **({"param": result.param} if getattr(result, "param", None) else {}), **(extra or {}),
     }
 
 
 def result_identity(result, seed: Optional[int], extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The run identity (:func:`vital_fast.runfolder.run_identity`) of a result saved with ``extra``."""
     extra = extra or {}
-    return run_identity(model=result.model_name, fingerprint=result.fingerprint, method=extra.get("method", "vital"),
+    return run_identity(model=result.model_name, fingerprint=result.fingerprint, method=extra.get("method", getattr(result, "method", "vital")),
                         seed=seed if seed is not None else -1, settings=result.settings.to_dict(),
                         size=extra.get("size"), preset=extra.get("preset"))
 

@@ -87,20 +87,9 @@ class FolderLock:
     def _describe(self, text: str) -> None:
         """Write ``OUT/.lock.holder`` whole or not at all (a reader never sees half of it)."""
         assert self.path is not None
-        tmp = os.path.join(self.path, f".tmp-lock-holder-{os.getpid()}-{time.time_ns()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as with open()
-        try:
-            try:
-                os.write(fd, text.encode("utf-8"))
-            finally:
-                os.close(fd)
-            os.replace(tmp, os.path.join(self.path, LOCK_HOLDER))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        from vital_fast.references.cache import atomic_write_bytes
+
+        atomic_write_bytes(os.path.join(self.path, LOCK_HOLDER), text.encode("utf-8"))
         self._described = True
 
     def release(self) -> None:

@@ -102,6 +102,7 @@ def run_into_folder(
     on_step: Optional[Callable[[int], None]] = None,
     extra: Optional[dict] = None,
     method: str = "vital",
+    param: Optional[str] = None,
 ) -> dict:
     """Visualize ``targets`` in batches of ``batch``, saving each batch's results as it finishes."""
     labels = labels_for(targets)
@@ -115,10 +116,10 @@ def run_into_folder(
                 on_step(_base + step)
 
         res = visualize(loaded, chunk, {t.key: refs[t.key] for t in chunk}, settings=settings, seed=seed,
-                        size=size, cache=cache, progress=progress, method=method)
+                        size=size, cache=cache, progress=progress, method=method, param=param)
         done_steps += settings.steps
         manifest = save_result(res, out_dir, labels=labels, seed=seed,
-                               extra=dict(extra or {}, preset=preset, method=method),
+                               extra=dict(extra or {}, preset=preset, method=res.method),
                                annotations=annotate(loaded, res))
     return manifest
 

@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--random-weights", action="store_true", help="torchvision models: random weights")
     v.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
                    "(e.g. torchvision:resnet50)")
-    v.add_argument("--method", default="vital", help="vital (default) or a baseline: actmax, fourier, maco, bnstats")
+    v.add_argument("--method", default="vital", help="vital (default), a baseline (actmax, fourier, maco, bnstats) "
+                   "or a method registered with vital_fast.optim.methods.register_method")
+    v.add_argument("--param", default=None, metavar="NAME",
+                   help="image parametrization: pixel, fourier or maco (default: the method's own; vital: pixel)")
     v.add_argument("--channel-refs", choices=["image", "patch"], default=None,
                    help="channel references: top-k full images or patches at the unit (default: the preset's)")
     _common_run_args(v)
@@ -250,7 +253,8 @@ def _run_targets(args, loaded, targets, refs, settings, identity, extra=None) ->
     if targets:
         run_into_folder(loaded, targets, refs, args.out, settings, seed=args.seed, batch=args.batch,
                         cache=_cache(args), preset=args.preset, size=args.size, on_step=bar.update,
-                        extra=dict(extra or {}, run=identity), method=getattr(args, "method", "vital"))
+                        extra=dict(extra or {}, run=identity), method=getattr(args, "method", "vital"),
+                        param=getattr(args, "param", None))
     if os.path.isfile(os.path.join(args.out, "manifest.json")):
         index = build_gallery(args.out)
         print(f"wrote {args.out} (gallery: {index})")
@@ -298,6 +302,21 @@ def cmd_layers(args) -> int:
     return EXIT_OK
 
 
+def _method_label(args) -> str:
+    """The recorded method: ``vital``, ``fourier``..., or ``vital+fourier`` for a method on another
+    parametrization; an unknown method or parametrization is a usage error listing the valid ones."""
+    from vital_fast.optim.methods import get_method
+    from vital_fast.optim.parametrizations import get_parametrization
+
+    try:
+        m = get_method(args.method)
+        if args.param is None or args.param == m.param:
+            return m.name
+        return f"{m.name}+{get_parametrization(args.param).name}"
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_visualize(args) -> int:
     from vital_fast.cli.jobs import gather_references
     from vital_fast.optim import parse_target
@@ -309,12 +328,13 @@ def cmd_visualize(args) -> int:
     if not os.path.isdir(args.images):
         raise UsageError(f"--images: no such folder: {args.images}")
     settings = _settings(args)
+    _method_label(args)
     _check_out(args)
     loaded = _load(args)
     from vital_fast.models.facts import check_targets
 
     check_targets(loaded, targets)
-    with _owned_folder(args, loaded, settings, args.method) as identity:
+    with _owned_folder(args, loaded, settings, _method_label(args)) as identity:
         targets = _pending(args, targets)
         refs = gather_references(loaded, targets, args.images, settings, _cache(args), args.size) if targets else {}
         return _run_targets(args, loaded, targets, refs, settings, identity)

@@ -138,7 +138,7 @@ class Pixel(Parametrization):
         self._bounds: Dict[Any, Any] = {}
 
     def bounds(self, loaded, dev):
-        key = (tuple(loaded.mean), tuple(loaded.std), str(dev))
+        key = (tuple(float(v) for v in loaded.mean), tuple(float(v) for v in loaded.std), str(dev))
         if key not in self._bounds:
             self._bounds[key] = _bounds(loaded, dev)
         return self._bounds[key]

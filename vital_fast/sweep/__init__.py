@@ -8,20 +8,19 @@
     OUT/targets/<slug>/...      one folder per finished target, written atomically
     OUT/index-rank<R>.jsonl     append-only index: one fsynced line (the target's full record) per
                                 finished target, one file per rank
-    OUT/.lock                   an exclusive ``flock`` held by the running sweep (rank 0)
+    OUT/.lock                   the folder lock (``filelock``) held by the running sweep (rank 0);
+                                ``.lock.holder`` says who holds it
 
-**Engine.** A fixed number of *slots* (``batch``) each hold one target with its own image, its own
-step counter, its own Adam moments and bias correction, its own random generator and its own
-stage of the schedule. Every tick, the occupied slots are stacked (one stack per resolution when
-slots sit in different stages of a multi-resolution schedule), run through the network once,
-and each slot takes its own Adam step. A slot whose target finishes (its step budget, or with
-``early_stop`` a converged loss) is written out and immediately refilled with the next target,
-so the batch stays full. The Adam update is written out per slot with the same operations as
-``torch.optim.Adam``; per-slot arithmetic never mixes slots, so a target's result does not depend
-on its slot or its neighbours, and equals a single-target :func:`vital_fast.optim.visualize` run
-with the same seed (bit for bit with ``exact=True``, which turns oneDNN off: oneDNN convolutions
-round differently per batch size). The step mirrors the loop of ``visualize`` (transforms, relevance
-refresh, losses, priors) and reuses its helpers; ``tests/test_sweep.py`` checks that the two agree.
+**Engine.** The sweep runs VITAL's recipe on the one engine (:mod:`vital_fast.optim.engine`). A fixed
+number of *slots* (``batch``) each hold one target with its own image, its own optimizer (moments and
+step count), its own random generator and its own stage of the schedule. Every tick, the occupied slots
+are stacked (one stack per resolution when slots sit in different stages of a multi-resolution
+schedule), run through the network once, and each slot takes its own step. A slot whose target
+finishes (its step budget, or with ``early_stop`` a converged loss) is written out and immediately
+refilled with the next target, so the batch stays full. Per-slot arithmetic never mixes slots, so a
+target's result does not depend on its slot or its neighbours, and equals a single-target
+:func:`vital_fast.optim.visualize` run with the same seed (bit for bit with ``exact=True``, which turns
+oneDNN off: oneDNN convolutions round differently per batch size); ``tests/test_sweep.py`` checks it.
 
 **Resume.** A target counts as finished only when its folder is in place *and* its index line is
 written (the folder first, fsynced, then the line). On resume the index files are read (a torn last
@@ -41,7 +40,7 @@ and merges all ranks after the final barrier. The gloo backend is used for the f
 The package, one job a module: :mod:`~vital_fast.sweep.spec` (which targets: index specs),
 :mod:`~vital_fast.sweep.plan` (validation, identity, reference sources), :mod:`~vital_fast.sweep.journal`
 (identity, index files, manifest, fsync), :mod:`~vital_fast.sweep.dist` (torchrun coordination),
-:mod:`~vital_fast.sweep.engine` (the slots and their optimization) and :mod:`~vital_fast.sweep.driver`
+:mod:`~vital_fast.sweep.engine` (the engine with VITAL's recipe, and a finished slot's files) and :mod:`~vital_fast.sweep.driver`
 (:func:`run_sweep`: folder, lock, loop, results). The lock is :class:`vital_fast.runfolder.FolderLock`.
 """
 
