@@ -227,3 +227,52 @@ def test_cli_param_recorded(tmp_path, capsys):
                  str(tmp_path / "img"), "--out", str(out), "--size", "32", "--steps", "2", "--resume",
                  "--cache", str(tmp_path / "c")])
     assert code == 2 and "vital+fourier" in capsys.readouterr().err
+
+
+# --- mixed precision (Settings.amp, --amp) ---------------------------------------------------------
+
+@pytest.mark.parametrize("amp, name", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_amp_runs_the_network_in_half_and_keeps_the_image_float32(lm, refs, tmp_path, amp, name):
+    ref = visualize(lm, ["class:1", "channel:conv2:3"], {"class:1": refs, "channel:conv2:3": refs},
+                    settings=small(), cache=DiskCache(str(tmp_path)))
+    half = visualize(lm, ["class:1", "channel:conv2:3"], {"class:1": refs, "channel:conv2:3": refs},
+                     settings=small(amp=amp), cache=DiskCache(str(tmp_path)))
+    assert ref.precision == "float32" and half.precision == name
+    assert half.images.dtype == torch.float32 and half.losses.dtype == torch.float32
+    assert torch.isfinite(half.losses).all()
+    # the same optimization, rounded differently: the first step's losses agree to half precision
+    assert torch.allclose(half.losses[:, 0], ref.losses[:, 0], rtol=0.05, atol=1e-3)
+    assert half.settings.to_dict()["amp"] == amp and "amp" not in ref.settings.to_dict()
+
+
+def test_amp_choices_and_auto(monkeypatch):
+    from vital_fast.optim import precision
+
+    with pytest.raises(ValueError, match="unknown amp 'bf32'; valid: off, bf16, fp16, auto"):
+        precision.resolve_amp("bf32", "cpu")
+    assert precision.resolve_amp("off", "cpu") is None and precision.resolve_amp(None, "cpu") is None
+    monkeypatch.setattr(precision, "_cpu_has_fast_bf16", lambda: True)
+    assert precision.resolve_amp("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(precision, "_cpu_has_fast_bf16", lambda: False)
+    assert precision.resolve_amp("auto", "cpu") is None
+    with pytest.raises(ValueError, match="unknown amp"):
+        visualize(load_model(Tiny().eval(), input_size=32, resize_size=32), ["class:1"], method="actmax",
+                  settings=small(amp="bf32"), progress=_never)
+
+
+@pytest.mark.parametrize("device, fragment", [
+    ("cuda:7", "CUDA"), ("tpu", "not a torch device"), ("cpu", None),
+])
+def test_cli_device_and_amp_errors(tmp_path, capsys, device, fragment):
+    from vital_fast.cli.main import main
+
+    args = ["visualize", "--model", "efficientnet-lite0", "--target", "class:967", "--images", str(tmp_path),
+            "--out", str(tmp_path / "o"), "--device", device, "--steps", "1"]
+    if fragment is None:  # a valid device and an amp value argparse refuses
+        args += ["--amp", "bf32"]
+        fragment = "--amp"
+    code = main(args)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("vital-fast: error")]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    assert not (tmp_path / "o").exists()

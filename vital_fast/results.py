@@ -114,6 +114,7 @@ def run_header(result, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]
         "torch": torch.__version__, "python": platform.python_version(),
         "model": {"name": result.model_name, "fingerprint": result.fingerprint},
         "settings": result.settings.to_dict(), "method": getattr(result, "method", "vital"),
+        "precision": getattr(result, "precision", "float32"),
         **({"param": result.param} if getattr(result, "param", None) else {}), **(extra or {}),
     }
 

@@ -33,7 +33,10 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None, help="final resolution in pixels (default: the model's)")
     p.add_argument("--batch", type=int, default=8, help="targets optimized together in one pass (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="run seed; each target's seed derives from it (default: 0)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--amp", default=None, choices=["off", "bf16", "fp16", "auto"],
+                   help="mixed precision of the network: bf16, fp16, auto (bfloat16 on GPUs and CPUs with AMX) or "
+                   "off (default: the preset's, off); the image, optimizer and losses stay float32")
     p.add_argument("--cache", default=None, help="prototype cache folder (default: ~/.cache/vital_fast)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the prototype cache")
     p.add_argument("--force", action="store_true", help="write into an existing output folder, replacing its targets")
@@ -149,6 +152,8 @@ def _settings(args):
         s = s.replace(lrp_every=args.lrp_every)
     if getattr(args, "class_relevance", False):
         s = s.replace(class_relevance=True)
+    if getattr(args, "amp", None) is not None:
+        s = s.replace(amp=args.amp)
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     return s
@@ -222,12 +227,30 @@ def _owned_folder(args, loaded, settings, method: str):
 
 
 def _device(args):
+    """``--device`` as a torch device string that exists here (one line and exit 2 otherwise)."""
     import torch
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
-    if not (args.device == "cpu" or args.device.startswith("cuda")):
-        raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {args.device}: this machine has {n} CUDA device(s) (cuda:0-cuda:{n - 1})")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise UsageError(f"--device {args.device}: no {dev.type} device on this machine")
+    if getattr(args, "amp", None) not in (None, "off"):
+        from vital_fast.optim.precision import resolve_amp
+
+        try:
+            resolve_amp(args.amp, dev)
+        except ValueError as exc:
+            raise UsageError(f"--amp {args.amp}: {exc}") from None
     return args.device
 
 

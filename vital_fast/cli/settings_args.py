@@ -31,6 +31,7 @@ __all__ = ["apply_overrides", "coerce_setting", "load_config", "parse_set", "set
 CHOICES = {
     "channel_refs": ("image", "patch"),
     "lrp_composite": ("paper", "epsilon_plus", "epsilon_plus_flat"),
+    "amp": ("off", "bf16", "fp16", "auto"),
 }
 # Lower bounds of numeric fields (a value below breaks the run later, with a less clear message).
 MINIMUM = {

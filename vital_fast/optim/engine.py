@@ -23,6 +23,7 @@ the recipe's schedule (warm-up then cosine per stage, or constant).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from vital_fast.optim.objectives import Objective, StepContext, check_per_element
 from vital_fast.optim.parametrizations import Parametrization
+from vital_fast.optim.precision import FP16_LOSS_SCALE, autocast, precision_name, resolve_amp
 from vital_fast.optim.presets import Settings
 from vital_fast.optim.regularizers import lr_factor
 from vital_fast.optim.result import ProgressFn
@@ -133,6 +135,8 @@ class Engine:
         self.final = int(final_size)
         self.refs_for = refs_for
         self.dev = next(iter(loaded.model.parameters())).device
+        self.amp = resolve_amp(getattr(self.s, "amp", None), self.dev)
+        self.precision = precision_name(self.amp)
         self.sizes = [max(16, int(round(sc * final_size))) for sc, _ in self.s.stages]
         self.stage_steps = [int(n) for _, n in self.s.stages]
         self.total_steps = sum(self.stage_steps)
@@ -230,6 +234,8 @@ class Engine:
         return losses
 
     def _forward(self, view: torch.Tensor, slots: Sequence[Slot]):
+        """One network pass over ``view`` (under autocast with ``Settings.amp``): the tapped features
+        the objective asks for and, when it needs them, the logits."""
         from vital_fast.models import FeatureTaps
         from vital_fast.models.batching import pad_batch, unpad
 
@@ -241,20 +247,18 @@ class Engine:
         x = view if hooks is not None else pad_batch(view)  # one-element CPU batches run as two (batching.py)
         feats: Dict[str, torch.Tensor] = {}
         logits = None
-        if hooks is not None:
-            hooks.__enter__()
-        try:
+        with contextlib.ExitStack() as stack:
+            if hooks is not None:
+                stack.enter_context(hooks)
+            stack.enter_context(autocast(self.amp, self.dev))
             if layers and not logits_needed:
                 feats = FeatureTaps(model, layers, stop_after=True).run(x)
             elif layers:
-                with FeatureTaps(model, layers) as taps:
-                    logits = model(x)
-                    feats = dict(taps.outputs)
+                taps = stack.enter_context(FeatureTaps(model, layers))
+                logits = model(x)
+                feats = dict(taps.outputs)
             elif logits_needed:
                 logits = model(x)
-        finally:
-            if hooks is not None:
-                hooks.__exit__(None, None, None)
         feats = unpad(feats, n, x.shape[0])
         if logits is not None and logits.shape[0] != n:
             logits = logits[:n]
@@ -281,11 +285,16 @@ class Engine:
         feats, logits = self._forward(view, slots)
         ctx = StepContext(self, slots, image, view, r.views.repeat, feats, logits, S)
         total = check_per_element(r.objective(ctx), B, r.objective.name)
-        total.sum().backward()
+        scale = FP16_LOSS_SCALE if self.amp is torch.float16 else 1.0
+        (total.sum() * scale if scale != 1.0 else total.sum()).backward()
         grad = (p if img is p else img).grad
         if grad is None:
             raise ValueError(f"objective {r.objective.name} does not depend on the image (no gradient reached it)")
         grad = grad.detach()
+        if scale != 1.0:
+            grad = torch.nan_to_num(grad / scale, nan=0.0, posinf=0.0, neginf=0.0)
+            for sl in slots:
+                sl.p.grad = torch.nan_to_num(sl.p.grad / scale, nan=0.0, posinf=0.0, neginf=0.0)
         tot = total.detach().float().cpu()
         with torch.no_grad():
             for i, sl in enumerate(slots):

@@ -39,13 +39,21 @@ class Settings:
     # full images (4 channels of lite0 _blocks.10, `python -m benchmarks.bench_quality --only channel`).
     channel_refs: str = "patch"
     channel_stem_weight: float = 0.1  # weight of the first matched layer for channel targets (paper: 0.1)
+    # mixed precision of the network's forward and backward: "off" (float32), "bf16", "fp16" or "auto"
+    # (bfloat16 on GPUs and on CPUs with AMX, float32 elsewhere); see vital_fast.optim.precision
+    amp: str = "off"
 
     @property
     def steps(self) -> int:
         return sum(s for _, s in self.stages)
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except ``amp`` when "off": runs recorded before the field existed keep their
+        identity (``Settings(**d)`` gives the same settings back)."""
+        d = dataclasses.asdict(self)
+        if d.get("amp") == "off":
+            del d["amp"]
+        return d
 
     def replace(self, **kw: Any) -> "Settings":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}

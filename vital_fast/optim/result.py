@@ -31,6 +31,7 @@ class VisualizationResult:
     fingerprint: str = ""
     method: str = "vital"         # the recipe that ran ("vital", a baseline, "vital+fourier", "custom:...")
     param: Dict[str, object] = field(default_factory=dict)  # the parametrization and its options
+    precision: str = "float32"    # what the network ran in (Settings.amp resolved on the device)
 
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]

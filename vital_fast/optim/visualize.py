@@ -145,7 +145,7 @@ def _visualize(model, targets, references, preset, settings, seed, size, device,
     timings = engine.timings(t_start)
     return VisualizationResult(targets, images, transparency, losses, recipe.settings, [sl.seed for sl in slots],
                                ref_sets, layer_plan, timings, loaded.name, loaded.fingerprint, recipe.method,
-                               recipe.param.describe())
+                               recipe.param.describe(), engine.precision)
 
 
 def custom_recipe(objective: Objective, settings: Settings, param=None) -> Recipe:

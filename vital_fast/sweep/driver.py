@@ -175,6 +175,7 @@ def run_sweep(
             refs_for = _reference_source(plan, pending, cache, dist)
             engine = sweep_engine(plan.loaded, plan.settings, seed, plan.final, plan.class_layers, cache, refs_for,
                                   early_stop, early_stop_window, plan.targets)
+            header["precision"] = engine.precision
             run = _Run(engine, plan, pending, len(done_before), out_dir, dist, meta, header, progress, manifest_every,
                        t_start)
             run.loop(batch, refill)
