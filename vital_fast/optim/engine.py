@@ -145,6 +145,11 @@ class Engine:
         self.t_refs = self.t_lrp = self.t_opt = 0.0
         self.ticks = 0
         self.slot_steps = 0
+        # where a step's time goes (CPU wall time; on a GPU, without synchronization, launch time):
+        # rendering and views, the network's forward, the loss (relevance excluded: relevance_s),
+        # the backward, and the per-slot update (transparency, optimizer, projection, loss record)
+        self.phases: Dict[str, float] = {k: 0.0 for k in ("views_s", "forward_s", "loss_s", "backward_s",
+                                                          "update_s")}
         self._checked = False
 
     # --- slots -------------------------------------------------------------------------------
@@ -266,6 +271,7 @@ class Engine:
 
     def _step_group(self, S: int, slots: Sequence[Slot]) -> torch.Tensor:
         r, B = self.recipe, len(slots)
+        t0 = time.perf_counter()
         p = torch.cat([sl.p for sl in slots]) if B > 1 else slots[0].p
         bufs = {k: torch.cat([sl.buffers[k] for sl in slots]) for k in slots[0].buffers}
         img = r.param.render(p, bufs, self.loaded)
@@ -282,11 +288,16 @@ class Engine:
             view = r.views(image, gens, S, prog)
             if not normalized:
                 view = self.loaded.normalize(view)
+        t1 = time.perf_counter()
         feats, logits = self._forward(view, slots)
+        t2 = time.perf_counter()
+        lrp0, refs0 = self.t_lrp, self.t_refs
         ctx = StepContext(self, slots, image, view, r.views.repeat, feats, logits, S)
         total = check_per_element(r.objective(ctx), B, r.objective.name)
+        t3 = time.perf_counter()
         scale = FP16_LOSS_SCALE if self.amp is torch.float16 else 1.0
         (total.sum() * scale if scale != 1.0 else total.sum()).backward()
+        t4 = time.perf_counter()
         grad = (p if img is p else img).grad
         if grad is None:
             raise ValueError(f"objective {r.objective.name} does not depend on the image (no gradient reached it)")
@@ -306,6 +317,12 @@ class Engine:
                 sl.opt.zero_grad(set_to_none=True)
                 r.param.project(sl.p, self.loaded)
                 sl.losses.append(float(tot[i]))
+        ph = self.phases
+        ph["views_s"] += t1 - t0
+        ph["forward_s"] += t2 - t1
+        ph["loss_s"] += t3 - t2 - (self.t_lrp - lrp0) - (self.t_refs - refs0)
+        ph["backward_s"] += t4 - t3
+        ph["update_s"] += time.perf_counter() - t4
         for sl in slots:  # stage changes prepare references (LRP): outside no_grad
             self._advance(sl)
         return tot
@@ -336,4 +353,4 @@ class Engine:
         steps = self.total_steps
         return {"total_s": time.perf_counter() - t_start, "references_s": self.t_refs, "optimize_s": self.t_opt,
                 "relevance_s": self.t_lrp, "steps": steps, "s_per_step": self.t_opt / max(1, self.ticks),
-                "s_per_target_step": self.t_opt / max(1, self.slot_steps)}
+                "s_per_target_step": self.t_opt / max(1, self.slot_steps), **self.phases}
