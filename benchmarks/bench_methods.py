@@ -1,6 +1,6 @@
 """VITAL against the baselines on the offline demo's class targets, with equal step budgets.
 
-    python -m benchmarks.bench_methods [--methods vital actmax fourier maco bnstats] [--preset fast]
+    python -m benchmarks.bench_methods [--methods vital actmax fourier maco bnstats vital+fourier ...] [--preset fast]
                                        [--seeds 0 [1 ...]] [--out runs/bench-methods] [--threads 2]
                                        [--judge efficientnet-lite2] [--reuse] [--no-eval]
                                        [--model NAME] [--images FOLDER --classes 1 2 ...]
@@ -20,6 +20,16 @@ features of one target's images across seeds). A run folder that exists is reuse
 ``--reuse`` (so the runs can be made in several calls, e.g. ``--methods vital actmax --no-eval``,
 and evaluated together at the end).
 
+A method is a registered name (:data:`vital_fast.optim.methods.METHODS`) or ``METHOD+PARAM``, the
+method on another image parametrization (:data:`vital_fast.optim.parametrizations.PARAMETRIZATIONS`:
+``pixel``, ``fourier``, ``maco``), e.g. ``--methods vital vital+fourier actmax+fourier``: it runs
+``visualize(..., method=METHOD, param=PARAM)``, which gives a method on a parametrization other than
+its own that parametrization's usual learning rate (``fourier``: 0.05, constant; ``maco``: 1.0,
+constant; ``pixel``: the method's own). Its run folder (``--out/vital+fourier``), its manifest's
+``method`` and its table row carry the full name; the settings printed at the end give the
+learning rate and schedule it ran with. ``METHOD@AMP`` (``vital@bf16``, ``vital+fourier@bf16``) runs the
+network in mixed precision (``Settings.amp``) under its own row.
+
 With ``--images`` (a folder of class subfolders, such as ImageNet's validation set on your machine)
 and ``--classes``, the same comparison runs on your classes with their real reference images (the
 preset's ``n_refs`` per class: 8 for ``fast``, 50 for ``paper``), the setting of the paper's table.
@@ -33,16 +43,19 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from vital_fast.cli.demo import DEMO_CLASSES
 from vital_fast.cli.jobs import gather_references, labels_for
-from vital_fast.evaluate.baselines import METHODS, baseline_options
+from vital_fast.evaluate.baselines import METHODS
 from vital_fast.evaluate.metrics import compare_runs, markdown_table
 from vital_fast.models import load_model
 from vital_fast.optim import Target, get_preset, visualize
+from vital_fast.optim.methods import METHODS as REGISTERED_METHODS
+from vital_fast.optim.methods import build_recipe, method_options
+from vital_fast.optim.parametrizations import PARAMETRIZATIONS
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import load_images, offline_class_photos
 from vital_fast.results import save_result
@@ -53,6 +66,28 @@ COLUMNS = [
     ("judge_top1", "judge top-1", "%"), ("judge_top5", "judge top-5", "%"),
     ("judge_top1_rec", "judge top-1, refs recognized", "%"), ("fid", "FID (judge) ↓", ".1f"), ("w2", "W2 ↓", ".3g"),
 ]
+
+
+def parse_method(name: str) -> Tuple[str, Optional[str], str]:
+    """``"vital"`` -> ``("vital", None, "off")``; ``"vital+fourier@bf16"`` -> ``("vital", "fourier", "bf16")``.
+
+    Raises
+    ------
+    ValueError
+        An unknown method, parametrization or precision, or a malformed name (the valid ones listed).
+    """
+    spec, at, amp = name.partition("@")
+    if at and amp not in ("off", "bf16", "fp16", "auto"):
+        raise ValueError(f"--methods {name}: unknown precision {amp!r}; valid: off, bf16, fp16, auto "
+                         f"(as METHOD@AMP, e.g. vital@bf16)")
+    method, plus, param = spec.partition("+")
+    if method not in REGISTERED_METHODS:
+        raise ValueError(f"--methods {name}: unknown method {method!r}; valid: {', '.join(REGISTERED_METHODS)} "
+                         f"(optionally +PARAM, PARAM one of {', '.join(PARAMETRIZATIONS)})")
+    if plus and param not in PARAMETRIZATIONS:
+        raise ValueError(f"--methods {name}: unknown parametrization {param!r}; valid: {', '.join(PARAMETRIZATIONS)} "
+                         f"(as METHOD+PARAM, e.g. vital+fourier)")
+    return method, (param if plus else None), (amp if at else "off")
 
 
 def run_dir(out: str, method: str, seed: int, first_seed: int) -> str:
@@ -80,7 +115,9 @@ def per_seed_table(runs: Dict[str, List[str]], methods: List[str], seeds: List[i
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD[+PARAM]",
+                   help=f"methods to compare (default: {' '.join(METHODS)}); METHOD+PARAM runs a method on another "
+                        f"parametrization ({', '.join(PARAMETRIZATIONS)}), e.g. vital+fourier")
     p.add_argument("--preset", default="fast")
     p.add_argument("--out", default=os.path.join("runs", "bench-methods"))
     p.add_argument("--threads", type=int, default=2)
@@ -98,6 +135,12 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="class indices to visualize (default: the demo's six; needed with --images)")
     args = p.parse_args(argv)
+    try:
+        parsed = {m: parse_method(m) for m in args.methods}
+    except ValueError as err:
+        p.error(str(err))
+    if len(set(args.methods)) != len(args.methods):
+        p.error(f"--methods: a method is named twice in {' '.join(args.methods)}")
     torch.set_num_threads(args.threads)
     if args.images is None and args.classes is not None:
         p.error("--classes needs --images (the offline photographs cover only the demo's classes)")
@@ -118,7 +161,9 @@ def main(argv=None) -> int:
     print(f"{args.model}, {len(targets)} class targets, preset {args.preset} "
           f"({settings.steps} steps: {settings.stages}), seeds {args.seeds}, {args.threads} threads", file=sys.stderr)
     runs: Dict[str, List[str]] = {}
+    recipes = {m: build_recipe(base, settings, param=param) for m, (base, param, _) in parsed.items()}
     for m in args.methods:
+        base, param, amp = parsed[m]
         for seed in args.seeds:
             out = run_dir(args.out, m, seed, args.seeds[0])
             runs.setdefault(m, []).append(out)
@@ -127,14 +172,15 @@ def main(argv=None) -> int:
             if os.path.isdir(out):
                 shutil.rmtree(out)
             t0, c0 = time.perf_counter(), time.process_time()
-            res = visualize(loaded, targets, refs, settings=settings, seed=seed, method=m,
-                            cache=DiskCache(enabled=False))
+            res = visualize(loaded, targets, refs, settings=settings.replace(amp=amp), seed=seed, method=base,
+                            param=param, cache=DiskCache(enabled=False))
             wall = (time.perf_counter() - t0) / len(targets)
             cpu = (time.process_time() - c0) / len(targets)
             save_result(res, out, labels=labels, seed=seed,
                         extra={"preset": args.preset, "method": m, "bench_wall_s_per_target": wall,
-                               "bench_cpu_s_per_target": cpu})
-            print(f"{m:8s} seed {seed}: {wall:6.1f} s / target ({cpu:.1f} CPU s)  -> {out}", file=sys.stderr)
+                               "bench_cpu_s_per_target": cpu, "bench_lr": recipes[m].lr,
+                               "bench_schedule": recipes[m].schedule})
+            print(f"{m:14s} seed {seed}: {wall:6.1f} s / target ({cpu:.1f} CPU s)  -> {out}", file=sys.stderr)
     if args.no_eval:
         return 0
     all_runs = [r for m in args.methods for r in runs[m]]
@@ -158,8 +204,14 @@ def main(argv=None) -> int:
     print("\nsettings:", file=sys.stderr)
     print(f"  vital: {settings.to_dict()}", file=sys.stderr)
     for m in args.methods:
-        if m != "vital":
-            print(f"  {m}: {baseline_options(m)}", file=sys.stderr)
+        base, param, amp = parsed[m]
+        if amp != "off":
+            print(f"  {m}: network in {amp} (Settings.amp)", file=sys.stderr)
+        if base != "vital":
+            print(f"  {m}: {method_options(base)}", file=sys.stderr)
+        if param is not None:
+            r = recipes[m]
+            print(f"  {m}: parametrization {r.param.describe()}, lr {r.lr}, schedule {r.schedule}", file=sys.stderr)
     return 0
 
 
