@@ -1,6 +1,6 @@
 """What the optimizer's options cost or buy in quality, on efficientnet-lite0 with offline photographs.
 
-    python -m benchmarks.bench_quality [--only class|channel]
+    python -m benchmarks.bench_quality [--only class|channel] [--seeds 0 1 2] [--params pixel fourier]
 
 Class targets (the demo's six classes): top-1 / top-5 of the visualizations by lite0 itself and by
 efficientnet-lite2 as an independent judge, for the `fast` preset, the `fast` preset without its
@@ -63,7 +63,7 @@ def class_rows(model, judge, cache, seeds=(0,)):
         print(f"| {name} | " + " | ".join(f"{h}/{n}" for h in tot) + f" | {sum(spt) / len(spt):.3f} |", flush=True)
 
 
-def channel_rows(model, cache, n_channels=4, k=3):
+def channel_rows(model, cache, n_channels=4, k=3, params=("pixel",)):
     pool = load_images(offline_photo_paths())
     size = model.input_size
     top = mine_topk(model, DEMO_LAYER, pool, None, k, size, cache)
@@ -75,12 +75,15 @@ def channel_rows(model, cache, n_channels=4, k=3):
         "patch references, lrp_every=1": ("patch", fast.replace(channel_refs="patch")),
         "image references, lrp_every=4": ("image", fast.replace(lrp_every=4)),
     }
+    variants = {(f"{name}, {p}" if p != "pixel" else name): (mode, s, p) for p in params
+                for name, (mode, s) in variants.items()}
     print("| channel targets (4 of _blocks.10) | activation / mean top-k activation | s per target-step |")
     print("|---|---:|---:|")
-    for name, (mode, s) in variants.items():
+    for name, (mode, s, param) in variants.items():
         per = channel_reference_images(model, top, pool, mode, size)
         targets = [f"channel:{DEMO_LAYER}:{c}" for c in chans]
-        res = visualize(model, targets, {t: per[c] for t, c in zip(targets, chans)}, settings=s, seed=0, cache=cache)
+        res = visualize(model, targets, {t: per[c] for t, c in zip(targets, chans)}, settings=s, seed=0, cache=cache,
+                        param=param)
         with torch.no_grad(), FeatureTaps(model.model, [DEMO_LAYER], stop_after=True) as taps:
             a = taps.run(model.normalize(res.images))[DEMO_LAYER]
         got = a[torch.arange(len(chans)), torch.tensor(chans)].flatten(1).amax(1)
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["class", "channel"], default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="class targets: one run per seed, counts summed")
+    ap.add_argument("--params", nargs="+", default=["pixel"], help="channel targets: parametrizations to compare "
+                    "(pixel, fourier, maco); each variant once per parametrization")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = load_model("efficientnet-lite0")
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
     if a.only in (None, "class"):
         class_rows(model, load_model("efficientnet-lite2"), cache, a.seeds)
     if a.only in (None, "channel"):
-        channel_rows(model, cache)
+        channel_rows(model, cache, params=a.params)
     print(f"({time.time() - t0:.0f} s)")
     return 0
 

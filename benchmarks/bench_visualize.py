@@ -1,12 +1,16 @@
 """End-to-end optimizer speed: seconds per target per step, batched vs single vs the paper's loop.
 
     python -m benchmarks.bench_visualize [--models resnet50 efficientnet-lite0] [--size 224] [--steps 3]
+                                         [--amp off bf16] [--no-paper]
 
 For each model (ResNet-50 with random weights, since pretrained weights cannot be fetched here, and
 efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
 
 * vital_fast, B = 8 targets in one pass, class targets and channel targets (relevance every step);
 * vital_fast, B = 1;
+* for class targets, the network alone: a bare forward + backward up to the last matched layer
+  (input gradient only, same batch, same precision): the floor a class step can reach;
+* each of these once per ``--amp`` precision (``off`` float32, ``bf16``, ``fp16``), interleaved;
 * a loop written the way the paper's public code works (DESIGN.md §5): one target at a time, the
   features of 50 reference images re-sorted inside the loss at every step, parameters requiring
   gradients; for channel targets, the reference features' graph retained and backpropagated
@@ -42,12 +46,38 @@ def random_refs(key: str, n: int, size: int) -> ImageSet:
     return ImageSet(imgs, [f"{key}/{i}" for i in range(n)], [tensor_hash(i) for i in imgs])
 
 
-def time_vital(loaded, targets, size, steps, n_refs) -> float:
-    s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1)
+PHASE_KEYS = ("views_s", "forward_s", "loss_s", "relevance_s", "backward_s", "update_s")
+PHASES: dict = {}  # (batch, amp) -> where the last timed run's step time went (the engine's phase timings)
+
+
+def time_network(loaded, targets, size, steps, amp: str = "off") -> float:
+    """A bare forward + backward of the network up to the last matched layer (input gradient only,
+    same batch and precision): the floor a class step can reach. Seconds per target-step."""
+    from vital_fast.optim.precision import autocast, resolve_amp
+
+    layers = [l for l, _ in default_layers(loaded)]
+    dtype = resolve_amp(amp, "cpu")
+    x = torch.randn(max(2, len(targets)), 3, size, size)
+    times = []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        xr = x.clone().requires_grad_(True)
+        with autocast(dtype, "cpu"), FeatureTaps(loaded.model, layers, stop_after=True) as taps:
+            feats = taps.run(xr)
+        sum(f.float().mean() for f in feats.values()).backward()
+        if step:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(targets)
+
+
+def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off") -> float:
+    s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1,
+                 amp=amp)
     refs = {t: random_refs(t, n_refs, size) for t in targets}
     marks = []
     res = visualize(loaded, targets, refs, settings=s, size=size, cache=DiskCache(enabled=False),
                     progress=lambda i, n, l: marks.append(time.perf_counter()))
+    PHASES[(len(targets), amp)] = {k: res.timings.get(k, 0.0) for k in PHASE_KEYS}
     # the first step warms up (allocations, relevance composite); time the rest
     return (marks[-1] - marks[0]) / (len(marks) - 1) / len(targets)
 
@@ -116,6 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--refs", type=int, default=50, help="reference images per target (paper: 50)")
     ap.add_argument("--paper-refs", type=int, default=None, help="references in the paper loop (default: --refs)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median)")
+    ap.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16", "fp16", "auto"],
+                    help="precisions to time (e.g. --amp off bf16: float32 and bfloat16 rows, interleaved)")
+    ap.add_argument("--no-paper", action="store_true", help="skip the paper-style loop rows")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(f"threads {a.threads}, {a.size} px, {a.steps} timed steps, {a.refs} references per target")
@@ -126,20 +159,33 @@ def main(argv=None) -> int:
         layer = CHANNEL_LAYER.get(loaded.family, default_layers(loaded)[-2][0])
         for kind in ("class", "channel"):
             tg = [f"class:{i * 7}" if kind == "class" else f"channel:{layer}:{i}" for i in range(a.batch)]
-            provs = {
-                "paper-style loop (B=1)": lambda: time_paper_loop(loaded, tg[0], a.size, a.steps, a.paper_refs or a.refs),
-                "vital_fast B=1": lambda: time_vital(loaded, tg[:1], a.size, a.steps, a.refs),
-                f"vital_fast B={a.batch}": lambda: time_vital(loaded, tg, a.size, a.steps, a.refs),
-            }
+            provs = {}
+            if not a.no_paper:
+                provs["paper-style loop (B=1)"] = lambda: time_paper_loop(loaded, tg[0], a.size, a.steps,
+                                                                          a.paper_refs or a.refs)
+            for amp in a.amp:
+                tag = "" if amp == "off" else f" {amp}"
+                provs[f"vital_fast B=1{tag}"] = lambda amp=amp: time_vital(loaded, tg[:1], a.size, a.steps, a.refs, amp)
+                provs[f"vital_fast B={a.batch}{tag}"] = lambda amp=amp: time_vital(loaded, tg, a.size, a.steps, a.refs,
+                                                                                   amp)
+                if kind == "class":
+                    provs[f"network fwd+bwd B={a.batch}{tag}"] = lambda amp=amp: time_network(loaded, tg, a.size,
+                                                                                              a.steps, amp)
             # interleaved rounds: machine noise hits every provider alike; the median per provider
             got = {k: [] for k in provs}
             for _ in range(a.rounds):
                 for k, fn in provs.items():
                     got[k].append(fn())
             med = {k: statistics.median(v) for k, v in got.items()}
-            paper, one = med["paper-style loop (B=1)"], med["vital_fast B=1"]
+            paper, one = med.get("paper-style loop (B=1)"), med.get("vital_fast B=1", next(iter(med.values())))
             for prov, v in med.items():
-                print(f"| {name} | {kind} | {prov} | {v:.3f} | {paper / v:.1f}x | {one / v:.2f}x |", flush=True)
+                vs_paper = f"{paper / v:.1f}x" if paper else "-"
+                print(f"| {name} | {kind} | {prov} | {v:.4f} | {vs_paper} | {one / v:.2f}x |", flush=True)
+            for (b, amp), ph in sorted(PHASES.items()):
+                tot = sum(ph.values()) or 1.0
+                print(f"  where a {kind} step of B={b} ({amp}) goes: "
+                      + ", ".join(f"{k[:-2]} {100 * v / tot:.0f}%" for k, v in ph.items()), flush=True)
+            PHASES.clear()
     return 0
 
 
