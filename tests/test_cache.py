@@ -191,11 +191,13 @@ def test_bad_mining_entry_recomputed(tmp_path):
     (path,) = entries(tmp_path, "mine")
 
     def wrong_channels(v):  # as if mined from another model: 15 channels
-        return {"score": v["score"][:, :15], "loc": v["loc"][:, :15], "grid": v["grid"]}
+        return dict(v, score=v["score"][:15], index=v["index"][:15], loc=v["loc"][:15])
 
-    for damage, reason in ((wrong_channels, r"scores has shape \(5, 15\), expected \(5, 16\)"),
+    # the entry holds each channel's running top-k: (channels, k) scores and image indices
+    for damage, reason in ((wrong_channels, r"scores has shape \(15, 2\), expected \(16, 2\)"),
                            (lambda v: dict(v, score=v["score"] * float("nan")), "NaN"),
-                           (lambda v: dict(v, loc=v["loc"] + 100), "outside")):
+                           (lambda v: dict(v, loc=v["loc"] + 100), "outside"),
+                           (lambda v: dict(v, index=v["index"] + 5), "outside the pool")):
         rewrite(path, damage)
         with pytest.warns(UserWarning, match=reason):
             top = mine_topk(m, "conv2", pool, [1, 3], 2, 32, cache)

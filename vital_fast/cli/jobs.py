@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
+from vital_fast.cli.progress import Progress
 from vital_fast.optim import Settings, Target, visualize
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import (
@@ -15,6 +16,7 @@ from vital_fast.references.images import (
     load_images,
 )
 from vital_fast.references.mining import channel_reference_images, mine_topk
+from vital_fast.references.pool import ImagePool
 from vital_fast.results import read_manifest, save_result
 
 
@@ -24,7 +26,8 @@ def gather_references(
     """Reference images for each target from a folder (checked before any optimization).
 
     Class targets read the subfolder named by the class index or WordNet id; channel targets
-    mine the top-k of every image under the folder, in one pass per layer.
+    mine the top-k of every image under the folder, in one streaming pass per layer (the images
+    are read lazily, in DataLoader workers; only each channel's winners are read again).
     """
     if not os.path.isdir(images):
         raise ValueError(f"--images: no such folder: {images}")
@@ -43,11 +46,14 @@ def gather_references(
         files = list_image_files(images)
         if not files:
             raise ValueError(f"--images: no image files under {images} to mine channel references from")
-        pool = load_images(files, what=f"candidate images under {images}")
+        pool = ImagePool.from_files(files, root=images, what=f"candidate images under {images}")
+        pool.check()  # no readable image: fail before any mining
         k = min(settings.n_refs, len(pool))
         for layer in sorted({t.layer for t in chan}):
             ts = [t for t in chan if t.layer == layer]
-            top = mine_topk(loaded, layer, pool, [t.index for t in ts], k, size or loaded.input_size, cache)
+            bar = Progress(len(pool), label=f"mining {layer}")
+            top = mine_topk(loaded, layer, pool, [t.index for t in ts], k, size or loaded.input_size, cache,
+                            progress=lambda done, total, rate, bar=bar: bar.update(done, f"{rate:.1f} images/s"))
             per = channel_reference_images(loaded, top, pool, settings.channel_refs, size or loaded.input_size)
             for t in ts:
                 refs[t.key] = per[t.index]

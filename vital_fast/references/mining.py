@@ -1,21 +1,29 @@
-"""Top-k reference mining for channel targets: one pass over a pool of images for all channels.
+"""Top-k reference mining for channel targets: one streaming pass over a pool of images for all channels.
 
 Each image is scored per channel by the channel's spatial maximum at the layer; each channel keeps
-the k best distinct images. References are either those full images (what the paper's code uses)
-or patches cropped around the most active location, with a box sized to the unit's receptive
-field and resized to the model's input size (what the paper describes).
+the k best distinct images. The pool (:class:`~vital_fast.references.pool.ImagePool`: a folder, a
+list of files, a dataset or an in-memory :class:`ImageSet`) is read in batches by DataLoader
+workers and never held whole in memory: per channel only the running top-k (score, image index,
+location) is kept, and only the winners are read again to make references. References are either
+those full images (what the paper's code uses) or patches cropped around the most active location,
+with a box sized to the unit's receptive field and resized to the model's input size (what the
+paper describes).
 """
 
 from __future__ import annotations
 
+import sys
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Union
 
 import torch
 import torch.nn.functional as F
 
 from vital_fast.references.cache import DiskCache, check_tensor
-from vital_fast.references.images import ImageSet, resize_center_crop
+from vital_fast.references.images import ImageSet
+from vital_fast.references.pool import ImagePool, as_pool
 
 CHANNEL_REF_MODES = ("image", "patch")
 
@@ -31,6 +39,17 @@ class TopK:
     loc: torch.Tensor        # (n_channels, k, 2) (y, x) of the max, in the layer's grid
     grid: tuple              # (H, W) of the layer at the mining resolution
     mean_score: torch.Tensor  # (n_channels,) mean of the top-k scores (evaluation: relative activation)
+
+    def select(self, channels: Sequence[int]) -> "TopK":
+        """The rows of ``channels`` (each one of :attr:`channels`), as :func:`mine_topk` would give them."""
+        row = {c: i for i, c in enumerate(self.channels)}
+        missing = [int(c) for c in channels if int(c) not in row]
+        if missing:
+            raise ValueError(f"channel(s) {missing[:5]} were not mined for layer {self.layer!r}")
+        rows = torch.tensor([row[int(c)] for c in channels], dtype=torch.long)
+        s = self.score[rows].contiguous()
+        return TopK(self.layer, [int(c) for c in channels], self.index[rows].contiguous(), s,
+                    self.loc[rows].contiguous(), self.grid, s.t().contiguous().mean(0))
 
 
 def receptive_field(loaded, layer: str, size: int) -> int:
@@ -52,78 +71,147 @@ def receptive_field(loaded, layer: str, size: int) -> int:
     return int(min(size, max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)))
 
 
-def mine_topk(
-    loaded,
-    layer: str,
-    pool: ImageSet,
-    channels: Optional[Sequence[int]],
-    k: int,
-    size: int,
-    cache: Optional[DiskCache] = None,
-    batch: int = 8,
-) -> TopK:
-    """Score every image of ``pool`` for every channel of ``layer`` in one pass; keep the top ``k``.
-
-    Raises
-    ------
-    ValueError
-        A channel out of range for the layer, or ``k`` larger than the pool.
-    """
-    from vital_fast.models import FeatureTaps
-
-    if k > len(pool):
-        raise ValueError(f"top-k mining: k = {k} references asked for, but the image pool holds only {len(pool)} images")
-    cache = cache or DiskCache(enabled=False)
-    parts = {"model": loaded.fingerprint, "layer": layer, "images": pool.hashes, "size": size,
-             "resize": loaded.resize_size / loaded.input_size}
-
-    def compute():
-        dev = next(iter(loaded.model.parameters())).device
-        resize = int(round(size * loaded.resize_size / loaded.input_size))
-        scores, locs, grid = [], [], None
-        with torch.no_grad(), FeatureTaps(loaded.model, [layer], detach=True, stop_after=True) as taps:
-            for i in range(0, len(pool), batch):
-                x = torch.stack([resize_center_crop(im, size, resize) for im in pool.images[i:i + batch]])
-                a = taps.run(loaded.normalize(x).to(dev))[layer].float().cpu()
-                if a.dim() == 3:  # tokens (B, N, C) -> (B, C, N, 1)
-                    a = a.transpose(1, 2)[..., None]
-                grid = tuple(a.shape[2:])
-                flat = a.flatten(2)
-                s, arg = flat.max(dim=2)
-                scores.append(s)
-                locs.append(torch.stack([arg // grid[-1], arg % grid[-1]], dim=-1))
-        return {"score": torch.cat(scores), "loc": torch.cat(locs), "grid": torch.tensor(grid)}
+def _validate_entry(loaded, layer: str, pool: ImagePool, k: int):
+    """A validator for a cached top-k entry of ``layer`` over ``pool``."""
 
     def validate(val):
         from vital_fast.references.prototypes import layer_channels
 
-        if not isinstance(val, dict) or not {"score", "loc", "grid"} <= set(val):
+        if not isinstance(val, dict) or not {"score", "index", "loc", "grid", "n"} <= set(val):
             raise ValueError("not a top-k mining entry")
         check_tensor(val["grid"], "grid", ndim=1, floating=False)
         grid = [int(g) for g in val["grid"]]
         if len(grid) != 2 or min(grid) < 1:
             raise ValueError(f"bad grid {grid}")
+        n = int(val["n"])
+        if not 1 <= n <= len(pool):
+            raise ValueError(f"{n} images scored, for a pool of {len(pool)}")
         c = layer_channels(loaded, layer, None)  # (B, N, C) outputs are read as (B, C, N, 1)
-        check_tensor(val["score"], "scores", shape=(len(pool), c))
-        check_tensor(val["loc"], "locations", shape=(len(pool), val["score"].shape[1], 2), floating=False)
-        loc = val["loc"]
+        kk = min(k, n)
+        check_tensor(val["score"], "scores", shape=(c, kk))
+        c = val["score"].shape[0]
+        check_tensor(val["index"], "image indices", shape=(c, kk), floating=False)
+        check_tensor(val["loc"], "locations", shape=(c, kk, 2), floating=False)
+        idx, loc = val["index"], val["loc"]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(pool)):
+            raise ValueError(f"image indices outside the pool of {len(pool)}")
+        if kk > 1 and bool((idx.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("an image repeated among a channel's top-k")
         if loc.numel() and (bool((loc < 0).any()) or int(loc[..., 0].max()) >= grid[0]
                             or int(loc[..., 1].max()) >= grid[1]):
             raise ValueError(f"locations outside the {grid[0]}x{grid[1]} grid")
 
-    val = cache.get_or_compute("mine", parts, compute, validate)
-    score_all, loc_all = val["score"], val["loc"]  # (N, C), (N, C, 2)
-    n_ch = score_all.shape[1]
+    return validate
+
+
+def _stream_topk(loaded, layer: str, pool: ImagePool, k: int, size: int, batch: int, workers: Optional[int],
+                 progress: Optional[Callable[[int, int, float], None]]) -> dict:
+    """One pass over ``pool`` for every channel of ``layer``: per channel the running top ``k`` scores (spatial
+    max), with their image index and location; ties go to the lower index."""
+    from vital_fast.models import FeatureTaps
+
+    dev = next(iter(loaded.model.parameters())).device
+    resize = int(round(size * loaded.resize_size / loaded.input_size))
+    run_s = run_i = run_a = None
+    grid = None
+    n = 0
+    t0 = time.perf_counter()
+
+    def report(done):
+        if progress is not None:
+            progress(done, len(pool), done / max(time.perf_counter() - t0, 1e-9))
+
+    with torch.no_grad(), FeatureTaps(loaded.model, [layer], detach=True, stop_after=True) as taps:
+        for idx, x in pool.batches(size, resize, batch, workers, on_item=report):
+            a = taps.run(loaded.normalize(x).to(dev))[layer].float()
+            if a.dim() == 3:  # tokens (B, N, C) -> (B, C, N, 1)
+                a = a.transpose(1, 2)[..., None]
+            grid = tuple(int(g) for g in a.shape[2:])
+            s, arg = a.flatten(2).max(dim=2)  # (B, C) each
+            s, arg = s.cpu().t(), arg.cpu().t()  # (C, B)
+            ii = idx[None, :].expand_as(s)
+            if run_s is not None:  # the running top-k first: on ties, the stable sort keeps the lower index
+                s, ii, arg = torch.cat([run_s, s], 1), torch.cat([run_i, ii], 1), torch.cat([run_a, arg], 1)
+            order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+            run_s, run_i, run_a = s.gather(1, order), ii.gather(1, order), arg.gather(1, order)
+            n += len(idx)
+    if n == 0 or run_s is None:
+        raise ValueError(f"{pool.what}: no usable image among the {len(pool)} in {pool.source}"
+                         + (f" (first: {pool.first_skip})" if pool.first_skip else ""))
+    loc = torch.stack([run_a // grid[1], run_a % grid[1]], dim=-1)
+    return {"score": run_s.contiguous(), "index": run_i.contiguous(), "loc": loc.contiguous(),
+            "grid": torch.tensor(grid), "n": n, "skipped": pool.skipped}
+
+
+def mine_topk(
+    loaded,
+    layer: str,
+    pool: Union[ImagePool, ImageSet, Any],
+    channels: Optional[Sequence[int]],
+    k: int,
+    size: int,
+    cache: Optional[DiskCache] = None,
+    batch: int = 8,
+    *,
+    workers: Optional[int] = None,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+) -> TopK:
+    """Score every image of ``pool`` for every channel of ``layer`` in one streaming pass; keep the top ``k``.
+
+    ``pool``: an :class:`ImagePool` (a folder, files or a dataset, read lazily in ``workers`` DataLoader
+    processes), an in-memory :class:`ImageSet`, or anything :func:`as_pool` takes. Memory does not grow with
+    the pool: per channel only the running top-k (score, image index, location) is kept. The result for
+    all channels of the layer is cached (keyed by the pool's fingerprint, or an :class:`ImageSet`'s content
+    hashes; written once at the end, atomically: an interrupted pass leaves no entry). Unreadable images
+    are skipped and counted (one warning); when fewer than ``k`` can be read, each channel gets them all
+    (the result has fewer columns), as an in-memory set of the readable images would give.
+    ``progress(done, total, images_per_second)`` is called as images are read.
+
+    Raises
+    ------
+    ValueError
+        Before any work: a channel out of range for the layer, ``k`` < 1 or larger than the pool, a pool
+        with no readable image, a dataset whose items are not images.
+    """
+    pool = as_pool(pool, what="top-k mining pool", workers=workers)
+    if k > len(pool):
+        raise ValueError(f"top-k mining: k = {k} references asked for, but the image pool holds only "
+                         f"{len(pool)} images")
+    if k < 1:
+        raise ValueError(f"top-k mining: k must be >= 1, got {k}")
+    from vital_fast.references.prototypes import layer_channels
+
+    known = layer_channels(loaded, layer, None)
+    if known is not None and channels is not None:
+        _check_channels(layer, [int(c) for c in channels], known)
+    pool.check()
+    cache = cache or DiskCache(enabled=False)
+    ident = pool.cache_parts()
+    validate = _validate_entry(loaded, layer, pool, k)
+
+    def compute():
+        return _stream_topk(loaded, layer, pool, k, size, batch, workers, progress)
+
+    if ident is None:
+        val = compute()
+    else:
+        parts = {"model": loaded.fingerprint, "layer": layer, **ident, "size": size,
+                 "resize": loaded.resize_size / loaded.input_size, "k": k, "entry": "running-topk"}
+        val = cache.get_or_compute("mine", parts, compute, validate)
+    score_all, index_all, loc_all = val["score"], val["index"], val["loc"]  # (C, kk), (C, kk), (C, kk, 2)
+    n_ch = score_all.shape[0]
     chans = list(range(n_ch)) if channels is None else [int(c) for c in channels]
+    _check_channels(layer, chans, n_ch)
+    rows = torch.tensor(chans, dtype=torch.long)
+    top_s = score_all[rows].contiguous()
+    return TopK(layer, chans, index_all[rows].contiguous(), top_s, loc_all[rows].contiguous(),
+                tuple(int(g) for g in val["grid"]), top_s.t().contiguous().mean(0))
+
+
+def _check_channels(layer: str, chans: Sequence[int], n_ch: int) -> None:
     bad = [c for c in chans if not 0 <= c < n_ch]
     if bad:
         raise ValueError(f"layer {layer!r} has {n_ch} channels (0-{n_ch - 1}); got channel(s) {bad[:5]}")
-    sel = score_all[:, chans]  # (N, n)
-    top_s, top_i = sel.topk(k, dim=0)  # distinct images per channel
-    ch_idx = torch.tensor(chans)
-    loc = loc_all[top_i, ch_idx[None, :]]  # (k, n, 2)
-    return TopK(layer, chans, top_i.T.contiguous(), top_s.T.contiguous(), loc.permute(1, 0, 2).contiguous(),
-                tuple(int(g) for g in val["grid"]), top_s.mean(0))
 
 
 def crop_patch(loaded, img: torch.Tensor, loc, grid, rf: int, size: int) -> torch.Tensor:
@@ -145,19 +233,51 @@ def crop_patch(loaded, img: torch.Tensor, loc, grid, rf: int, size: int) -> torc
     return F.interpolate(patch[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
 
 
-def channel_reference_images(loaded, topk: TopK, pool: ImageSet, mode: str, size: int) -> Dict[int, ImageSet]:
-    """Per channel, its reference images: the top-k full images, or patches around the unit."""
+def channel_reference_images(loaded, topk: TopK, pool: Union[ImagePool, ImageSet, Any], mode: str,
+                             size: int) -> Dict[int, ImageSet]:
+    """Per channel, its reference images: the top-k full images, or patches around the unit. Reads only the
+    winners from ``pool`` (the pool :func:`mine_topk` mined, or an :class:`ImageSet`)."""
     if mode not in CHANNEL_REF_MODES:
         raise ValueError(f"channel reference mode must be one of {CHANNEL_REF_MODES}, got {mode!r}")
+    pool = as_pool(pool)
     out: Dict[int, ImageSet] = {}
     rf = receptive_field(loaded, topk.layer, size) if mode == "patch" else 0
+    recent: "OrderedDict[int, tuple]" = OrderedDict()  # images shared by several channels are read once
+
+    def read(i: int):
+        if i not in recent:
+            img = pool.load(i)
+            recent[i] = (img, pool.hash(i, img))
+            if len(recent) > 32:
+                recent.popitem(last=False)
+        recent.move_to_end(i)
+        return recent[i]
+
     for row, c in enumerate(topk.channels):
         idx = [int(i) for i in topk.index[row]]
+        got = [read(i) for i in idx]
         if mode == "image":
-            out[c] = pool.subset(idx)
+            out[c] = ImageSet([g[0] for g in got], [pool.names[i] for i in idx], [g[1] for g in got])
         else:
-            imgs = [crop_patch(loaded, pool.images[i], topk.loc[row, j], topk.grid, rf, size) for j, i in enumerate(idx)]
+            imgs = [crop_patch(loaded, g[0], topk.loc[row, j], topk.grid, rf, size) for j, g in enumerate(got)]
             names = [f"{pool.names[i]}#patch{tuple(int(v) for v in topk.loc[row, j])}" for j, i in enumerate(idx)]
-            hashes = [f"{pool.hashes[i]}-{int(topk.loc[row, j, 0])}-{int(topk.loc[row, j, 1])}-{rf}" for j, i in enumerate(idx)]
+            hashes = [f"{g[1]}-{int(topk.loc[row, j, 0])}-{int(topk.loc[row, j, 1])}-{rf}"
+                      for j, g in enumerate(got)]
             out[c] = ImageSet(imgs, names, hashes)
     return out
+
+
+def print_progress(label: str, stream: Optional[TextIO] = None, every: float = 15.0
+                   ) -> Callable[[int, int, float], None]:
+    """A ``progress`` for :func:`mine_topk` that writes ``label: done/total images, N images/s`` every ``every``
+    seconds, and a last line at the end when it wrote any (a pass shorter than ``every`` stays silent)."""
+    state = {"last": time.perf_counter(), "said": False}
+
+    def report(done: int, total: int, rate: float) -> None:
+        now = time.perf_counter()
+        if now - state["last"] < every and not (done >= total and state["said"]):
+            return
+        state["last"], state["said"] = now, True
+        print(f"{label}: {done}/{total} images, {rate:.1f} images/s", file=stream or sys.stderr, flush=True)
+
+    return report

@@ -16,6 +16,7 @@ from vital_fast.optim.targets import Target
 from vital_fast.models.facts import check_resolution, check_size, check_targets, layer_table
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet, list_image_files, load_images
+from vital_fast.references.pool import ImagePool, as_pool
 from vital_fast.sweep.dist import _Dist
 from vital_fast.sweep.journal import ENGINE_VERSION, _identity_id
 from vital_fast.sweep.spec import _compact, parse_index_spec
@@ -62,7 +63,7 @@ class _Plan:
     class_list: List[int]
     final: int
     class_layers: List[Tuple[str, float]]
-    pool: Optional[ImageSet]
+    pool: Optional[ImagePool]  # read lazily: only the mining pass and each channel's winners decode images
     class_src: Dict[int, Any]
     ident: Dict[str, Any]
     sweep_id: str
@@ -115,11 +116,18 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
     for S in sorted({max(16, int(round(sc * final))) for sc, _ in settings.stages}):
         check_resolution(loaded, S)
     cls_layers = [(l, float(w)) for l, w in (class_layers if class_layers is not None else default_layers(loaded))]
-    # images: the mining pool (loaded now) and the class folders (checked now, loaded per target)
+    # images: the mining pool (listed and checked now, read lazily) and the class folders (checked now,
+    # loaded per target)
     class_src: Dict[int, Any] = {}
-    pool: Optional[ImageSet] = None
-    if isinstance(images, ImageSet):
-        pool, listing = images, images.digest()
+    pool: Optional[ImagePool] = None
+    if not isinstance(images, (str, os.PathLike)):  # an ImageSet, an ImagePool or a dataset of images
+        pool = as_pool(images, what="sweep: candidate images")
+        if chan_list:
+            pool.check()
+        listing = pool.identity()
+        if listing is None:
+            raise ValueError("sweep: a dataset of candidate images needs a fingerprint (ImagePool.from_dataset("
+                             "dataset, fingerprint=...)): it names the sweep")
         missing = [c for c in class_list if class_images is None or c not in class_images]
         if missing:
             raise ValueError(f"sweep: no reference images for class {missing[0]} (pass class_images)")
@@ -143,11 +151,12 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
         if chan_list:
             if not files:
                 raise ValueError(f"--images: no image files under {images} to mine channel references from")
-            pool = load_images(files, what=f"candidate images under {images}")
+            pool = ImagePool.from_files(files, root=images, what=f"candidate images under {images}")
+            pool.check()  # no readable image: fail now, before anything is written
     ident = {
         "engine": ENGINE_VERSION, "model": loaded.name, "fingerprint": loaded.fingerprint, "layer": layer,
         "channels": _compact(chan_list), "classes": _compact(class_list), "settings": settings.to_dict(),
-        "seed": int(seed), "size": final, "images": listing if pool is None else f"{listing}:{pool.digest()}",
+        "seed": int(seed), "size": final, "images": listing if pool is None else f"{listing}:{pool.identity()}",
         "class_layers": cls_layers, "exact": bool(exact), "early_stop": early_stop,
         "early_stop_window": early_stop_window if early_stop is not None else None,
     }
@@ -158,7 +167,7 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
 def _reference_source(plan: _Plan, pending: Sequence[Target], cache: DiskCache, dist: _Dist):
     """Mine the top-k of every pending channel in one pass (rank 0 first, filling a shared cache);
     return ``refs_for(target) -> (reference ImageSet, extra metrics)``, loading lazily per target."""
-    from vital_fast.references.mining import channel_reference_images, mine_topk
+    from vital_fast.references.mining import channel_reference_images, mine_topk, print_progress
 
     loaded, settings = plan.loaded, plan.settings
     topk = None
@@ -167,7 +176,8 @@ def _reference_source(plan: _Plan, pending: Sequence[Target], cache: DiskCache, 
         k = min(settings.n_refs, len(plan.pool))
         if dist.rank != 0:
             dist.barrier()
-        topk = mine_topk(loaded, plan.layer, plan.pool, pending_ch, k, plan.final, cache)
+        report = print_progress(f"sweep: mining {plan.layer}") if dist.rank == 0 else None
+        topk = mine_topk(loaded, plan.layer, plan.pool, pending_ch, k, plan.final, cache, progress=report)
         if dist.rank == 0:
             dist.barrier()
     row_of = {c: i for i, c in enumerate(topk.channels)} if topk is not None else {}
