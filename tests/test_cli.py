@@ -52,6 +52,7 @@ def image_folder(tmp_path_factory):
     (["visualize", "--model", "efficientnet-lite0", "--target", "channel:_blocks.15:999", "--images", "IMG", "--out", "OUT"], "has 320 channels"),
     (["visualize", "--model", "efficientnet-lite0", "--target", "class:5", "--images", "IMG", "--out", "OUT"], "no reference images for class:5"),
     (["visualize", "--model", "efficientnet-lite0", "--target", "class:967", "--images", "IMG", "--out", "OUT", "--lrp-every", "0"], "--lrp-every must be >= 1"),
+    (["visualize", "--model", "efficientnet-lite0", "--target", "class:967", "--images", "IMG", "--out", "OUT", "--workers", "-1"], "--workers must be >= 0"),
     (["report", "IMG"], "not a vital_fast run folder"),
 ])
 def test_bad_input_exit_2_one_line_nothing_written(args, fragment, capsys, tmp_path, image_folder):

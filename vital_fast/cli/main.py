@@ -38,6 +38,9 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
                    help="mixed precision of the network: bf16, fp16, auto (bfloat16 on GPUs and CPUs with AMX) or "
                    "off (default: the preset's, off); the image, optimizer and losses stay float32")
     p.add_argument("--cache", default=None, help="prototype cache folder (default: ~/.cache/vital_fast)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes decoding candidate images while mining (default: $VITAL_FAST_WORKERS, else the "
+                   "CPU cores minus one, at most 8; 0: decode in this process)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the prototype cache")
     p.add_argument("--force", action="store_true", help="write into an existing output folder, replacing its targets")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: skip finished targets")
@@ -405,6 +408,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.cmd:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        if getattr(args, "workers", None) is not None:
+            if args.workers < 0:
+                raise UsageError(f"--workers must be >= 0, got {args.workers}")
+            os.environ["VITAL_FAST_WORKERS"] = str(args.workers)  # read by vital_fast.references.pool
         return COMMANDS[args.cmd](args)
     except UsageError as exc:
         print(f"vital-fast: error: {exc}", file=sys.stderr)
