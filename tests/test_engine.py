@@ -276,3 +276,27 @@ def test_cli_device_and_amp_errors(tmp_path, capsys, device, fragment):
     lines = [l for l in err.splitlines() if l.startswith("vital-fast: error")]
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_channel_references_are_mined_from_a_pool(lm, tmp_path):
+    """``pool=`` mines a channel target's references (what the CLI does); a bare folder is refused."""
+    from vital_fast.references.images import load_images
+    from vital_fast.references.mining import channel_reference_images, mine_topk
+    from vital_fast.report.images import save_png, to_uint8
+
+    g = torch.Generator().manual_seed(5)
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    for i in range(5):
+        save_png(to_uint8(torch.rand(3, 40, 40, generator=g)), str(folder / f"{i}.png"))
+    s = small(n_refs=3, channel_refs="image")
+    cache = DiskCache(str(tmp_path / "c"))
+    got = visualize(lm, ["channel:conv2:3"], pool=str(folder), settings=s, cache=cache)
+    pool = load_images(str(folder))
+    top = mine_topk(lm, "conv2", pool, [3], 3, 32, cache)
+    refs = channel_reference_images(lm, top, pool, "image", 32)[3]
+    assert list(got.references[0].names) == list(refs.names) and len(refs) == 3
+    want = visualize(lm, ["channel:conv2:3"], {"channel:conv2:3": refs}, settings=s, cache=cache)
+    assert torch.equal(got.images, want.images)
+    with pytest.raises(ValueError, match=r"given the folder .* pass pool="):
+        visualize(lm, ["channel:conv2:3"], {"channel:conv2:3": str(folder)}, settings=s, progress=_never)

@@ -41,6 +41,7 @@ def visualize(
     param: Union[None, str, Parametrization] = None,
     objective: Optional[Objective] = None,
     options: Optional[Mapping[str, object]] = None,
+    pool=None,
 ) -> VisualizationResult:
     """Visualize several targets in one batched optimization.
 
@@ -88,6 +89,12 @@ def visualize(
         settings' learning rate and schedule.
     options : mapping, optional
         Overrides of the method's options (:func:`vital_fast.optim.methods.method_options`).
+    pool : folder, list of files, Dataset, ImagePool or ImageSet, optional
+        Candidate images for the channel targets that ``references`` leaves out: their top
+        ``settings.n_refs`` images (or patches, ``settings.channel_refs``) are mined from the pool in
+        one streaming pass per layer (:func:`vital_fast.references.mining.mine_topk`, cached).
+        A channel target given a plain folder in ``references`` is refused: mining, not the folder's
+        first files, chooses a channel's references.
 
     Returns
     -------
@@ -105,13 +112,13 @@ def visualize(
     callback, close_progress = resolve_progress(progress, "visualize" if objective is not None or method == "vital" else method)
     try:
         return _visualize(model, targets, references, preset, settings, seed, size, device, class_layers, cache,
-                          callback, t_start, method, param, objective, options)
+                          callback, t_start, method, param, objective, options, pool)
     finally:
         close_progress()
 
 
 def _visualize(model, targets, references, preset, settings, seed, size, device, class_layers, cache,
-               progress: Optional[ProgressFn], t_start: float, method: str, param, objective, options
+               progress: Optional[ProgressFn], t_start: float, method: str, param, objective, options, pool=None
                ) -> VisualizationResult:
     loaded = as_loaded(model)
     if device is not None:
@@ -133,6 +140,7 @@ def _visualize(model, targets, references, preset, settings, seed, size, device,
     for s in sorted(set(stage_sizes + ([final] if not recipe.param.per_stage else []))):
         check_resolution(loaded, s)
     required = recipe.objective.needs_references or recipe.param.needs_references
+    references = _mined(loaded, targets, references, pool, settings, final, cache)
     ref_sets = _reference_sets(targets, references, required)
     by_key = {t.key: r for t, r in zip(targets, ref_sets)}
     engine = Engine(loaded, recipe, seed, final, refs_for=lambda t: (by_key[t.key], {}))
@@ -158,6 +166,36 @@ def custom_recipe(objective: Objective, settings: Settings, param=None) -> Recip
     lr = settings.lr if p.lr is None else p.lr
     return Recipe(p, objective, views, settings, "adam", lr, tuple(settings.betas), 1e-8, "cosine", settings.warmup,
                   f"custom:{objective.name}")
+
+
+def _mined(loaded, targets: Sequence[Target], references, pool, settings: Settings, size: int, cache) -> dict:
+    """``references`` with the missing channel targets' references mined from ``pool``."""
+    import os
+
+    refs = dict(references or {})
+    for t in targets:
+        src = refs.get(t.key, refs.get(t))  # type: ignore[arg-type]
+        if t.kind == "channel" and isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
+            raise ValueError(f"visualize: {t.key} was given the folder {src} as references; a channel's references "
+                             f"are its top-k images mined from a pool: pass pool={str(src)!r} (or load_images(...) of "
+                             f"the files to use them as they are)")
+    todo = [t for t in targets if t.kind == "channel" and refs.get(t.key, refs.get(t)) is None]  # type: ignore
+    if not todo or pool is None:
+        return refs
+    from vital_fast.references.mining import channel_reference_images, mine_topk
+    from vital_fast.references.pool import as_pool
+
+    pool = as_pool(pool, what="visualize: pool")
+    by_layer: dict = {}
+    for t in todo:
+        by_layer.setdefault(t.layer, []).append(t)
+    for layer, ts in by_layer.items():
+        chans = sorted({t.index for t in ts})
+        top = mine_topk(loaded, layer, pool, chans, min(settings.n_refs, len(pool)), size, cache)
+        per = channel_reference_images(loaded, top, pool, settings.channel_refs, size)
+        for t in ts:
+            refs[t.key] = per[t.index]
+    return refs
 
 
 def _reference_sets(targets: Sequence[Target], references, required: bool) -> List[ImageSet]:
