@@ -166,3 +166,20 @@ def test_gather_references_two_folders_in_one_process(tmp_path, monkeypatch):
     assert found["a"].endswith(os.path.join("a", "n002", "a.png"))
     assert found["b"].endswith(os.path.join("b", "n102", "b.png"))
     assert "VITAL_FAST_WNIDS" not in os.environ
+
+
+def test_imagenet_wnid_folders_without_a_mapping_file(tmp_path, monkeypatch):
+    """ImageNet's own tree (1000 WordNet-id folders, no wnids.txt): class i is the i-th id in sorted
+    order, ImageFolder's convention; a partial tree is not guessed at."""
+    from vital_fast.references.images import class_image_folder, sorted_wnid_folders
+
+    monkeypatch.delenv("VITAL_FAST_WNIDS", raising=False)
+    ids = [f"n{10000000 + 7 * i:08d}" for i in range(1000)]
+    for wnid in reversed(ids):
+        (tmp_path / wnid).mkdir()
+    (tmp_path / "not_a_class").mkdir()
+    assert sorted_wnid_folders(str(tmp_path)) == ids
+    assert class_image_folder(str(tmp_path), 0) == str(tmp_path / ids[0])
+    assert class_image_folder(str(tmp_path), 285) == str(tmp_path / ids[285])
+    (tmp_path / ids[999]).rmdir()  # 999 folders: not ImageNet-1k's tree, no guess
+    assert class_image_folder(str(tmp_path), 285) is None

@@ -313,12 +313,29 @@ def class_image_folder(root: str, index: int, wnids_file: Optional[str] = None) 
             wnids_file = os.environ["VITAL_FAST_WNIDS"]
             if not os.path.isfile(wnids_file):
                 raise ValueError(f"$VITAL_FAST_WNIDS: no such WordNet id file: {wnids_file}")
+        if wnids_file is None:  # ImageFolder's convention: ImageNet-1k's class i is the i-th WordNet id, sorted
+            ids = sorted_wnid_folders(root)
+            if len(ids) == 1000 and 0 <= index < 1000:
+                return os.path.join(root, ids[index])
+            return None
     elif not os.path.isfile(wnids_file):
         raise ValueError(f"no such WordNet id file: {wnids_file}")
     wnid = _wnid(index, wnids_file)
     if wnid and os.path.isdir(os.path.join(root, wnid)):
         return os.path.join(root, wnid)
     return None
+
+
+def sorted_wnid_folders(root: str) -> List[str]:
+    """The subfolders of ``root`` named like WordNet ids (``n01440764``), sorted: for ImageNet-1k's
+    1000 class folders (its ``train/`` or ``val/`` tree), the i-th is class i (torchvision's
+    ``ImageFolder`` numbers classes the same way)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return sorted(n for n in names if len(n) == 9 and n[0] == "n" and n[1:].isdigit()
+                  and os.path.isdir(os.path.join(root, n)))
 
 
 def _read_wnids(path: str) -> List[str]:
