@@ -32,6 +32,7 @@ CHOICES = {
     "channel_refs": ("image", "patch"),
     "lrp_composite": ("paper", "epsilon_plus", "epsilon_plus_flat"),
     "amp": ("off", "bf16", "fp16", "auto"),
+    "param": ("pixel", "fourier", "maco", "auto"),
 }
 # Lower bounds of numeric fields (a value below breaks the run later, with a less clear message).
 MINIMUM = {

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -66,6 +66,7 @@ class Recipe:
     schedule: str = "cosine"
     warmup: int = 0
     method: str = "custom"
+    kind_param: Dict[str, Parametrization] = field(default_factory=dict)  # target kind -> its own parametrization
 
     def __post_init__(self) -> None:
         if self.optimizer not in _OPTIMIZERS:
@@ -73,10 +74,25 @@ class Recipe:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: constant, cosine")
 
-    def make_optimizer(self, params: List[torch.Tensor]) -> torch.optim.Optimizer:
+    def param_of(self, target: Target) -> Parametrization:
+        """The parametrization of ``target``: its kind's (``kind_param``) or the recipe's."""
+        return self.kind_param.get(target.kind, self.param)
+
+    def parametrizations(self) -> List[Parametrization]:
+        return [self.param] + [p for p in self.kind_param.values() if p is not self.param]
+
+    def lr_of(self, p: Parametrization) -> Tuple[float, str]:
+        """Learning rate and schedule for ``p``: the recipe's, or for a per-kind parametrization
+        other than the recipe's own, its usual ones (a spectral one: constant)."""
+        if p is self.param or p.lr is None:
+            return self.lr, self.schedule
+        return p.lr, ("constant" if not p.per_stage else self.schedule)
+
+    def make_optimizer(self, params: List[torch.Tensor], lr: Optional[float] = None) -> torch.optim.Optimizer:
+        lr = self.lr if lr is None else lr
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, betas=tuple(self.betas), eps=self.eps)
-        return torch.optim.NAdam(params, lr=self.lr)
+            return torch.optim.Adam(params, lr=lr, betas=tuple(self.betas), eps=self.eps)
+        return torch.optim.NAdam(params, lr=lr)
 
 
 class Slot:
@@ -93,6 +109,7 @@ class Slot:
         self.stage = 0
         self.step = 0                # step within the stage
         self.global_step = 0         # steps taken in all
+        self.param: Optional[Parametrization] = None
         self.p: Optional[torch.Tensor] = None
         self.buffers: Dict[str, torch.Tensor] = {}
         self.opt: Optional[torch.optim.Optimizer] = None
@@ -164,17 +181,18 @@ class Engine:
 
     def new_slot(self, t: Target) -> Slot:
         slot = Slot(t, t.seed(self.seed))
+        slot.param = self.recipe.param_of(t)
         t0 = time.perf_counter()
         if self.refs_for is not None:
             slot.refset, slot.extra = self.refs_for(t)
-        needs = self.recipe.objective.needs_references or self.recipe.param.needs_references
+        needs = self.recipe.objective.needs_references or slot.param.needs_references
         if needs and len(slot.refset) == 0:
             raise ValueError(f"the reference set of {t.key} is empty")
         self.t_refs += time.perf_counter() - t0
         self.recipe.objective.enter_stage(self, slot)
         t0 = time.perf_counter()
-        bufs = self.recipe.param.init(slot.gen, self.sizes[0], self.final, self.loaded, slot)
-        if self.recipe.param.needs_references:
+        bufs = slot.param.init(slot.gen, self.sizes[0], self.final, self.loaded, slot)
+        if slot.param.needs_references:
             self.t_refs += time.perf_counter() - t0
         slot.buffers = {k: v.to(self.dev) for k, v in bufs.items() if k != "p"}
         self._enter_stage(slot, bufs["p"].to(self.dev))
@@ -182,9 +200,9 @@ class Engine:
 
     def _enter_stage(self, slot: Slot, p: torch.Tensor) -> None:
         with torch.no_grad():
-            self.recipe.param.project(p, self.loaded)
+            slot.param.project(p, self.loaded)
         slot.p = p.detach().requires_grad_(True)
-        slot.opt = self.recipe.make_optimizer([slot.p])
+        slot.opt = self.recipe.make_optimizer([slot.p], self.recipe.lr_of(slot.param)[0])
         slot.step = 0
 
     def _advance(self, slot: Slot) -> None:
@@ -198,9 +216,9 @@ class Engine:
             slot.stage += 1
             S = self.sizes[slot.stage]
             self.recipe.objective.enter_stage(self, slot)
-            if self.recipe.param.per_stage:
+            if slot.param.per_stage:
                 slot.alpha = F.interpolate(slot.alpha, size=(S, S), mode="bilinear", align_corners=False)
-                self._enter_stage(slot, self.recipe.param.resize(slot.p.detach(), S, self.loaded))
+                self._enter_stage(slot, slot.param.resize(slot.p.detach(), S, self.loaded))
             else:
                 slot.step = 0
             return
@@ -214,25 +232,27 @@ class Engine:
 
     def _lr(self, slot: Slot) -> float:
         r = self.recipe
-        if r.schedule == "constant":
-            return r.lr
-        if self.recipe.param.per_stage:
-            return r.lr * lr_factor(slot.step, self.stage_steps[slot.stage], r.warmup)
-        return r.lr * lr_factor(slot.global_step, self.total_steps, r.warmup)
+        lr, schedule = r.lr_of(slot.param)
+        if schedule == "constant":
+            return lr
+        if slot.param.per_stage:
+            return lr * lr_factor(slot.step, self.stage_steps[slot.stage], r.warmup)
+        return lr * lr_factor(slot.global_step, self.total_steps, r.warmup)
 
     # --- one optimization step of every occupied slot ------------------------------------------
 
     def tick(self, slots: Sequence[Slot]) -> torch.Tensor:
         """One step of every slot in ``slots``; returns their losses ``(len(slots),)``."""
-        by_size: Dict[int, List[int]] = {}
+        groups: Dict[Tuple[int, int], List[int]] = {}  # (side, parametrization) -> slots stacked together
+        order = {id(p): j for j, p in enumerate(self.recipe.parametrizations())}
         for i, sl in enumerate(slots):
-            by_size.setdefault(self.sizes[sl.stage], []).append(i)
+            groups.setdefault((self.sizes[sl.stage], order.get(id(sl.param), len(order))), []).append(i)
         losses = torch.zeros(len(slots))
         t0 = time.perf_counter()
         refs0 = self.t_refs
-        for S in sorted(by_size):
-            members = by_size[S]
-            losses[members] = self._step_group(S, [slots[i] for i in members])
+        for key in sorted(groups):
+            members = groups[key]
+            losses[members] = self._step_group(key[0], [slots[i] for i in members])
         self.t_opt += time.perf_counter() - t0 - (self.t_refs - refs0)
         self.ticks += 1
         self.slot_steps += len(slots)
@@ -274,14 +294,15 @@ class Engine:
         t0 = time.perf_counter()
         p = torch.cat([sl.p for sl in slots]) if B > 1 else slots[0].p
         bufs = {k: torch.cat([sl.buffers[k] for sl in slots]) for k in slots[0].buffers}
-        img = r.param.render(p, bufs, self.loaded)
+        param = slots[0].param
+        img = param.render(p, bufs, self.loaded)
         if img.requires_grad and not img.is_leaf:
             img.retain_grad()
         image = img if img.shape[-1] == S else F.interpolate(img, size=(S, S), mode="bilinear",
                                                              align_corners=False, antialias=True)
         gens = [sl.gen for sl in slots]
         prog = [(sl.global_step, self.total_steps) for sl in slots]
-        normalized = r.param.space == "normalized"
+        normalized = param.space == "normalized"
         if r.views.space == "unit" and normalized:
             view = self.loaded.normalize(r.views(self.loaded.denormalize(image), gens, S, prog))
         else:
@@ -315,7 +336,7 @@ class Engine:
                     pg["lr"] = self._lr(sl)
                 sl.opt.step()
                 sl.opt.zero_grad(set_to_none=True)
-                r.param.project(sl.p, self.loaded)
+                param.project(sl.p, self.loaded)
                 sl.losses.append(float(tot[i]))
         ph = self.phases
         ph["views_s"] += t1 - t0
@@ -341,8 +362,8 @@ class Engine:
     def image(self, slot: Slot) -> torch.Tensor:
         """The slot's image ``(3, H, W)`` in [0, 1], on the CPU."""
         with torch.no_grad():
-            img = self.recipe.param.render(slot.p.detach(), slot.buffers, self.loaded)
-            return self.recipe.param.to_unit(img, self.loaded).clamp(0, 1).cpu()[0]
+            img = slot.param.render(slot.p.detach(), slot.buffers, self.loaded)
+            return slot.param.to_unit(img, self.loaded).clamp(0, 1).cpu()[0]
 
     def transparency(self, slot: Slot) -> torch.Tensor:
         """The slot's accumulated |∂L/∂image| ``(1, H, W)`` scaled to [0, 1], on the CPU."""

@@ -113,7 +113,10 @@ def build_recipe(method: str, settings: Settings, *, param: Any = None, options:
     opts = method_options(method, **dict(options or {}))
     own = param is None or param == m.param
     p = _default_param(m, settings, opts) if own else get_parametrization(param)
-    recipe = m.build(settings, opts, p, {"class_layers": class_layers, "cache": cache})
+    recipe = m.build(settings, opts, p, {"class_layers": class_layers, "cache": cache,
+                                         "explicit_param": param is not None})
+    if recipe.param is not p and recipe.param.lr is not None:  # the settings chose a spectral image
+        recipe.lr, recipe.schedule = recipe.param.lr, "constant" if not recipe.param.per_stage else recipe.schedule
     if not own and p.lr is not None:  # a foreign parametrization brings its usual step size and schedule
         recipe.lr, recipe.schedule = p.lr, "constant" if not p.per_stage else recipe.schedule
     recipe.method = method if own else f"{method}+{p.name}"
@@ -156,7 +159,14 @@ def _vital(s: Settings, o, param, ctx) -> Recipe:
     obj: Objective = SortMatch(s, ctx.get("class_layers"), ctx.get("cache"))
     if s.tv_l1 or s.tv_l2 or s.l2:
         obj = obj + ImagePriors(s.tv_l1, s.tv_l2, s.l2)
-    return Recipe(param, obj, _roll(s), s, "adam", s.lr, tuple(s.betas), 1e-8, "cosine", s.warmup, "vital")
+    kind_param: Dict[str, Parametrization] = {}
+    if not ctx.get("explicit_param"):  # Settings.param: pixels, a Fourier image, or one per target kind
+        if s.param == "auto":
+            kind_param = {"class": Fourier()}
+        elif s.param not in ("pixel", None):
+            param = get_parametrization(s.param)
+    return Recipe(param, obj, _roll(s), s, "adam", s.lr, tuple(s.betas), 1e-8, "cosine", s.warmup, "vital",
+                  kind_param)
 
 
 def _actmax(s: Settings, o, param, ctx) -> Recipe:

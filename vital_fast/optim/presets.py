@@ -42,17 +42,21 @@ class Settings:
     # mixed precision of the network's forward and backward: "off" (float32), "bf16", "fp16" or "auto"
     # (bfloat16 on GPUs and on CPUs with AMX, float32 elsewhere); see vital_fast.optim.precision
     amp: str = "off"
+    # VITAL's image parametrization: "pixel" (the paper's), "fourier", "maco", or "auto" (per target kind:
+    # Fourier for class targets, where it measures better, pixels for channels); see vital_fast.optim.methods
+    param: str = "pixel"
 
     @property
     def steps(self) -> int:
         return sum(s for _, s in self.stages)
 
     def to_dict(self) -> Dict[str, Any]:
-        """Every field, except ``amp`` when "off": runs recorded before the field existed keep their
-        identity (``Settings(**d)`` gives the same settings back)."""
+        """Every field, except ``amp`` when "off" and ``param`` when "pixel": runs recorded before
+        those fields existed keep their identity (``Settings(**d)`` gives the same settings back)."""
         d = dataclasses.asdict(self)
-        if d.get("amp") == "off":
-            del d["amp"]
+        for name, neutral in (("amp", "off"), ("param", "pixel")):
+            if d.get(name) == neutral:
+                del d[name]
         return d
 
     def replace(self, **kw: Any) -> "Settings":

@@ -137,9 +137,10 @@ def _visualize(model, targets, references, preset, settings, seed, size, device,
     check_targets(loaded, targets)
     final = check_size(size, loaded.input_size)
     stage_sizes = [max(16, int(round(s * final))) for s, _ in settings.stages]
-    for s in sorted(set(stage_sizes + ([final] if not recipe.param.per_stage else []))):
+    spectral = any(not p.per_stage for p in recipe.parametrizations())
+    for s in sorted(set(stage_sizes + ([final] if spectral else []))):
         check_resolution(loaded, s)
-    required = recipe.objective.needs_references or recipe.param.needs_references
+    required = recipe.objective.needs_references or any(p.needs_references for p in recipe.parametrizations())
     references = _mined(loaded, targets, references, pool, settings, final, cache)
     ref_sets = _reference_sets(targets, references, required)
     by_key = {t.key: r for t, r in zip(targets, ref_sets)}
@@ -153,7 +154,15 @@ def _visualize(model, targets, references, preset, settings, seed, size, device,
     timings = engine.timings(t_start)
     return VisualizationResult(targets, images, transparency, losses, recipe.settings, [sl.seed for sl in slots],
                                ref_sets, layer_plan, timings, loaded.name, loaded.fingerprint, recipe.method,
-                               recipe.param.describe(), engine.precision)
+                               _describe(recipe, targets), engine.precision)
+
+
+def _describe(recipe: Recipe, targets: Sequence[Target]) -> dict:
+    """The parametrization that ran: one description, or one per target kind when they differ."""
+    kinds = sorted({t.kind for t in targets})
+    per = {k: recipe.param_of(Target(k, 0, "l" if k == "channel" else None)).describe() for k in kinds}
+    first = next(iter(per.values()))
+    return first if all(d == first for d in per.values()) else {"per_kind": per}
 
 
 def custom_recipe(objective: Objective, settings: Settings, param=None) -> Recipe:
