@@ -79,8 +79,8 @@ def _fast() -> Settings:
     # independent judge model recognize it (efficientnet-lite2 top-1 on the demo classes over seeds
     # 0-2: 8 of 18 without them, 11 of 18 with them, at the same 150 steps; benchmarks/bench_quality.py).
     # Class targets on a Fourier image (param "auto"): on the judge benchmark their Frechet distance to the
-    # real photographs fell from 110.6 to 81.6 and the judge's top-1 rose from 6 to 7 of 12 (seeds 0-1,
-    # `python -m benchmarks.bench_methods --methods vital vital+fourier --seeds 0 1`); channel targets stay
+    # real photographs fell from 109.0 to 81.2 and the judge's top-1 rose from 9 to 10 of 18 (seeds 0-2,
+    # `python -m benchmarks.bench_methods --methods vital+pixel vital+fourier --seeds 0 1 2`); channel targets stay
     # on pixels, where Fourier measured no better (activation ratio 0.83 against 0.87 with patch references,
     # `python -m benchmarks.bench_quality --only channel --params pixel fourier`).
     return Settings(
