@@ -98,7 +98,8 @@ def test_wrong_shape_fails_before_the_first_step(lm):
     (dict(method="vitall"), "unknown method 'vitall'; valid: vital, actmax, fourier, maco, bnstats"),
     (dict(param="wavelet"), "unknown parametrization 'wavelet'; valid: fourier, maco, pixel"),
     (dict(method="actmax", options={"lr2": 1}), "unknown actmax options ['lr2']"),
-    (dict(objective="actmax"), "objective must be an Objective"),
+    (dict(objective="maximize"), "unknown objective 'maximize'; valid: sort_match, actmax, bnstats, priors"),
+    (dict(objective=3), "objective must be an Objective"),
 ])
 def test_unknown_names_list_the_valid_ones(lm, refs, kw, fragment):
     with pytest.raises(ValueError) as exc:
@@ -182,6 +183,11 @@ def test_refilled_slot_equals_a_fixed_batch(lm, refs, tmp_path):
     fixed = visualize(lm, ["class:3"], method="actmax", settings=s, seed=4)
     assert torch.allclose(eng.image(third), fixed.images[0], atol=1e-5)
     assert third.losses == pytest.approx(fixed.losses[0].tolist(), rel=1e-4, abs=1e-6)
+
+
+def test_an_objective_by_name(lm):
+    res = visualize(lm, ["class:2"], objective="actmax", settings=small())
+    assert res.method == "custom:actmax" and res.losses.shape == (1, 7)
 
 
 def test_objective_subclass_contract():

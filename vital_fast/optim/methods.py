@@ -32,7 +32,38 @@ from vital_fast.optim.parametrizations import Fourier, Maco, Parametrization, Pi
 from vital_fast.optim.presets import Settings
 from vital_fast.optim.transforms import LucidViews, MacoViews, RollViews
 
-__all__ = ["BaselineSettings", "METHODS", "Method", "build_recipe", "method_options", "register_method"]
+__all__ = ["BaselineSettings", "METHODS", "Method", "OBJECTIVES", "build_recipe", "get_objective", "method_options",
+           "register_method"]
+
+# Objectives by name (``visualize(objective="actmax")``): factories of the run's settings.
+OBJECTIVES: Dict[str, Callable[[Settings], Objective]] = {
+    "sort_match": lambda s: SortMatch(s),
+    "actmax": lambda s: ActMax(),
+    "bnstats": lambda s: BNStats(),
+    "priors": lambda s: ImagePriors(s.tv_l1, s.tv_l2, s.l2),
+    "tv_l1": lambda s: TotalVariation(1),
+    "tv_l2": lambda s: TotalVariation(2),
+    "l2": lambda s: L2(),
+}
+
+
+def get_objective(objective: Any, settings: Settings) -> Objective:
+    """An :class:`~vital_fast.optim.objectives.Objective` itself, or one by name (:data:`OBJECTIVES`).
+
+    Raises
+    ------
+    ValueError
+        An unknown name (the valid ones listed) or anything else.
+    """
+    if isinstance(objective, Objective):
+        return objective
+    if isinstance(objective, str):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)} "
+                             f"(or an Objective, e.g. ActMax() + 0.1 * L2())")
+        return OBJECTIVES[objective](settings)
+    raise ValueError(f"objective must be an Objective (vital_fast.optim.objectives) or one of "
+                     f"{', '.join(OBJECTIVES)}, got {type(objective).__name__}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 
 from vital_fast.models.facts import as_loaded, check_resolution, check_size, check_targets
 from vital_fast.optim.engine import Engine, Recipe
-from vital_fast.optim.methods import build_recipe
+from vital_fast.optim.methods import build_recipe, get_objective
 from vital_fast.optim.objectives import Objective
 from vital_fast.optim.parametrizations import Parametrization, Pixel, get_parametrization
 from vital_fast.optim.presets import Settings, get_preset
@@ -39,7 +39,7 @@ def visualize(
     progress: ProgressArg = None,
     method: str = "vital",
     param: Union[None, str, Parametrization] = None,
-    objective: Optional[Objective] = None,
+    objective: Union[None, str, Objective] = None,
     options: Optional[Mapping[str, object]] = None,
     pool=None,
 ) -> VisualizationResult:
@@ -83,8 +83,9 @@ def visualize(
     param : str or Parametrization, optional
         The image parametrization: ``"pixel"``, ``"fourier"``, ``"maco"`` (or a registered name or an
         instance); default: the method's own (pixels for VITAL).
-    objective : Objective, optional
-        Optimize this objective (:mod:`vital_fast.optim.objectives`; they compose: ``a + 0.1 * b``)
+    objective : Objective or str, optional
+        Optimize this objective (or a named one: ``"actmax"``, ``"sort_match"``, ...,
+        :data:`vital_fast.optim.methods.OBJECTIVES`) (:mod:`vital_fast.optim.objectives`; they compose: ``a + 0.1 * b``)
         instead of a method's, with ``param`` (default pixels), VITAL's views and Adam with the
         settings' learning rate and schedule.
     options : mapping, optional
@@ -168,8 +169,7 @@ def _describe(recipe: Recipe, targets: Sequence[Target]) -> dict:
 def custom_recipe(objective: Objective, settings: Settings, param=None) -> Recipe:
     """A recipe for a caller's own objective: ``param`` (default pixels with the settings' init),
     VITAL's views and Adam with the settings' lr, betas, warm-up and cosine schedule."""
-    if not isinstance(objective, Objective):
-        raise ValueError(f"objective must be an Objective (vital_fast.optim.objectives), got {type(objective).__name__}")
+    objective = get_objective(objective, settings)
     p = Pixel(settings.init_std) if param is None else get_parametrization(param)
     views = RollViews(settings.jitter, settings.flip, settings.scale, settings.rotate)
     lr = settings.lr if p.lr is None else p.lr
