@@ -167,7 +167,6 @@ class Engine:
         # the backward, and the per-slot update (transparency, optimizer, projection, loss record)
         self.phases: Dict[str, float] = {k: 0.0 for k in ("views_s", "forward_s", "loss_s", "backward_s",
                                                           "update_s")}
-        self._checked = False
 
     # --- slots -------------------------------------------------------------------------------
 

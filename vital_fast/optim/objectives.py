@@ -21,6 +21,7 @@ minimized.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -173,22 +174,7 @@ class Sum(Objective):
 
     def hooks(self, model):
         hs = [h for h in (o.hooks(model) for _, o in self._parts) if h is not None]
-        if not hs:
-            return None
-        import contextlib
-
-        stack = contextlib.ExitStack()
-
-        class _All:
-            def __enter__(self_inner):
-                for h in hs:
-                    stack.enter_context(h)
-                return self_inner
-
-            def __exit__(self_inner, *exc):
-                return stack.__exit__(*exc)
-
-        return _All()
+        return hs[0] if len(hs) == 1 else (_all_of(hs) if hs else None)
 
     def setup(self, engine, targets):
         for _, o in self._parts:
@@ -203,6 +189,15 @@ class Sum(Objective):
         for _, o in self._parts:
             out += [p for p in o.plan(engine, target) if p not in out]
         return out
+
+
+@contextlib.contextmanager
+def _all_of(contexts):
+    """Enter every context manager of ``contexts``, exit them in reverse order."""
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
 
 
 class _FnObjective(Objective):

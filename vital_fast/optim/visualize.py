@@ -160,8 +160,7 @@ def _visualize(model, targets, references, preset, settings, seed, size, device,
 
 def _describe(recipe: Recipe, targets: Sequence[Target]) -> dict:
     """The parametrization that ran: one description, or one per target kind when they differ."""
-    kinds = sorted({t.kind for t in targets})
-    per = {k: recipe.param_of(Target(k, 0, "l" if k == "channel" else None)).describe() for k in kinds}
+    per = {k: recipe.kind_param.get(k, recipe.param).describe() for k in sorted({t.kind for t in targets})}
     first = next(iter(per.values()))
     return first if all(d == first for d in per.values()) else {"per_kind": per}
 
