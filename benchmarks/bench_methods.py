@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             refs = gather_references(loaded, targets, args.images, settings, DiskCache(enabled=False))
         except ValueError as err:
             p.error(str(err))
-    labels = labels_for(targets)
+    labels = labels_for(loaded, targets)
     print(f"{args.model}, {len(targets)} class targets, preset {args.preset} "
           f"({settings.steps} steps: {settings.stages}), seeds {args.seeds}, {args.threads} threads", file=sys.stderr)
     runs: Dict[str, List[str]] = {}

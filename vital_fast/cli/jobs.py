@@ -11,7 +11,6 @@ from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import (
     ImageSet,
     class_image_folder,
-    imagenet_labels,
     list_image_files,
     load_images,
 )
@@ -21,19 +20,27 @@ from vital_fast.results import read_manifest, save_result
 
 
 def gather_references(
-    loaded, targets: Sequence[Target], images: str, settings: Settings, cache: DiskCache, size: Optional[int] = None
+    loaded, targets: Sequence[Target], images, settings: Settings, cache: DiskCache, size: Optional[int] = None
 ) -> Dict[str, ImageSet]:
-    """Reference images for each target from a folder (checked before any optimization).
+    """Reference images for each target from a folder, or from an :class:`ImagePool` (checked before any
+    optimization).
 
-    Class targets read the subfolder named by the class index or WordNet id; channel targets
-    mine the top-k of every image under the folder, in one streaming pass per layer (the images
-    are read lazily, in DataLoader workers; only each channel's winners are read again).
+    Class targets read the subfolder named by the class index or WordNet id (a folder is needed for them);
+    channel targets mine the top-k of every image under the folder (or of the pool), in one streaming pass
+    per layer (the images are read lazily, in DataLoader workers; only each channel's winners are read again).
     """
-    if not os.path.isdir(images):
-        raise ValueError(f"--images: no such folder: {images}")
+    if isinstance(images, ImagePool):
+        pool, images = images, None
+    else:
+        pool = None
+        if not os.path.isdir(images):
+            raise ValueError(f"--images: no such folder: {images}")
     refs: Dict[str, ImageSet] = {}
     for t in targets:
         if t.kind == "class":
+            if images is None:
+                raise ValueError(f"no reference images for {t.key}: a dataset given as --images serves channel "
+                                 f"targets; class targets need a folder of class subfolders")
             folder = class_image_folder(images, t.index)
             if folder is None:
                 raise ValueError(
@@ -43,10 +50,11 @@ def gather_references(
             refs[t.key] = load_images(folder, what=f"references of {t.key}")
     chan = [t for t in targets if t.kind == "channel"]
     if chan:
-        files = list_image_files(images)
-        if not files:
-            raise ValueError(f"--images: no image files under {images} to mine channel references from")
-        pool = ImagePool.from_files(files, root=images, what=f"candidate images under {images}")
+        if pool is None:
+            files = list_image_files(images)
+            if not files:
+                raise ValueError(f"--images: no image files under {images} to mine channel references from")
+            pool = ImagePool.from_files(files, root=images, what=f"candidate images under {images}")
         pool.check()  # no readable image: fail before any mining
         k = min(settings.n_refs, len(pool))
         for layer in sorted({t.layer for t in chan}):
@@ -60,15 +68,10 @@ def gather_references(
     return refs
 
 
-def labels_for(targets: Sequence[Target]) -> Dict[str, str]:
-    names = imagenet_labels()
-    out = {}
-    for t in targets:
-        if t.kind == "class" and t.index < len(names):
-            out[t.key] = f"{t.index} {names[t.index]}"
-        else:
-            out[t.key] = f"{t.layer} channel {t.index}" if t.kind == "channel" else t.key
-    return out
+def labels_for(loaded, targets: Sequence[Target]) -> Dict[str, str]:
+    """Each target's label, with the class names of ``loaded``'s own metadata (:mod:`vital_fast.models.labels`)."""
+    names = getattr(loaded, "class_names", None)
+    return {t.key: t.label(names) for t in targets}
 
 
 def annotate(loaded, res) -> Dict[str, dict]:
@@ -80,9 +83,7 @@ def annotate(loaded, res) -> Dict[str, dict]:
     out: Dict[str, dict] = {t.key: {} for t in res.targets}
     cls = [i for i, t in enumerate(res.targets) if t.kind == "class"]
     if cls:
-        n = getattr(loaded, "num_classes", None)
-        names = imagenet_labels()
-        preds = top_predictions(loaded, [res.images[i] for i in cls], names if n in (None, len(names)) else None)
+        preds = top_predictions(loaded, [res.images[i] for i in cls], getattr(loaded, "class_names", None))
         for i, p in zip(cls, preds or []):
             out[res.targets[i].key]["predictions"] = p
     for i, t in enumerate(res.targets):
@@ -111,7 +112,7 @@ def run_into_folder(
     param: Optional[str] = None,
 ) -> dict:
     """Visualize ``targets`` in batches of ``batch``, saving each batch's results as it finishes."""
-    labels = labels_for(targets)
+    labels = labels_for(loaded, targets)
     manifest: dict = {}
     done_steps = 0
     for i in range(0, len(targets), batch):

@@ -77,11 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. torchvision:resnet50)")
 
     v = sub.add_parser("visualize", help="visualize class and channel targets of a model")
-    v.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, or a model file")
+    v.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or "
+                   "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
     v.add_argument("--target", action="append", required=True, metavar="SPEC",
                    help="class:285 or channel:LAYER:17 (repeat for more)")
     v.add_argument("--images", required=True, help="folder: class subfolders (285/ or n02124075/); every image under "
-                   "it is a candidate for channel top-k mining")
+                   "it is a candidate for channel top-k mining. Or py:MODULE:NAME: a map-style torch Dataset of images "
+                   "(or a function returning one) to mine channel targets' references from")
+    v.add_argument("--labels", default=None, metavar="FILE",
+                   help="the model's class names, one a line (or a JSON list), in output order (default: the "
+                   "weights' own metadata; none: 'class N')")
     v.add_argument("--out", required=True, help="run folder to write")
     v.add_argument("--random-weights", action="store_true", help="torchvision models: random weights")
     v.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
@@ -310,7 +315,7 @@ def _load(args):
 
     weights = "random" if getattr(args, "random_weights", False) else "pretrained"
     return load_model(args.model, weights=weights, arch=getattr(args, "arch", None),
-                      device=_device(args) if hasattr(args, "device") else "cpu")
+                      device=_device(args) if hasattr(args, "device") else "cpu", labels=getattr(args, "labels", None))
 
 
 def cmd_layers(args) -> int:
@@ -351,18 +356,23 @@ def cmd_visualize(args) -> int:
         targets = [parse_target(t) for t in args.target]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if not os.path.isdir(args.images):
-        raise UsageError(f"--images: no such folder: {args.images}")
+    from vital_fast.cli.pyref import images_arg, is_pyref, load_model_pyref
+
+    images = images_arg(args.images)
     settings = _settings(args)
     _method_label(args)
     _check_out(args)
-    loaded = _load(args)
+    if is_pyref(args.model):
+        loaded = load_model_pyref(args.model, args.labels)
+        loaded.model.to(_device(args))
+    else:
+        loaded = _load(args)
     from vital_fast.models.facts import check_targets
 
     check_targets(loaded, targets)
     with _owned_folder(args, loaded, settings, _method_label(args)) as identity:
         targets = _pending(args, targets)
-        refs = gather_references(loaded, targets, args.images, settings, _cache(args), args.size) if targets else {}
+        refs = gather_references(loaded, targets, images, settings, _cache(args), args.size) if targets else {}
         return _run_targets(args, loaded, targets, refs, settings, identity)
 
 

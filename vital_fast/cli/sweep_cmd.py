@@ -11,10 +11,11 @@ on rank 0 and builds the gallery when the sweep is complete.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import Any, Callable, Dict
+
+from vital_fast.cli.pyref import images_arg, is_pyref, load_model_pyref
 
 
 def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
@@ -37,7 +38,11 @@ def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
     p.add_argument("--classes", default=None, metavar="SPEC",
                    help="class targets too (or instead): all, 0-999, or 1,5,9-12; references from --images/<class>/")
     p.add_argument("--images", required=True, help="folder of candidate images for top-k mining (every image under "
-                   "it) and class subfolders")
+                   "it) and class subfolders; or py:MODULE:NAME, a map-style torch Dataset of images (or a function "
+                   "returning one) to mine channels from")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="the model's class names, one a line (or a JSON list), in output order (default: the "
+                   "weights' own metadata; none: 'class N')")
     p.add_argument("--out", required=True, help="the sweep folder")
     p.add_argument("--random-weights", action="store_true", help="torchvision/efficientnet names: random weights")
     p.add_argument("--arch", default=None, help="architecture of a state_dict model file")
@@ -60,31 +65,14 @@ def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
 
 
 def _load_model(args):
-    from vital_fast.cli.main import UsageError, _device, _load
+    from vital_fast.cli.main import _device, _load
 
     spec = args.model
-    if spec.startswith("py:"):
-        target = spec[3:]
-        mod_name, _, fn_name = target.partition(":")
-        if not mod_name or not fn_name:
-            raise UsageError(f"--model {spec}: expected py:MODULE:CALLABLE")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise UsageError(f"--model {spec}: {exc}") from None
-        obj = fn()
-        from torch import nn
-
-        from vital_fast.models import LoadedModel, load_model
-
-        if isinstance(obj, nn.Module):
-            obj = load_model(obj)
-        if not isinstance(obj, LoadedModel):
-            raise UsageError(f"--model {spec}: the callable returned {type(obj).__name__}, not an nn.Module or a "
-                             f"LoadedModel")
-        return obj
+    if is_pyref(spec):
+        return load_model_pyref(spec, args.labels)
     _device(args)
-    return _load(argparse.Namespace(model=spec, random_weights=args.random_weights, arch=args.arch, device="cpu"))
+    return _load(argparse.Namespace(model=spec, random_weights=args.random_weights, arch=args.arch, device="cpu",
+                                    labels=args.labels))
 
 
 def cmd_sweep(args) -> int:
@@ -97,8 +85,7 @@ def cmd_sweep(args) -> int:
         raise UsageError("--channels needs --layer")
     if args.early_stop is not None and not args.early_stop >= 0:
         raise UsageError(f"--early-stop must be a fraction >= 0, got {args.early_stop}")
-    if not os.path.isdir(args.images):
-        raise UsageError(f"--images: no such folder: {args.images}")
+    images = images_arg(args.images)
     if args.manifest_every <= 0:
         raise UsageError(f"--manifest-every must be > 0, got {args.manifest_every}")
     settings = _settings(args)
@@ -125,7 +112,7 @@ def cmd_sweep(args) -> int:
         bar["bar"].update(info["done"], note=f"targets · {rate:.1f}/min")
 
     summary = run_sweep(
-        loaded, args.images, args.out, layer=args.layer, channels=args.channels, classes=args.classes,
+        loaded, images, args.out, layer=args.layer, channels=args.channels, classes=args.classes,
         preset=args.preset, settings=settings, seed=args.seed, size=args.size, batch=args.batch,
         refill=not args.no_refill, early_stop=args.early_stop, exact=args.exact, resume=args.resume,
         force=args.force, cache=_cache(args), device=device, progress=progress if rank == 0 else None,

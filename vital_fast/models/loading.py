@@ -26,6 +26,7 @@ from torch import nn
 from vital_fast._errors import MissingPackageError
 from vital_fast.models import taps
 from vital_fast.models.identity import FAMILIES, guess_family, weights_fingerprint
+from vital_fast.models.labels import LabelsLike, check_labels, class_label
 from vital_fast.models.sources import _LITE_RE, _load_file, _load_named, _module_info, _torchvision_names
 
 # MissingPackageError: raised by the loaders of vital_fast.models.sources, importable from here too
@@ -70,6 +71,10 @@ class LoadedModel:
         ``"pretrained"``, ``"random"``, ``"file"``, or ``"module"`` for a module passed in.
     num_classes : int or None
         Size of the classifier output when it can be read from the model.
+    class_names : tuple of str or None
+        The names of the outputs, from the caller (``load_model(labels=...)``) or the weights' own
+        metadata (:mod:`vital_fast.models.labels`); ``None`` when nothing says what they are (results
+        then show ``class N``).
     """
 
     model: nn.Module
@@ -82,6 +87,11 @@ class LoadedModel:
     fingerprint: str
     weights: str
     num_classes: Optional[int] = None
+    class_names: Optional[Tuple[str, ...]] = None
+
+    def class_label(self, index: int) -> str:
+        """The name of class ``index``: from :attr:`class_names`, else ``"class N"``."""
+        return class_label(self.class_names, index)
 
     @property
     def device(self) -> torch.device:
@@ -241,6 +251,7 @@ def load_model(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     family: Optional[str] = None,
+    labels: Optional[LabelsLike] = None,
 ) -> LoadedModel:
     """Load a network by name, path or module, frozen and in eval mode, with its preprocessing.
 
@@ -274,6 +285,10 @@ def load_model(
     input_size, resize_size, mean, std, family : optional
         Override the preprocessing or the family (needed for a module or a file whose defaults do
         not fit).
+    labels : list of str or path, optional
+        The names of the model's outputs in output order (or a file of them: one a line, or a JSON
+        list); they replace the weights' own (:attr:`LoadedModel.class_names`). Their number must
+        equal the model's outputs.
 
     Returns
     -------
@@ -355,6 +370,9 @@ def load_model(
     if family is not None:
         info["family"] = family
 
+    names = info.get("class_names")
+    if labels is not None:
+        names = check_labels(labels, info["num_classes"])
     model = _freeze(info["model"]).to(device)
     return LoadedModel(
         model=model,
@@ -367,4 +385,5 @@ def load_model(
         fingerprint=weights_fingerprint(model),
         weights=label,
         num_classes=info["num_classes"],
+        class_names=tuple(names) if names else None,
     )

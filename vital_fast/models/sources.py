@@ -27,6 +27,7 @@ from torch import nn
 
 from vital_fast._errors import MissingPackageError
 from vital_fast.models.identity import _class_names, _infer_num_classes, guess_family
+from vital_fast.models.labels import imagenet_labels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,6 +94,7 @@ def _load_lite(n: int, weights: str) -> dict:
     return dict(
         model=model, name=name, family="efficientnet_lite", input_size=size,
         resize_size=size + 32, mean=LITE_MEAN, std=LITE_STD, num_classes=1000,
+        class_names=tuple(imagenet_labels()),  # the weights are ImageNet-1k's (random ones keep its outputs)
     )
 
 
@@ -155,6 +157,7 @@ def _load_torchvision(arch: str, weights: str) -> dict:
     input_size, resize_size = 224, 256
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     num_classes = None
+    class_names = None
     if default is not None:
         tf = default.transforms()
         input_size = int(tf.crop_size[0])
@@ -168,9 +171,12 @@ def _load_torchvision(arch: str, weights: str) -> dict:
         input_size = native
     if num_classes is None:
         num_classes = _infer_num_classes(model)
+    cats = list(default.meta.get("categories") or []) if default is not None else []
+    if cats and num_classes == len(cats):  # the weights' label space (random weights keep its outputs)
+        class_names = tuple(cats)
     return dict(
         model=model, name=f"torchvision:{arch}", family=guess_family(model), input_size=input_size,
-        resize_size=resize_size, mean=mean, std=std, num_classes=num_classes,
+        resize_size=resize_size, mean=mean, std=std, num_classes=num_classes, class_names=class_names,
     )
 
 
@@ -305,6 +311,8 @@ def _load_file(path: str, arch: Optional[str], allow_pickle: bool) -> dict:
     if base is not None:  # the architecture's preprocessing and family describe the file too
         info.update({k: base[k] for k in ("family", "input_size", "resize_size", "mean", "std")})
         info["num_classes"] = _infer_num_classes(model) or base["num_classes"]
+        names = base.get("class_names")
+        info["class_names"] = names if names and len(names) == info["num_classes"] else None
     info["name"] = "file:" + os.path.abspath(path)
     return info
 

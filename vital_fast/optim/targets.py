@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,15 @@ class Target:
         if all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in layer) and layer not in (".", ".."):
             return safe
         return f"{safe}-{hashlib.sha256(self.key.encode()).hexdigest()[:8]}"
+
+    def label(self, class_names: Optional[Sequence[str]] = None) -> str:
+        """What results and the gallery call the target: ``285 Egyptian cat`` with the model's class names
+        (:attr:`vital_fast.models.LoadedModel.class_names`), ``class:285`` without; ``layer3 channel 17``."""
+        if self.kind == "class":
+            if class_names and self.index < len(class_names):
+                return f"{self.index} {class_names[self.index]}"
+            return self.key
+        return f"{self.layer} channel {self.index}"
 
     def seed(self, base_seed: int) -> int:
         """A seed derived from the run's seed and the target: one target regenerates on its own."""

@@ -275,16 +275,6 @@ def offline_photo_paths() -> List[str]:
     return [offline_photo_path(n) for n in _OFFLINE]
 
 
-def imagenet_labels() -> List[str]:
-    """The 1000 ImageNet class names (from torchvision's metadata, offline)."""
-    try:
-        from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-        return list(_IMAGENET_CATEGORIES)
-    except Exception:
-        return [f"class {i}" for i in range(1000)]
-
-
 # Class folders: a subfolder per class, named by the class index or its WordNet id.
 
 WNID_FILES = ("wnids.txt", "LOC_synset_mapping.txt", "synsets.txt")

@@ -17,12 +17,12 @@ from vital_fast.optim.presets import Settings
 from vital_fast.optim.targets import Target
 from vital_fast.references.cache import DiskCache
 from vital_fast.runfolder import LOCK_FILES, FolderLock
-from vital_fast.references.images import ImageSet, imagenet_labels
+from vital_fast.references.images import ImageSet
 from vital_fast.sweep.dist import _Dist
 from vital_fast.sweep.engine import Engine as _Engine, Slot as _Slot, result_files, sweep_engine
 from vital_fast.sweep.journal import (INDEX_PREFIX, _fsync_tree, _identity_diff, _IndexWriter, _write_manifest,
                                       read_index, sweep_identity)
-from vital_fast.sweep.plan import _label, _make_plan, _Plan, _reference_source
+from vital_fast.sweep.plan import _make_plan, _Plan, _reference_source
 
 
 LOCK = ".lock"
@@ -200,9 +200,7 @@ class _Run:
         self.done_here = self.global_done = 0
         self.manifest: Optional[Dict[str, Any]] = None
         self.t_loop = self.last_manifest = time.perf_counter()
-        n = plan.loaded.num_classes
-        labels = imagenet_labels() if plan.class_list else []
-        self.names = labels if n is not None and n == len(labels) else []
+        self.names = list(plan.loaded.class_names or [])  # the model's own names (models.labels), or none
 
     def report(self) -> None:
         if self.progress is None or self.dist.rank != 0:
@@ -384,7 +382,7 @@ def _write_result(out: str, engine: _Engine, sl: _Slot, sweep_id: str, rank: int
                "initial_loss": sl.losses[0] if sl.losses else None, "steps": len(sl.losses)}
     metrics.update(sl.extra)
     rec = {
-        "key": t.key, "kind": t.kind, "index": t.index, "layer": t.layer, "slug": t.slug, "label": _label(t, names),
+        "key": t.key, "kind": t.kind, "index": t.index, "layer": t.layer, "slug": t.slug, "label": t.label(names),
         "seed": sl.seed, "layers": [[l, w] for l, w in engine.plan(t)],
         "losses": [round(float(v), 6) for v in sl.losses], "final_loss": final,
         "references": list(sl.refset.names), "metrics": metrics, "stopped_early": sl.stopped_early,

@@ -33,12 +33,6 @@ def _listing_digest(root: str, files: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _label(t: Target, names: Sequence[str]) -> str:
-    if t.kind == "class":
-        return f"{t.index} {names[t.index]}" if t.index < len(names) else t.key
-    return f"{t.layer} channel {t.index}"
-
-
 def _layer_channels(loaded, layer: str) -> int:
     from vital_fast.models import resolve_layer
 
@@ -126,11 +120,14 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
             pool.check()
         listing = pool.identity()
         if listing is None:
-            raise ValueError("sweep: a dataset of candidate images needs a fingerprint (ImagePool.from_dataset("
-                             "dataset, fingerprint=...)): it names the sweep")
+            raise ValueError("sweep: a dataset of candidate images needs a fingerprint, a string that changes when its "
+                             "images do (ImagePool.from_dataset(dataset, fingerprint=...), or a 'fingerprint' "
+                             "attribute on a dataset given as --images py:MODULE:NAME): it names the sweep")
         missing = [c for c in class_list if class_images is None or c not in class_images]
         if missing:
-            raise ValueError(f"sweep: no reference images for class {missing[0]} (pass class_images)")
+            raise ValueError(f"sweep: no reference images for class {missing[0]}: with a dataset or in-memory images "
+                             f"as the pool, class targets need class_images (on the command line: a folder of "
+                             f"class subfolders as --images)")
         class_src = {c: class_images[c] for c in class_list}
     else:
         images = os.fspath(images)
