@@ -103,7 +103,7 @@ def target_records(result, labels: Optional[Dict[str, str]] = None,
             "layers": [[l, w] for l, w in result.layers[i]],
             "losses": [round(float(v), 6) for v in result.losses[i]],
             "final_loss": float(result.losses[i, -1]) if result.losses.shape[1] else None,
-            "references": list(result.references[i].names),
+            "references": list(result.references[i].names), **t.record(),
         })
     return recs
 

@@ -14,7 +14,7 @@ from vital_fast.references.images import (
     list_image_files,
     load_images,
 )
-from vital_fast.references.mining import channel_reference_images, mine_topk
+from vital_fast.references.units import mine_unit_references
 from vital_fast.references.pool import ImagePool
 from vital_fast.results import read_manifest, save_result
 
@@ -26,8 +26,8 @@ def gather_references(
     optimization).
 
     Class targets read the subfolder named by the class index or WordNet id (a folder is needed for them);
-    channel targets mine the top-k of every image under the folder (or of the pool), in one streaming pass
-    per layer (the images are read lazily, in DataLoader workers; only each channel's winners are read again).
+    unit targets (channels, directions, neurons) mine the top-k of every image under the folder (or of the
+    pool), in one streaming pass per layer (and one more for a layer's directions and neurons) (the images are read lazily, in DataLoader workers; only each channel's winners are read again).
     """
     if isinstance(images, ImagePool):
         pool, images = images, None
@@ -48,23 +48,22 @@ def gather_references(
                     f" (or named by its WordNet id, with a wnids.txt beside it)"
                 )
             refs[t.key] = load_images(folder, what=f"references of {t.key}")
-    chan = [t for t in targets if t.kind == "channel"]
-    if chan:
+    units = [t for t in targets if t.is_unit]
+    if units:
         if pool is None:
             files = list_image_files(images)
             if not files:
-                raise ValueError(f"--images: no image files under {images} to mine channel references from")
+                raise ValueError(f"--images: no image files under {images} to mine references from")
             pool = ImagePool.from_files(files, root=images, what=f"candidate images under {images}")
         pool.check()  # no readable image: fail before any mining
         k = min(settings.n_refs, len(pool))
-        for layer in sorted({t.layer for t in chan}):
-            ts = [t for t in chan if t.layer == layer]
-            bar = Progress(len(pool), label=f"mining {layer}")
-            top = mine_topk(loaded, layer, pool, [t.index for t in ts], k, size or loaded.input_size, cache,
-                            progress=lambda done, total, rate, bar=bar: bar.update(done, f"{rate:.1f} images/s"))
-            per = channel_reference_images(loaded, top, pool, settings.channel_refs, size or loaded.input_size)
-            for t in ts:
-                refs[t.key] = per[t.index]
+
+        def bar_for(label):
+            bar = Progress(len(pool), label=label)
+            return lambda done, total, rate: bar.update(done, f"{rate:.1f} images/s")
+
+        refs.update(mine_unit_references(loaded, units, pool, k, settings.channel_refs, size or loaded.input_size,
+                                         cache, progress_for=bar_for))
     return refs
 
 
@@ -87,8 +86,9 @@ def annotate(loaded, res) -> Dict[str, dict]:
         for i, p in zip(cls, preds or []):
             out[res.targets[i].key]["predictions"] = p
     for i, t in enumerate(res.targets):
-        if t.kind == "channel":
-            r = channel_activation_ratio(loaded, t.layer, t.index, res.images[i], res.references[i].images)
+        if t.is_unit:
+            r = channel_activation_ratio(loaded, t.layer, t.index if t.kind == "channel" else t, res.images[i],
+                                         res.references[i].images)
             if r is not None:
                 out[t.key]["activation_ratio"] = r
     return out

@@ -34,7 +34,10 @@ def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
                    "returning an nn.Module or a LoadedModel)")
     p.add_argument("--layer", default=None, help="the layer whose channels are swept (see `vital-fast layers`)")
     p.add_argument("--channels", default=None, metavar="SPEC",
-                   help="channels of --layer: all (default), 0-511, or 0,3,8-15")
+                   help="channels of --layer (or rows of --directions): all (default), 0-511, or 0,3,8-15")
+    p.add_argument("--directions", default=None, metavar="FILE",
+                   help="sweep the rows of this direction matrix (.pt or .safetensors: (N, C), e.g. a sparse "
+                   "autoencoder's decoder) in --layer's channel space instead of its channels")
     p.add_argument("--classes", default=None, metavar="SPEC",
                    help="class targets too (or instead): all, 0-999, or 1,5,9-12; references from --images/<class>/")
     p.add_argument("--images", required=True, help="folder of candidate images for top-k mining (every image under "
@@ -83,6 +86,12 @@ def cmd_sweep(args) -> int:
         raise UsageError("sweep: give --layer (its channels are swept) and/or --classes")
     if args.channels is not None and args.layer is None:
         raise UsageError("--channels needs --layer")
+    if args.directions is not None:
+        if args.layer is None:
+            raise UsageError("--directions needs --layer (the layer whose channel space they live in)")
+        from vital_fast.optim.directions import load_directions
+
+        args.directions = load_directions(args.directions)  # a bad file: one line, exit 2, before any work
     if args.early_stop is not None and not args.early_stop >= 0:
         raise UsageError(f"--early-stop must be a fraction >= 0, got {args.early_stop}")
     images = images_arg(args.images)
@@ -116,7 +125,7 @@ def cmd_sweep(args) -> int:
         preset=args.preset, settings=settings, seed=args.seed, size=args.size, batch=args.batch,
         refill=not args.no_refill, early_stop=args.early_stop, exact=args.exact, resume=args.resume,
         force=args.force, cache=_cache(args), device=device, progress=progress if rank == 0 else None,
-        manifest_every=args.manifest_every, extra={"preset": args.preset},
+        manifest_every=args.manifest_every, extra={"preset": args.preset}, directions=args.directions,
     )
     if summary.rank == 0:
         from vital_fast.report.gallery import build_gallery

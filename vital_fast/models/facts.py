@@ -87,7 +87,8 @@ def plan_layers_before(loaded, target_layer: str, candidates: Sequence[Tuple[str
 
 
 def check_targets(loaded, targets: Sequence) -> Dict[str, tuple]:
-    """Stop before any optimization on an unknown layer or an index out of range."""
+    """Stop before any optimization on an unknown layer, an index out of range, a direction whose length is
+    not the layer's channels, a neuron's location outside the layer's grid (at the model's input size)."""
     shapes = {d["name"]: d["shape"] for d in layer_table(loaded)}
     for t in targets:
         if t.kind == "class":
@@ -99,9 +100,20 @@ def check_targets(loaded, targets: Sequence) -> Dict[str, tuple]:
             shape = shapes.get(t.layer)
             if shape is None:
                 raise ValueError(f"target {t.key}: layer {t.layer!r} produces no tensor output")
-            c = shape[-1] if loaded.channel_dim_of(t.layer) == -1 else shape[0]
-            if t.index >= c:
+            tokens = loaded.channel_dim_of(t.layer) == -1
+            c = shape[-1] if tokens else shape[0]
+            if t.kind == "direction":
+                if t.direction.channels != c:
+                    raise ValueError(f"target {t.key}: the direction has {t.direction.channels} values but layer "
+                                     f"{t.layer!r} has {c} channels")
+            elif t.index >= c:
                 raise ValueError(f"target {t.key}: layer {t.layer!r} has {c} channels (0-{c - 1})")
+            if t.kind == "neuron":
+                grid = (shape[0], 1) if tokens else tuple(shape[1:3]) + (1,) * (3 - len(shape))
+                if t.loc[0] >= grid[0] or t.loc[1] >= grid[1]:
+                    raise ValueError(f"target {t.key}: location ({t.loc[0]}, {t.loc[1]}) is outside layer "
+                                     f"{t.layer!r}'s {grid[0]}x{grid[1]} grid at the model's input size "
+                                     f"({loaded.input_size} px)")
     return shapes
 
 

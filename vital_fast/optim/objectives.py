@@ -303,7 +303,8 @@ def last_linear(model: nn.Module) -> Optional[str]:
 
 class ActMax(Objective):
     """Minus the activation of each element's target: its class logit, or its channel's mean
-    activation over space (tokens for ViT layers), averaged over the element's views.
+    activation over space (tokens for ViT layers), averaged over the element's views; a direction's
+    projection (plus bias) averaged over space; a neuron's activation at its location.
 
     ``unit``: one fixed unit for every element instead (``"class:3"``, ``"channel:layer3:5"``).
     ``class_loss="ce"``: class targets take the cross-entropy of their class (DeepInversion's).
@@ -321,7 +322,7 @@ class ActMax(Objective):
         return [self.unit] * len(slots) if self.unit is not None else [sl.target for sl in slots]
 
     def layers(self, slots):
-        return sorted({t.layer for t in self._targets(slots) if t.kind == "channel"})
+        return sorted({t.layer for t in self._targets(slots) if t.is_unit})
 
     def needs_logits(self, slots):
         return any(t.kind == "class" for t in self._targets(slots))
@@ -342,12 +343,13 @@ class ActMax(Objective):
             cls = [i for i, t in enumerate(targets) if t.kind == "class"]
             by_layer: Dict[str, List[int]] = {}
             for i, t in enumerate(targets):
-                if t.kind == "channel":
+                if t.is_unit:
                     by_layer.setdefault(t.layer, []).append(i)
             self._index[key] = (
                 torch.tensor(cls, device=dev, dtype=torch.long),
                 torch.tensor([targets[i].index for i in cls], device=dev, dtype=torch.long),
-                {l: (torch.tensor(idx, device=dev), torch.tensor([targets[i].index for i in idx], device=dev))
+                {l: (torch.tensor(idx, device=dev), torch.tensor([targets[i].index for i in idx], device=dev),
+                     [targets[i] for i in idx])
                  for l, idx in by_layer.items()})
             if len(self._index) > 64:
                 self._index.pop(next(iter(self._index)))
@@ -362,12 +364,16 @@ class ActMax(Objective):
             lg = ctx.logits.float().view(B, R, -1)[cls_pos]                                # (n, R, K)
             picked = lg.gather(2, cls_ids.view(-1, 1, 1).expand(-1, R, 1))[..., 0]        # (n, R)
             scores = scores.index_put((cls_pos,), picked)
-        for layer, (idx, ch) in groups.items():
+        for layer, (idx, ch, ts) in groups.items():
             f = ctx.features[layer].float()
             if ctx.engine.loaded.channel_dim_of(layer) == -1:  # tokens (B*R, N, C) -> (B*R, C, N)
                 f = f.transpose(1, 2)
+            grid = tuple(f.shape[2:]) if f.dim() == 4 else (f.shape[2], 1)
             f = f.reshape(B, R, f.shape[1], -1)[idx]                                      # (n, R, C, D)
-            act = f.gather(2, ch.view(-1, 1, 1, 1).expand(-1, R, 1, f.shape[-1]))[:, :, 0].mean(-1)
+            if all(t.kind == "channel" for t in ts):
+                act = f.gather(2, ch.view(-1, 1, 1, 1).expand(-1, R, 1, f.shape[-1]))[:, :, 0].mean(-1)
+            else:
+                act = _unit_activation(f, ts, grid, ctx.view.shape[-1], ctx.engine.loaded.input_size)
             scores = scores.index_put((idx,), act)
         loss = -scores.mean(1)
         if self.class_loss == "ce" and len(cls_pos):
@@ -375,6 +381,21 @@ class ActMax(Objective):
             ce = F.cross_entropy(lg[:, 0], cls_ids, reduction="none")
             loss = loss.index_put((cls_pos,), ce)
         return loss
+
+
+def _unit_activation(f: torch.Tensor, ts: Sequence[Target], grid, size: int, final: int) -> torch.Tensor:
+    """Features ``(n, R, C, D)`` of ``n`` unit targets -> their activations ``(n, R)``: the projection on each
+    target's vector plus bias, averaged over the ``D`` positions, or read at a neuron's location (moved from
+    the grid at the model's input size to this one's)."""
+    w = torch.stack([t.unit_vector(f.shape[2]) for t in ts]).to(f.device, f.dtype)           # (n, C)
+    b = torch.tensor([t.unit_bias for t in ts], device=f.device, dtype=f.dtype)
+    u = torch.einsum("nrcd,nc->nrd", f, w) + b[:, None, None]                                  # (n, R, D)
+    out = u.mean(-1)
+    for j, t in enumerate(ts):
+        if t.loc is not None:
+            y, x = (min(v, g - 1) for v, g in zip(t.at_size(size, final).loc, grid))
+            out = out.index_put((torch.tensor([j], device=f.device),), u[j:j + 1, :, y * grid[1] + x])
+    return out
 
 
 # --- DeepInversion's BatchNorm statistics ---------------------------------------------------------

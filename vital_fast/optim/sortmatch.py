@@ -60,7 +60,7 @@ class SortMatch(Objective):
     def plan(self, engine, target):
         from vital_fast.models.facts import plan_layers_before
 
-        if target.kind == "class":
+        if not target.is_unit:
             return list(self.class_layers)
         return plan_layers_before(engine.loaded, target.layer, self.class_layers, self.settings.channel_stem_weight)
 
@@ -73,7 +73,8 @@ class SortMatch(Objective):
             r = class_references(engine.loaded, t.key, slot.refset, plan, S, s, slot.seed, self.cache)
         else:
             rs = slot.refset.subset(range(min(len(slot.refset), s.n_refs)))
-            r = channel_references(engine.loaded, t.key, t.layer, t.index, rs, plan, S, s, self.cache)
+            unit = t.index if t.kind == "channel" else t.at_size(S, engine.loaded.input_size)
+            r = channel_references(engine.loaded, t.key, t.layer, unit, rs, plan, S, s, self.cache)
         slot.state["refs"] = r
         slot.state["rel"] = {}
         engine.t_refs += time.perf_counter() - t0
@@ -112,16 +113,33 @@ class SortMatch(Objective):
         by_layer: Dict[str, List[int]] = {}
         for i in need:
             t = slots[i].target
-            by_layer.setdefault(t.layer if t.kind == "channel" else self._logit_layer(engine), []).append(i)
+            by_layer.setdefault(t.layer if t.is_unit else self._logit_layer(engine), []).append(i)
         for layer, members in by_layer.items():
             idx = torch.tensor(members, device=xt.device)
             xs = xt.detach().index_select(0, idx)
-            chans = torch.tensor([slots[i].target.index for i in members], device=xt.device)
+            ts = [slots[i].target for i in members]
+            chans, locs = unit_starts(ts, xt.shape[-1], engine.loaded.input_size, xt.device)
             rec = [l for l, _ in slots[members[0]].state["refs"].layers]
             maps = relevance_maps(engine.loaded.model, xs, layer, chans, rec, family=engine.loaded.family,
-                                  composite=self.settings.lrp_composite)
+                                  composite=self.settings.lrp_composite, locations=locs)
             for j, i in enumerate(members):
                 slots[i].state["rel"] = {l: maps[l][j:j + 1] for l in rec}
+
+
+def unit_starts(targets: Sequence[Target], size: int, final: int, dev):
+    """Where relevance starts for each target (class logits, channels, directions, neurons) as
+    :func:`~vital_fast.references.relevance.relevance_maps` takes it: channel indices ``(B,)``, or directions
+    ``(B, C)`` when any target is a direction; and ``(B, 2)`` locations when any is a neuron (else None)."""
+    if any(t.kind == "direction" for t in targets):
+        c = next(t.direction.channels for t in targets if t.kind == "direction")
+        chans = torch.stack([t.unit_vector(c) for t in targets]).to(dev)
+    else:
+        chans = torch.tensor([t.index for t in targets], device=dev)
+    locs = None
+    if any(t.loc is not None for t in targets):
+        locs = torch.tensor([list(t.at_size(size, final).loc) if t.loc is not None else [-1, -1]
+                             for t in targets])
+    return chans, locs
 
 
 def _layer_table(loaded):
@@ -158,7 +176,7 @@ def build_groups(targets: Sequence[Target], refs: Sequence[Any], dev) -> List[di
 
     groups: Dict[tuple, dict] = {}
     for i, (t, r) in enumerate(zip(targets, refs)):
-        gkey = ("class",) if t.kind == "class" else ("channel", t.layer)
+        gkey = ("unit", t.layer) if t.is_unit else ("class",)
         g = groups.setdefault(gkey, {"kind": t.kind, "layer": t.layer, "members": [], "layers": r.layers})
         g["members"].append((i, t, r))
     out = []

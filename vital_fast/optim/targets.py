@@ -1,10 +1,24 @@
-"""Targets: what a visualization shows (a class logit or one channel of a layer)."""
+"""Targets: what a visualization shows: a class logit, one channel of a layer, a direction in a layer's
+channel space (:mod:`vital_fast.optim.directions`), or one channel at one location (a spatial neuron).
+
+Channel, direction and neuron targets are *unit* targets: their activation map at their layer is the
+projection of the layer's features on a vector (:meth:`Target.unit_vector`; one-hot for a channel),
+restricted to one location for a neuron. Their references are mined by that map and their relevance
+starts from ``A * vector`` (and the location's mask)."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from vital_fast.optim.directions import Direction, load_directions
+
+KINDS = ("class", "channel", "direction", "neuron")
+UNIT_KINDS = ("channel", "direction", "neuron")
+FORMS = "'class:285', 'channel:LAYER:17', 'direction:LAYER:FILE[:ROW]', 'neuron:LAYER:C:Y:X'"
 
 
 @dataclass(frozen=True)
@@ -12,27 +26,82 @@ class Target:
     """One unit to visualize.
 
     ``Target("class", 285)`` is the class neuron 285; ``Target("channel", 17, "layer3")`` is
-    channel 17 of the output of module ``layer3``. ``key`` is the canonical text form
-    (``class:285``, ``channel:layer3:17``) that :func:`parse_target` reads back.
+    channel 17 of the output of module ``layer3``; ``Target.of_direction("layer3", vector)`` a direction
+    (:func:`direction_target`); ``Target("neuron", 17, "layer3", loc=(5, 9))`` channel 17 at row 5,
+    column 9 of ``layer3``'s grid (for a token layer ``(B, N, C)``: token 5, column 0). ``key`` is the
+    canonical text form (``class:285``, ``channel:layer3:17``, ``direction:layer3:FILE:ROW``,
+    ``neuron:layer3:17:5:9``) that :func:`parse_target` reads back.
     """
 
     kind: str
     index: int
     layer: Optional[str] = None
+    direction: Optional[Direction] = None
+    loc: Optional[Tuple[int, int]] = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("class", "channel"):
-            raise ValueError(f"target kind must be 'class' or 'channel', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"target kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 0:
             raise ValueError(f"target index must be a non-negative int, got {self.index!r}")
-        if self.kind == "channel" and not self.layer:
-            raise ValueError("a channel target needs a layer name: channel:LAYER:INDEX")
+        if self.kind in UNIT_KINDS and not self.layer:
+            raise ValueError(f"a {self.kind} target needs a layer name: {self.kind}:LAYER:...")
         if self.kind == "class" and self.layer is not None:
             raise ValueError("a class target takes no layer")
+        if (self.kind == "direction") != (self.direction is not None):
+            raise ValueError("a direction target needs its direction, and only it takes one")
+        if self.kind == "neuron":
+            if (not isinstance(self.loc, tuple) or len(self.loc) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.loc)):
+                raise ValueError(f"a neuron target needs its location (Y, X), two non-negative ints, got {self.loc!r}")
+        elif self.loc is not None:
+            raise ValueError("only a neuron target takes a location")
+
+    @property
+    def is_unit(self) -> bool:
+        """A unit of a layer (channel, direction, neuron), not a class."""
+        return self.kind in UNIT_KINDS
 
     @property
     def key(self) -> str:
-        return f"class:{self.index}" if self.kind == "class" else f"channel:{self.layer}:{self.index}"
+        if self.kind == "class":
+            return f"class:{self.index}"
+        if self.kind == "channel":
+            return f"channel:{self.layer}:{self.index}"
+        if self.kind == "direction":
+            return f"direction:{self.layer}:{self.direction.source}:{self.index}"
+        return f"neuron:{self.layer}:{self.index}:{self.loc[0]}:{self.loc[1]}"
+
+    def unit_vector(self, channels: int) -> torch.Tensor:
+        """The unit's weights over the layer's ``channels`` (float32): one-hot for a channel or a neuron, the
+        direction's vector for a direction. ``ValueError`` when they do not fit the layer."""
+        if self.kind == "direction":
+            if self.direction.channels != channels:
+                raise ValueError(f"{self.key}: the direction has {self.direction.channels} values but layer "
+                                 f"{self.layer!r} has {channels} channels")
+            return self.direction.vector
+        if self.kind == "class":
+            raise ValueError(f"{self.key}: a class target has no unit vector")
+        if self.index >= channels:
+            raise ValueError(f"layer {self.layer!r} has {channels} channels (0-{channels - 1}); got channel "
+                             f"{self.index}")
+        v = torch.zeros(channels)
+        v[self.index] = 1.0
+        return v
+
+    def at_size(self, size: int, native: int) -> "Target":
+        """This target with a neuron's location moved from its layer's grid at ``native`` px (the model's input
+        size, where locations are given) to the grid at ``size`` px (the grid scales with the image); other
+        targets as they are. (The key changes with the location: keep the original's key.)"""
+        if self.loc is None or size == native:
+            return self
+        import dataclasses
+
+        return dataclasses.replace(self, loc=tuple(int((v + 0.5) * size / native) for v in self.loc))
+
+    @property
+    def unit_bias(self) -> float:
+        return self.direction.bias if self.kind == "direction" else 0.0
 
     @property
     def slug(self) -> str:
@@ -57,24 +126,73 @@ class Target:
             if class_names and self.index < len(class_names):
                 return f"{self.index} {class_names[self.index]}"
             return self.key
+        if self.kind == "direction":
+            name = self.direction.source.replace("\\", "/").rsplit("/", 1)[-1]
+            return f"{self.layer} direction {name}:{self.index}"
+        if self.kind == "neuron":
+            return f"{self.layer} channel {self.index} at ({self.loc[0]}, {self.loc[1]})"
         return f"{self.layer} channel {self.index}"
 
+    def record(self) -> dict:
+        """What a result record says of the unit beyond its key: a direction's source, row, digest, bias and
+        a probe's held-out accuracy (when its file has one); a neuron's location."""
+        if self.kind == "direction":
+            d = self.direction
+            out = {"source": d.source, "row": d.row, "digest": d.digest, "bias": d.bias}
+            for k in ("accuracy", "n_test"):
+                if isinstance(d.meta.get(k), (int, float)) and not isinstance(d.meta.get(k), bool):
+                    out["probe_" + k] = d.meta[k]
+            return {"direction": out}
+        if self.kind == "neuron":
+            return {"loc": list(self.loc)}
+        return {}
+
+    def canonical(self) -> "Target":
+        """The channel a one-hot direction with no bias names (it *is* that channel: same references, relevance,
+        seed and image); any other target itself."""
+        if self.kind == "direction" and self.direction.bias == 0.0:
+            v = self.direction.vector
+            nz = torch.nonzero(v).flatten()
+            if nz.numel() == 1 and float(v[nz[0]]) == 1.0:
+                return Target("channel", int(nz[0]), self.layer)
+        return self
+
     def seed(self, base_seed: int) -> int:
-        """A seed derived from the run's seed and the target: one target regenerates on its own."""
-        h = hashlib.sha256(f"{int(base_seed)}|{self.key}".encode()).digest()
+        """A seed derived from the run's seed and the target: one target regenerates on its own (a one-hot
+        direction takes the seed of the channel it names, :meth:`canonical`)."""
+        h = hashlib.sha256(f"{int(base_seed)}|{self.canonical().key}".encode()).digest()
         return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
     def __str__(self) -> str:
         return self.key
 
 
+def direction_target(layer: str, direction, row: int = 0, bias: float = 0.0, source: Optional[str] = None) -> Target:
+    """A direction target: ``direction`` a :class:`Direction`, a ``(C,)`` tensor, an ``(N, C)`` matrix with
+    ``row``, or a file (``.pt``/``.safetensors``, see :func:`load_directions`) with ``row``."""
+    import os
+
+    if isinstance(direction, Direction):
+        return Target("direction", direction.row, layer, direction=direction)
+    if isinstance(direction, (str, os.PathLike)):
+        return Target("direction", int(row), layer, direction=load_directions(direction).row(int(row)))
+    v = torch.as_tensor(direction)
+    if v.dim() == 2:
+        if not 0 <= int(row) < v.shape[0]:
+            raise ValueError(f"direction matrix of {v.shape[0]} rows: row {row} is out of range")
+        v = v[int(row)]
+    return Target("direction", int(row), layer, direction=Direction.of(v, bias, source, int(row)))
+
+
 def parse_target(spec: Union[str, Target]) -> Target:
-    """Parse ``class:285`` or ``channel:LAYER:17`` (LAYER may contain dots, e.g. ``_blocks.10``).
+    """Parse a target: ``class:285``, ``channel:LAYER:17`` (LAYER may contain dots, e.g. ``_blocks.10``),
+    ``direction:LAYER:FILE[:ROW]`` (row 0 of a one-direction file may be left out) or ``neuron:LAYER:C:Y:X``.
 
     Raises
     ------
     ValueError
-        For anything else, with the valid forms in the message.
+        For anything else, with the valid forms in the message; for a direction, a missing or unreadable
+        file, a row out of range, NaN in the direction.
     """
     if isinstance(spec, Target):
         return spec
@@ -86,6 +204,19 @@ def parse_target(spec: Union[str, Target]) -> Target:
             return Target("class", int(parts[1]))
         if parts[0] == "channel" and len(parts) == 3:
             return Target("channel", int(parts[2]), parts[1])
+        if parts[0] == "neuron" and len(parts) == 5:
+            return Target("neuron", int(parts[2]), parts[1], loc=(int(parts[3]), int(parts[4])))
     except ValueError as exc:
-        raise ValueError(f"bad target {spec!r}: {exc}; valid forms: 'class:285', 'channel:LAYER:17'") from None
-    raise ValueError(f"bad target {spec!r}; valid forms: 'class:285', 'channel:LAYER:17'")
+        raise ValueError(f"bad target {spec!r}: {exc}; valid forms: {FORMS}") from None
+    if parts[0] == "direction" and len(parts) >= 3 and parts[1] and parts[2]:
+        rest = spec.strip().split(":", 2)[2]
+        path, sep, row = rest.rpartition(":")
+        if sep and row.strip().lstrip("-").isdigit():
+            dirs = load_directions(path)
+            return Target("direction", int(row), parts[1], direction=dirs.row(int(row)))
+        dirs = load_directions(rest)
+        if len(dirs) != 1:
+            raise ValueError(f"{rest} holds {len(dirs)} directions: name one, direction:{parts[1]}:{rest}:ROW "
+                             f"(0-{len(dirs) - 1})")
+        return Target("direction", 0, parts[1], direction=dirs.row(0))
+    raise ValueError(f"bad target {spec!r}; valid forms: {FORMS}")

@@ -183,26 +183,19 @@ def _mined(loaded, targets: Sequence[Target], references, pool, settings: Settin
     refs = dict(references or {})
     for t in targets:
         src = refs.get(t.key, refs.get(t))  # type: ignore[arg-type]
-        if t.kind == "channel" and isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
+        if t.is_unit and isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
             raise ValueError(f"visualize: {t.key} was given the folder {src} as references; a channel's references "
                              f"are its top-k images mined from a pool: pass pool={str(src)!r} (or load_images(...) of "
                              f"the files to use them as they are)")
-    todo = [t for t in targets if t.kind == "channel" and refs.get(t.key, refs.get(t)) is None]  # type: ignore
+    todo = [t for t in targets if t.is_unit and refs.get(t.key, refs.get(t)) is None]  # type: ignore
     if not todo or pool is None:
         return refs
-    from vital_fast.references.mining import channel_reference_images, mine_topk
     from vital_fast.references.pool import as_pool
+    from vital_fast.references.units import mine_unit_references
 
     pool = as_pool(pool, what="visualize: pool")
-    by_layer: dict = {}
-    for t in todo:
-        by_layer.setdefault(t.layer, []).append(t)
-    for layer, ts in by_layer.items():
-        chans = sorted({t.index for t in ts})
-        top = mine_topk(loaded, layer, pool, chans, min(settings.n_refs, len(pool)), size, cache)
-        per = channel_reference_images(loaded, top, pool, settings.channel_refs, size)
-        for t in ts:
-            refs[t.key] = per[t.index]
+    refs.update(mine_unit_references(loaded, todo, pool, min(settings.n_refs, len(pool)), settings.channel_refs,
+                                     size, cache))
     return refs
 
 

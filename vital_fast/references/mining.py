@@ -71,8 +71,46 @@ def receptive_field(loaded, layer: str, size: int) -> int:
     return int(min(size, max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)))
 
 
-def _validate_entry(loaded, layer: str, pool: ImagePool, k: int):
-    """A validator for a cached top-k entry of ``layer`` over ``pool``."""
+@dataclass
+class Units:
+    """What a mining pass scores besides a layer's channels: ``weights`` (N, C) projections (a channel is a
+    one-hot row), ``bias`` (N,), and ``locs`` (N, 2) fixed positions for spatial neurons (``-1``: the map's
+    maximum). Its ``digest`` keys the cache."""
+
+    weights: torch.Tensor
+    bias: torch.Tensor
+    locs: Optional[torch.Tensor] = None
+
+    @property
+    def digest(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(self.weights.float().contiguous().numpy().tobytes())
+        h.update(self.bias.float().contiguous().numpy().tobytes())
+        if self.locs is not None:
+            h.update(self.locs.long().contiguous().numpy().tobytes())
+        return h.hexdigest()[:24]
+
+    def score(self, a: torch.Tensor):
+        """``(B, C, H, W)`` features -> per unit ``(B, N)`` scores and flat argmax positions."""
+        w = self.weights.to(a.device, a.dtype)
+        u = torch.einsum("bchw,nc->bnhw", a, w) + self.bias.to(a.device, a.dtype)[None, :, None, None]
+        s, arg = u.flatten(2).max(dim=2)
+        if self.locs is not None:
+            fixed = self.locs[:, 0] >= 0
+            if bool(fixed.any()):
+                W = a.shape[3]
+                pos = (self.locs[:, 0] * W + self.locs[:, 1]).to(a.device)
+                at = u.flatten(2).gather(2, pos.clamp(min=0)[None, :, None].expand(a.shape[0], -1, 1))[..., 0]
+                f = fixed.to(a.device)[None, :]
+                s = torch.where(f, at, s)
+                arg = torch.where(f, pos[None, :].expand_as(arg), arg)
+        return s, arg
+
+
+def _validate_entry(loaded, layer: str, pool: ImagePool, k: int, rows: Optional[int] = None):
+    """A validator for a cached top-k entry of ``layer`` over ``pool`` (``rows``: its units, default the
+    layer's channels)."""
 
     def validate(val):
         from vital_fast.references.prototypes import layer_channels
@@ -86,7 +124,7 @@ def _validate_entry(loaded, layer: str, pool: ImagePool, k: int):
         n = int(val["n"])
         if not 1 <= n <= len(pool):
             raise ValueError(f"{n} images scored, for a pool of {len(pool)}")
-        c = layer_channels(loaded, layer, None)  # (B, N, C) outputs are read as (B, C, N, 1)
+        c = rows if rows is not None else layer_channels(loaded, layer, None)  # (B, N, C) read as (B, C, N, 1)
         kk = min(k, n)
         check_tensor(val["score"], "scores", shape=(c, kk))
         c = val["score"].shape[0]
@@ -105,9 +143,10 @@ def _validate_entry(loaded, layer: str, pool: ImagePool, k: int):
 
 
 def _stream_topk(loaded, layer: str, pool: ImagePool, k: int, size: int, batch: int, workers: Optional[int],
-                 progress: Optional[Callable[[int, int, float], None]]) -> dict:
-    """One pass over ``pool`` for every channel of ``layer``: per channel the running top ``k`` scores (spatial
-    max), with their image index and location; ties go to the lower index."""
+                 progress: Optional[Callable[[int, int, float], None]], units: Optional[Units] = None) -> dict:
+    """One pass over ``pool`` for every channel of ``layer`` (or every unit of ``units``): per channel the running
+    top ``k`` scores (spatial max, or the value at a neuron's location), with their image index and location;
+    ties go to the lower index."""
     from vital_fast.models import FeatureTaps
 
     dev = next(iter(loaded.model.parameters())).device
@@ -127,7 +166,10 @@ def _stream_topk(loaded, layer: str, pool: ImagePool, k: int, size: int, batch: 
             if a.dim() == 3:  # tokens (B, N, C) -> (B, C, N, 1)
                 a = a.transpose(1, 2)[..., None]
             grid = tuple(int(g) for g in a.shape[2:])
-            s, arg = a.flatten(2).max(dim=2)  # (B, C) each
+            if units is None:
+                s, arg = a.flatten(2).max(dim=2)  # (B, C) each
+            else:
+                s, arg = units.score(a)  # (B, N) each
             s, arg = s.cpu().t(), arg.cpu().t()  # (C, B)
             ii = idx[None, :].expand_as(s)
             if run_s is not None:  # the running top-k first: on ties, the stable sort keeps the lower index
@@ -155,6 +197,7 @@ def mine_topk(
     *,
     workers: Optional[int] = None,
     progress: Optional[Callable[[int, int, float], None]] = None,
+    units: Optional[Units] = None,
 ) -> TopK:
     """Score every image of ``pool`` for every channel of ``layer`` in one streaming pass; keep the top ``k``.
 
@@ -166,6 +209,9 @@ def mine_topk(
     are skipped and counted (one warning); when fewer than ``k`` can be read, each channel gets them all
     (the result has fewer columns), as an in-memory set of the readable images would give.
     ``progress(done, total, images_per_second)`` is called as images are read.
+
+    ``units``: score projections of the layer's features instead of its channels (directions, spatial
+    neurons; see :class:`Units`); ``channels`` then index its rows, and the cache entry holds all of them.
 
     Raises
     ------
@@ -182,36 +228,43 @@ def mine_topk(
     from vital_fast.references.prototypes import layer_channels
 
     known = layer_channels(loaded, layer, None)
+    if units is not None:
+        if known is not None and units.weights.shape[1] != known:
+            raise ValueError(f"top-k mining: units of {units.weights.shape[1]} values for layer {layer!r} with "
+                             f"{known} channels")
+        known = int(units.weights.shape[0])
     if known is not None and channels is not None:
-        _check_channels(layer, [int(c) for c in channels], known)
+        _check_channels(layer, [int(c) for c in channels], known, "units" if units is not None else "channels")
     pool.check()
     cache = cache or DiskCache(enabled=False)
     ident = pool.cache_parts()
-    validate = _validate_entry(loaded, layer, pool, k)
+    validate = _validate_entry(loaded, layer, pool, k, None if units is None else int(units.weights.shape[0]))
 
     def compute():
-        return _stream_topk(loaded, layer, pool, k, size, batch, workers, progress)
+        return _stream_topk(loaded, layer, pool, k, size, batch, workers, progress, units)
 
     if ident is None:
         val = compute()
     else:
         parts = {"model": loaded.fingerprint, "layer": layer, **ident, "size": size,
                  "resize": loaded.resize_size / loaded.input_size, "k": k, "entry": "running-topk"}
+        if units is not None:
+            parts["units"] = units.digest
         val = cache.get_or_compute("mine", parts, compute, validate)
     score_all, index_all, loc_all = val["score"], val["index"], val["loc"]  # (C, kk), (C, kk), (C, kk, 2)
     n_ch = score_all.shape[0]
     chans = list(range(n_ch)) if channels is None else [int(c) for c in channels]
-    _check_channels(layer, chans, n_ch)
+    _check_channels(layer, chans, n_ch, "units" if units is not None else "channels")
     rows = torch.tensor(chans, dtype=torch.long)
     top_s = score_all[rows].contiguous()
     return TopK(layer, chans, index_all[rows].contiguous(), top_s, loc_all[rows].contiguous(),
                 tuple(int(g) for g in val["grid"]), top_s.t().contiguous().mean(0))
 
 
-def _check_channels(layer: str, chans: Sequence[int], n_ch: int) -> None:
+def _check_channels(layer: str, chans: Sequence[int], n_ch: int, what: str = "channels") -> None:
     bad = [c for c in chans if not 0 <= c < n_ch]
     if bad:
-        raise ValueError(f"layer {layer!r} has {n_ch} channels (0-{n_ch - 1}); got channel(s) {bad[:5]}")
+        raise ValueError(f"layer {layer!r} has {n_ch} {what} (0-{n_ch - 1}); got {what[:-1]}(s) {bad[:5]}")
 
 
 def crop_patch(loaded, img: torch.Tensor, loc, grid, rf: int, size: int) -> torch.Tensor:

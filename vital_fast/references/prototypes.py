@@ -157,16 +157,26 @@ def class_references(
     return TargetReferences(list(layers), val["prototypes"], val.get("importance", {}), val["n"])
 
 
-def _relevance_of(loaded, x: torch.Tensor, start_layer: str, index: int, names: Sequence[str],
+def _relevance_of(loaded, x: torch.Tensor, start_layer: str, index, names: Sequence[str],
                   settings) -> Dict[str, torch.Tensor]:
     """LRP relevance at ``names`` of the reference inputs ``x``, started from unit ``index`` of
-    ``start_layer`` (a channel, or the class logit) for every image."""
+    ``start_layer`` (a channel, or the class logit) for every image; or from a unit target (a
+    :class:`~vital_fast.optim.targets.Target`: a direction's vector, a neuron's channel and location)."""
     from vital_fast.references.relevance import reference_relevance
 
     dev = next(iter(loaded.model.parameters())).device
-    return reference_relevance(loaded.model, x.to(dev), start_layer,
-                               torch.full((x.shape[0],), index, dtype=torch.long, device=dev), list(names),
-                               family=loaded.family, composite=settings.lrp_composite)
+    loc = None
+    if hasattr(index, "unit_vector"):  # a unit target
+        t = index
+        loc = t.loc
+        if t.kind == "direction":
+            unit = t.unit_vector(t.direction.channels).to(dev)
+        else:
+            unit = torch.full((x.shape[0],), t.index, dtype=torch.long, device=dev)
+    else:
+        unit = torch.full((x.shape[0],), int(index), dtype=torch.long, device=dev)
+    return reference_relevance(loaded.model, x.to(dev), start_layer, unit, list(names),
+                               family=loaded.family, composite=settings.lrp_composite, location=loc)
 
 
 def channel_references(
@@ -180,12 +190,15 @@ def channel_references(
     settings,
     cache: DiskCache,
 ) -> TargetReferences:
-    """Relevance-weighted prototypes and channel importance of a channel target's top-k references."""
+    """Relevance-weighted prototypes and channel importance of a unit target's top-k references: ``channel``
+    is the channel's index, or the unit :class:`~vital_fast.optim.targets.Target` (direction, neuron)."""
     parts = {
         "model": loaded.fingerprint, "target": target_key, "layers": list(record_layers), "images": images.hashes,
         "size": size, "q": settings.quantiles, "composite": settings.lrp_composite,
         "resize": loaded.resize_size / loaded.input_size, "norm": [loaded.mean, loaded.std],
     }
+    if getattr(channel, "kind", None) == "direction":
+        parts["unit"] = channel.direction.digest  # the key names the file; the values name the direction
     names = [l for l, _ in record_layers]
 
     def compute():

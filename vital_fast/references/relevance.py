@@ -54,7 +54,7 @@ import threading
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -229,9 +229,17 @@ def _check_args(model, x, channels, target_layer, record_layers, family, composi
         raise ValueError(f"{OP}: 'x' must be 4-D (B, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
     if not isinstance(channels, torch.Tensor):
         raise TypeError(f"{OP}: 'channels' must be a torch.Tensor, got {type(channels).__name__}")
-    if channels.dtype.is_floating_point or channels.dtype == torch.bool or channels.is_complex():
-        raise TypeError(f"{OP}: 'channels' must have an integer dtype, got {channels.dtype}")
-    if channels.shape != (x.shape[0],):
+    if channels.dtype == torch.bool or channels.is_complex():
+        raise TypeError(f"{OP}: 'channels' must have an integer dtype (channel indices) or a floating one "
+                        f"(directions), got {channels.dtype}")
+    if channels.dtype.is_floating_point:
+        if channels.dim() != 2:
+            raise TypeError(f"{OP}: 'channels' must have an integer dtype (channel indices, shape (B,)) or be "
+                            f"floating directions of shape (B, C); got {channels.dtype} of shape {tuple(channels.shape)}")
+        if channels.shape[0] != x.shape[0]:
+            raise ValueError(f"{OP}: directions in 'channels' must have shape ({x.shape[0]}, C) (one per batch "
+                             f"element of 'x' {tuple(x.shape)}), got {tuple(channels.shape)}")
+    elif channels.shape != (x.shape[0],):
         raise ValueError(
             f"{OP}: 'channels' must have shape ({x.shape[0]},) (one per batch element of 'x' "
             f"{tuple(x.shape)}), got {tuple(channels.shape)}"
@@ -258,11 +266,14 @@ def relevance_maps(
     *,
     family: str = "generic",
     composite: str = "paper",
+    locations: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
-    """LRP relevance of earlier layers' outputs for one target channel per batch element.
+    """LRP relevance of earlier layers' outputs for one target unit per batch element.
 
     The start relevance at ``target_layer``'s output ``A`` is ``R[b, c] = A[b, c]`` for
-    ``c = channels[b]`` and zero for every other channel. It is propagated down with the rules of
+    ``c = channels[b]`` and zero for every other channel; for a direction ``d = channels[b]`` (a float
+    row) it is ``R[b, c] = d[c] * A[b, c]`` (a one-hot ``d`` is the channel it names, bit for bit); with
+    ``locations[b] = (y, x)`` (a spatial neuron; ``(-1, -1)``: none) only that position keeps it. It is propagated down with the rules of
     ``composite`` (see the module docstring) in a single backward sweep for the whole batch. The
     forward pass stops at ``target_layer`` and the sweep stops at the earliest recorded layer.
     The model is left exactly as it was: canonizers undone, hooks removed, training flags restored
@@ -277,12 +288,15 @@ def relevance_maps(
     target_layer : str
         Dotted module name of the target layer (``"layer3"``, ``"_blocks.10"``); for a module
         called several times (a shared ReLU), its first call.
-    channels : Tensor (B,), integer
+    channels : Tensor (B,), integer, or (B, C), floating
         Target channel of each batch element (dimension 1 of the target output; the last
-        dimension for ``family="vit"`` token layouts).
+        dimension for ``family="vit"`` token layouts), or a direction per element.
     record_layers : sequence of str
         Dotted names of layers that run before the target; the relevance of their outputs is
         returned. A module called several times reports its last call before the target.
+    locations : Tensor (B, 2), integer, optional
+        A position ``(y, x)`` of the target's grid per element (for tokens: ``(token, 0)``), or
+        ``(-1, -1)`` for the whole map.
     family : str
         ``"resnet" | "efficientnet_lite" | "densenet" | "convnext" | "vit" | "generic"``.
     composite : str
@@ -330,7 +344,10 @@ def relevance_maps(
     n = x.shape[0]
     x = pad_batch(x.detach())
     if x.shape[0] != n:
-        channels = channels.reshape(-1).repeat(x.shape[0])
+        reps = [x.shape[0]] + [1] * (channels.dim() - 1)
+        channels = channels.repeat(*reps)
+        if locations is not None:
+            locations = locations.repeat(x.shape[0], 1)
 
     def make_record_hook(name):
         def hook(module, args, output):
@@ -363,8 +380,8 @@ def relevance_maps(
                     pass
                 if not target_out:
                     raise ValueError(f"{OP}: target layer {target_layer!r} did not run in the forward pass")
-                maps = unpad(_backward(target_out[0], channels, captured, record_names, target_layer, family),
-                             n, x.shape[0])
+                maps = unpad(_backward(target_out[0], channels, captured, record_names, target_layer, family,
+                                       locations), n, x.shape[0])
         finally:
             for handle in handles:
                 handle.remove()
@@ -373,7 +390,7 @@ def relevance_maps(
     return maps
 
 
-def _backward(act, channels, captured, record_names, target_layer, family):
+def _backward(act, channels, captured, record_names, target_layer, family, locations=None):
     if not isinstance(act, torch.Tensor) or act.dim() < 2:
         raise ValueError(f"{OP}: target layer {target_layer!r} must output a tensor of at least 2-D")
     missing = [name for name in record_names if name not in captured]
@@ -381,7 +398,10 @@ def _backward(act, channels, captured, record_names, target_layer, family):
         raise ValueError(f"{OP}: record layers {missing} did not run before target layer {target_layer!r}")
     channel_dim = act.dim() - 1 if (family == "vit" and act.dim() == 3) else 1
     n_channels = act.shape[channel_dim]
-    if channels.device.type == "cpu" and channels.numel() and (
+    if channels.dtype.is_floating_point and channels.shape[1] != n_channels:
+        raise ValueError(f"{OP}: directions have {channels.shape[1]} values but target layer {target_layer!r} "
+                         f"{tuple(act.shape)} has {n_channels} channels")
+    if not channels.dtype.is_floating_point and channels.device.type == "cpu" and channels.numel() and (
         int(channels.min()) < 0 or int(channels.max()) >= n_channels
     ):
         raise ValueError(
@@ -390,10 +410,15 @@ def _backward(act, channels, captured, record_names, target_layer, family):
         )
     shape = [1] * act.dim()
     shape[0], shape[channel_dim] = act.shape[0], n_channels
-    mask = F.one_hot(channels.to(act.device, torch.long), n_channels).to(act.dtype)
+    if channels.dtype.is_floating_point:
+        mask = channels.to(act.device, act.dtype)
+    else:
+        mask = F.one_hot(channels.to(act.device, torch.long), n_channels).to(act.dtype)
     if channel_dim != 1:
         mask = mask.unsqueeze(1)
     start = act.detach() * mask.view(shape)
+    if locations is not None:
+        start = start * _location_mask(act, channel_dim, locations, target_layer)
     inputs = [captured[name] for name in record_names]
     grads = torch.autograd.grad(act, inputs, grad_outputs=start, allow_unused=True)
     out = {}
@@ -407,6 +432,24 @@ def _backward(act, channels, captured, record_names, target_layer, family):
     return out
 
 
+def _location_mask(act: torch.Tensor, channel_dim: int, locations: torch.Tensor, target_layer: str) -> torch.Tensor:
+    """``(B, 1, H, W)`` (or ``(B, N, 1)`` for tokens) ones at each element's ``(y, x)`` (clamped to the grid); all
+    ones for ``(-1, -1)``."""
+    loc = locations.to("cpu", torch.long).reshape(act.shape[0], 2)
+    grid = [act.shape[d] for d in range(1, act.dim()) if d != channel_dim]
+    grid = (grid + [1])[:2] if len(grid) < 2 else grid[:2]
+    m = torch.zeros(act.shape[0], *grid, dtype=act.dtype)
+    for b, (y, x) in enumerate(loc.tolist()):
+        if y < 0:
+            m[b] = 1
+        else:  # a location scaled from another resolution may land one past the edge: the edge it is
+            m[b, min(y, grid[0] - 1), min(x, grid[1] - 1)] = 1
+    m = m.to(act.device)
+    if channel_dim == 1:
+        return m.reshape(act.shape[0], 1, *act.shape[2:])
+    return m.reshape(act.shape[0], act.shape[1], 1)
+
+
 def reference_relevance(
     model: nn.Module,
     x: torch.Tensor,
@@ -417,6 +460,7 @@ def reference_relevance(
     family: str,
     composite: str = "paper",
     batch_size: int = 8,
+    location: Optional[Tuple[int, int]] = None,
 ) -> Dict[str, torch.Tensor]:
     """:func:`relevance_maps` over a large reference batch, ``batch_size`` images at a time.
 
@@ -424,8 +468,10 @@ def reference_relevance(
     ----------
     x : Tensor (K, 3, H, W)
         Reference images.
-    channels : int or Tensor () or (K,)
-        One channel for all images, or one per image.
+    channels : int or Tensor () or (K,), or a float Tensor (C,)
+        One channel for all images, or one per image; or one direction for all images.
+    location : (y, x), optional
+        A spatial neuron's position in the target layer's grid, for all images.
     batch_size : int
         Images per LRP sweep.
 
@@ -449,9 +495,11 @@ def reference_relevance(
         raise ValueError(f"reference_relevance: 'batch_size' must be a positive int, got {batch_size!r}")
     k = x.shape[0]
     channels = torch.as_tensor(channels, device=x.device)
-    if channels.dim() == 0:
+    if channels.dtype.is_floating_point and channels.dim() == 1:
+        channels = channels[None].expand(k, -1)
+    elif channels.dim() == 0:
         channels = channels.expand(k)
-    if channels.shape != (k,):
+    if channels.shape[:1] != (k,) or (channels.dim() != 1 and not channels.dtype.is_floating_point):
         raise ValueError(
             f"reference_relevance: 'channels' must be a scalar or have shape ({k},), got {tuple(channels.shape)}"
         )
@@ -465,6 +513,7 @@ def reference_relevance(
             record_layers,
             family=family,
             composite=composite,
+            locations=None if location is None else torch.tensor([list(location)] * len(channels[start:start + batch_size])),
         )
         for name, rel in chunk.items():
             parts.setdefault(name, []).append(rel)

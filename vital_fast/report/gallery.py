@@ -287,6 +287,9 @@ def _card(t: Dict[str, Any], small: bool = False) -> str:
                                                      if isinstance(p, (list, tuple)) and len(p) >= 3) + "</ol>")
     elif isinstance(t.get("activation_ratio"), (int, float)):
         parts.append(f'<div class="stats">activation {t["activation_ratio"]:.2f}× its references\' mean</div>')
+    probe = (t.get("direction") or {}).get("probe_accuracy")
+    if isinstance(probe, (int, float)):
+        parts.append(f'<div class="stats probe">probe accuracy {_pct(probe)} (held-out)</div>')
     parts.append(spark(t.get("losses", [])))
     stats = [f"final loss {final:.4g}" if isinstance(final, (int, float)) else "", f"seed {esc(t.get('seed'))}"]
     for k, v in (t.get("metrics") or {}).items():
@@ -343,7 +346,7 @@ def _neighbours(targets: Sequence[Dict[str, Any]]) -> Dict[str, tuple]:
     """Previous and next target of each key within its group: the same layer (channels) or kind."""
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for t in targets:
-        groups.setdefault((t.get("kind"), t.get("layer") if t.get("kind") == "channel" else None), []).append(t)
+        groups.setdefault((t.get("kind"), t.get("layer") if t.get("kind") != "class" else None), []).append(t)
     out = {}
     for g in groups.values():
         for i, t in enumerate(g):
@@ -357,7 +360,7 @@ def render_target_page(manifest: Dict[str, Any], t: Dict[str, Any], prev: Option
     here = page_dir(t)
     files = t.get("files") or {}
     label = t.get("label") or t.get("key")
-    group = f"layer {t.get('layer')}" if t.get("kind") == "channel" else f"{t.get('kind')} targets"
+    group = f"layer {t.get('layer')}" if t.get("kind") != "class" else f"{t.get('kind')} targets"
     up = _rel("index.html", here)
     nav = [f'<a id="back" href="{src(up)}#q={esc(quote(str(t.get("key", ""))))}">← all targets of {esc(run_title)}</a>']
     if prev:
@@ -400,6 +403,11 @@ def render_target_page(manifest: Dict[str, Any], t: Dict[str, Any], prev: Option
     elif isinstance(t.get("activation_ratio"), (int, float)):
         says = (f'<p class="note">Channel activation on this image: <b>{t["activation_ratio"]:.3g}×</b> its mean '
                 f"activation on its reference images (1 = as strong as on the references).</p>")
+    d = t.get("direction") or {}
+    if isinstance(d.get("probe_accuracy"), (int, float)):
+        n = f" on {d['probe_n_test']} held-out images" if isinstance(d.get("probe_n_test"), int) else ""
+        says += (f'<p class="note probe">A concept direction from a linear probe: accuracy <b>{_pct(d["probe_accuracy"])}'
+                 f'</b>{n} (<code>{esc(os.path.basename(str(d.get("source", ""))))}</code>, row {esc(d.get("row"))}).</p>')
     metrics = t.get("metrics") or {}
     if metrics:
         says += ('<p class="note">Metrics (from <code>evaluate</code>, when run):</p><table class="metrics">'

@@ -52,17 +52,27 @@ def top_predictions(loaded, images: Sequence[torch.Tensor], names: Optional[Sequ
              for c, pr in zip(ii, vv)] for ii, vv in zip(i.tolist(), v.tolist())]
 
 
-def channel_activation_ratio(loaded, layer: str, channel: int, image: torch.Tensor,
+def channel_activation_ratio(loaded, layer: str, channel, image: torch.Tensor,
                              references: Sequence[torch.Tensor]) -> Optional[float]:
-    """Mean activation of ``channel`` at ``layer`` on ``image`` divided by its mean over ``references``."""
+    """Mean activation of ``channel`` at ``layer`` on ``image`` divided by its mean over ``references``.
+    ``channel``: an index, or a unit target (a direction: its projection plus bias; a neuron: its channel at
+    its location, in the grid at the model's input size)."""
     if not len(references):
         return None
     try:
         with torch.no_grad():
             out = FeatureTaps(loaded.model, [layer], detach=True, stop_after=True).run(
                 _batch(loaded, [image] + list(references)))[layer]
-        a = out.float().movedim(loaded.channel_dim_of(layer), 1).select(1, channel)
-        per = a.flatten(1).mean(1).cpu()
+        a = out.float().movedim(loaded.channel_dim_of(layer), 1)
+        if isinstance(channel, int):
+            a = a.select(1, channel)
+        else:  # a unit target
+            w = channel.unit_vector(a.shape[1]).to(a.device)
+            a = torch.einsum("bc...,c->b...", a, w) + channel.unit_bias
+            if channel.loc is not None:  # images run at the input size, where locations are given
+                y, x = channel.loc
+                a = a[:, y, x] if a.dim() == 3 else a[:, y]
+        per = a.reshape(a.shape[0], -1).mean(1).cpu()
         ref = float(per[1:].mean())
         if abs(ref) < 1e-12:
             return None

@@ -79,6 +79,7 @@ def run_sweep(
     manifest_every: float = 60.0,
     dist_timeout: float = 6 * 3600.0,
     extra: Optional[Dict[str, Any]] = None,
+    directions: Any = None,
 ) -> SweepSummary:
     """Visualize every requested channel of ``layer`` (and/or ``classes``) into ``out_dir``.
 
@@ -95,7 +96,11 @@ def run_sweep(
     layer : str, optional
         The layer whose channels are swept; ``channels`` defaults to all of them.
     channels, classes : "all", "0-511", "0,3,8-15" or a list of ints
-        Which channels of ``layer`` and which classes.
+        Which channels of ``layer`` (or rows of ``directions``) and which classes.
+    directions : path, Directions or Tensor (N, C), optional
+        Sweep these directions in ``layer``'s channel space (e.g. a sparse autoencoder's decoder rows, see
+        :mod:`vital_fast.optim.directions`) instead of its channels: one ``direction:LAYER:SOURCE:ROW`` target
+        per row; their references are mined by projection in one pass.
     preset, settings : the optimizer settings (``settings`` overrides ``preset`` whole). A
         multi-resolution schedule is followed per slot: slots in different stages run as separate
         stacks in the same tick.
@@ -146,7 +151,7 @@ def run_sweep(
     dist = _Dist(dist_timeout)
     try:
         plan = _make_plan(model, images, layer, channels, classes, preset, settings, seed, size, batch, early_stop,
-                          early_stop_window, exact, device, class_layers, class_images, dist)
+                          early_stop_window, exact, device, class_layers, class_images, dist, directions)
         cache = cache if cache is not None else DiskCache()
         header = {"model_name": plan.loaded.name, "fingerprint": plan.loaded.fingerprint,
                   "settings": plan.settings.to_dict(), "seed": int(seed)}
@@ -368,7 +373,8 @@ def _annotation(engine: _Engine, sl: _Slot, rgb: np.ndarray, names: Sequence[str
     if t.kind == "class":
         p = top_predictions(engine.loaded, [img], names or None)
         return {"predictions": p[0]} if p else {}
-    r = channel_activation_ratio(engine.loaded, t.layer, t.index, img, list(sl.refset.images))
+    r = channel_activation_ratio(engine.loaded, t.layer, t.index if t.kind == "channel" else t, img,
+                                 list(sl.refset.images))
     return {} if r is None else {"activation_ratio": r}
 
 
@@ -383,6 +389,7 @@ def _write_result(out: str, engine: _Engine, sl: _Slot, sweep_id: str, rank: int
     metrics.update(sl.extra)
     rec = {
         "key": t.key, "kind": t.kind, "index": t.index, "layer": t.layer, "slug": t.slug, "label": t.label(names),
+        **t.record(),
         "seed": sl.seed, "layers": [[l, w] for l, w in engine.plan(t)],
         "losses": [round(float(v), 6) for v in sl.losses], "final_loss": final,
         "references": list(sl.refset.names), "metrics": metrics, "stopped_early": sl.stopped_early,

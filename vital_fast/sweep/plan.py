@@ -65,7 +65,8 @@ class _Plan:
 
 
 def _make_plan(model, images, layer, channels, classes, preset, settings, seed, size, batch, early_stop,
-               early_stop_window, exact, device, class_layers, class_images, dist: _Dist) -> _Plan:
+               early_stop_window, exact, device, class_layers, class_images, dist: _Dist,
+               directions=None) -> _Plan:
     """Validate everything (every rank, before anything is written) and fix the sweep's identity."""
     from vital_fast.models import LoadedModel, default_layers, load_model
 
@@ -77,6 +78,8 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
         raise ValueError(f"sweep: early_stop_window must be >= 1, got {early_stop_window}")
     if layer is None and channels is not None:
         raise ValueError("sweep: channels given without a layer")
+    if layer is None and directions is not None:
+        raise ValueError("sweep: directions given without the layer they live in")
     if layer is None and classes is None:
         raise ValueError("sweep: nothing to do: give a layer (its channels) and/or classes")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -90,7 +93,19 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
     settings = settings if settings is not None else get_preset(preset)
     targets: List[Target] = []
     chan_list: List[int] = []
-    if layer is not None:
+    dirs = None
+    if layer is not None and directions is not None:  # the rows of a direction matrix instead of channels
+        dirs = _directions(directions)
+        n_ch = _layer_channels(loaded, layer)
+        if dirs.matrix.shape[1] != n_ch:
+            raise ValueError(f"sweep: the directions of {dirs.source} have {dirs.matrix.shape[1]} values but layer "
+                             f"{layer!r} has {n_ch} channels")
+        try:
+            chan_list = parse_index_spec(channels, len(dirs), "rows")
+        except ValueError as exc:
+            raise ValueError(f"{dirs.source} holds {len(dirs)} directions (rows 0-{len(dirs) - 1}); {exc}") from None
+        targets += [Target("direction", r, layer, direction=dirs.row(r)) for r in chan_list]
+    elif layer is not None:
         n_ch = _layer_channels(loaded, layer)
         try:
             chan_list = parse_index_spec(channels, n_ch, "channels")
@@ -157,24 +172,53 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
         "class_layers": cls_layers, "exact": bool(exact), "early_stop": early_stop,
         "early_stop_window": early_stop_window if early_stop is not None else None,
     }
+    if dirs is not None:  # only then: sweeps of channels keep their identity
+        ident["directions"] = hashlib.sha256(dirs.matrix.numpy().tobytes() + dirs.bias.numpy().tobytes()
+                                             ).hexdigest()[:24]
     return _Plan(loaded, settings, targets, [t.key for t in targets], layer, class_list, final, cls_layers, pool,
                  class_src, ident, _identity_id(ident), bool(exact))
 
 
+def _directions(directions):
+    """A sweep's direction matrix: a :class:`Directions`, a file, or an ``(N, C)`` / ``(C,)`` tensor."""
+    import os
+
+    from vital_fast.optim.directions import Directions, load_directions
+
+    if isinstance(directions, Directions):
+        return directions
+    if isinstance(directions, (str, os.PathLike)):
+        return load_directions(directions)
+    m = torch.as_tensor(directions).detach().float().cpu()
+    m = m[None] if m.dim() == 1 else m
+    if m.dim() != 2:
+        raise ValueError(f"sweep: directions must be (N, C), got shape {tuple(m.shape)}")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError("sweep: the directions hold NaN or Inf")
+    return Directions(m, torch.zeros(m.shape[0]), "tensor")
+
+
 def _reference_source(plan: _Plan, pending: Sequence[Target], cache: DiskCache, dist: _Dist):
-    """Mine the top-k of every pending channel in one pass (rank 0 first, filling a shared cache);
-    return ``refs_for(target) -> (reference ImageSet, extra metrics)``, loading lazily per target."""
+    """Mine the top-k of every pending channel (or direction) in one pass (rank 0 first, filling a shared
+    cache); return ``refs_for(target) -> (reference ImageSet, extra metrics)``, loading lazily per target."""
     from vital_fast.references.mining import channel_reference_images, mine_topk, print_progress
+    from vital_fast.references.prototypes import layer_channels
+    from vital_fast.references.units import layer_units
 
     loaded, settings = plan.loaded, plan.settings
     topk = None
-    pending_ch = [t.index for t in pending if t.kind == "channel"]
-    if pending_ch:
+    units, row_key = None, {}
+    pending_u = [t for t in pending if t.is_unit]
+    if any(t.kind != "channel" for t in pending_u):
+        units, row_key = layer_units(pending_u, layer_channels(loaded, plan.layer, None), plan.final,
+                                     loaded.input_size)
+    if pending_u:
+        rows = [t.index for t in pending_u] if units is None else sorted(set(row_key.values()))
         k = min(settings.n_refs, len(plan.pool))
         if dist.rank != 0:
             dist.barrier()
         report = print_progress(f"sweep: mining {plan.layer}") if dist.rank == 0 else None
-        topk = mine_topk(loaded, plan.layer, plan.pool, pending_ch, k, plan.final, cache, progress=report)
+        topk = mine_topk(loaded, plan.layer, plan.pool, rows, k, plan.final, cache, progress=report, units=units)
         if dist.rank == 0:
             dist.barrier()
     row_of = {c: i for i, c in enumerate(topk.channels)} if topk is not None else {}
@@ -183,10 +227,11 @@ def _reference_source(plan: _Plan, pending: Sequence[Target], cache: DiskCache, 
         if t.kind == "class":
             src = plan.class_src[t.index]
             return (src if isinstance(src, ImageSet) else load_images(src, what=f"references of {t.key}")), {}
-        r = row_of[t.index]
-        one = type(topk)(topk.layer, [t.index], topk.index[r:r + 1], topk.score[r:r + 1], topk.loc[r:r + 1],
+        u = t.index if units is None else row_key[t.key]
+        r = row_of[u]
+        one = type(topk)(topk.layer, [u], topk.index[r:r + 1], topk.score[r:r + 1], topk.loc[r:r + 1],
                          topk.grid, topk.mean_score[r:r + 1])
-        rs = channel_reference_images(loaded, one, plan.pool, settings.channel_refs, plan.final)[t.index]
+        rs = channel_reference_images(loaded, one, plan.pool, settings.channel_refs, plan.final)[u]
         # the row's own mean (topk.mean_score reduces over all mined channels: its last bits depend on them)
         return rs, {"ref_activation": float(topk.score[r].double().mean())}
 
