@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PLUGINS = ("vital_fast.cli.sweep_cmd", "vital_fast.cli.evaluate_cmd")
+PLUGINS = ("vital_fast.cli.sweep_cmd", "vital_fast.cli.evaluate_cmd", "vital_fast.cli.concept_cmd")
 
 
 def _plugin_modules():
