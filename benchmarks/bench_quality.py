@@ -1,6 +1,6 @@
 """What the optimizer's options cost or buy in quality, on efficientnet-lite0 with offline photographs.
 
-    python -m benchmarks.bench_quality [--only class|channel] [--seeds 0 1 2] [--params pixel fourier]
+    python -m benchmarks.bench_quality [--only class|channel] [--seeds 0 1 2] [--params pixel fourier] [--afc]
 
 Class targets (the demo's six classes): top-1 / top-5 of the visualizations by lite0 itself and by
 efficientnet-lite2 as an independent judge, for the `fast` preset, the `fast` preset without its
@@ -12,7 +12,10 @@ Channel targets (four channels of `_blocks.10`, references mined from the offlin
 target channel's spatial-max activation on the visualization relative to its mean on the top-k real
 references, for full-image references (the paper's code) against patches at the unit (the paper's
 text), and for relevance every step (`lrp_every=1`, the paper) against every 4 steps; with the seconds
-per target-step of each.
+per target-step of each. With ``--afc``, also the model-observer 2-AFC of the channel visualizations
+by efficientnet-lite2 (:mod:`vital_fast.evaluate.afc`: is a visualization closer, in the judge's
+penultimate features, to its own channel's references than to another channel's; 4 channels give 12
+trials, so its 95 % interval is wide).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from vital_fast.cli.demo import DEMO_CLASSES, DEMO_LAYER
+from vital_fast.evaluate.afc import afc_of_images
 from vital_fast.models import FeatureTaps, load_model
 from vital_fast.optim import get_preset, visualize
 from vital_fast.references.cache import DiskCache
@@ -63,7 +67,7 @@ def class_rows(model, judge, cache, seeds=(0,)):
         print(f"| {name} | " + " | ".join(f"{h}/{n}" for h in tot) + f" | {sum(spt) / len(spt):.3f} |", flush=True)
 
 
-def channel_rows(model, cache, n_channels=4, k=3, params=("pixel",)):
+def channel_rows(model, cache, n_channels=4, k=3, params=("pixel",), judge=None):
     pool = load_images(offline_photo_paths())
     size = model.input_size
     top = mine_topk(model, DEMO_LAYER, pool, None, k, size, cache)
@@ -77,8 +81,9 @@ def channel_rows(model, cache, n_channels=4, k=3, params=("pixel",)):
     }
     variants = {(f"{name}, {p}" if p != "pixel" else name): (mode, s, p) for p in params
                 for name, (mode, s) in variants.items()}
-    print("| channel targets (4 of _blocks.10) | activation / mean top-k activation | s per target-step |")
-    print("|---|---:|---:|")
+    print("| channel targets (4 of _blocks.10) | activation / mean top-k activation | s per target-step |"
+          + (" 2-AFC (lite2 judge), 95 % CI |" if judge is not None else ""))
+    print("|---|---:|---:|" + ("---:|" if judge is not None else ""))
     for name, (mode, s, param) in variants.items():
         per = channel_reference_images(model, top, pool, mode, size)
         targets = [f"channel:{DEMO_LAYER}:{c}" for c in chans]
@@ -88,8 +93,13 @@ def channel_rows(model, cache, n_channels=4, k=3, params=("pixel",)):
             a = taps.run(model.normalize(res.images))[DEMO_LAYER]
         got = a[torch.arange(len(chans)), torch.tensor(chans)].flatten(1).amax(1)
         rel = (got / top.mean_score.clamp_min(1e-6)).tolist()
+        afc = ""
+        if judge is not None:
+            r = afc_of_images(judge, list(res.images), [per[c].images for c in chans])
+            afc = (f" {100 * r['accuracy']:.0f} % [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] "
+                   f"of {r['n_trials']} |")
         print(f"| {name} | {sum(rel) / len(rel):.2f} ({', '.join(f'{r:.2f}' for r in rel)}) | "
-              f"{res.timings['s_per_target_step']:.3f} |", flush=True)
+              f"{res.timings['s_per_target_step']:.3f} |" + afc, flush=True)
 
 
 def main(argv=None) -> int:
@@ -99,15 +109,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="class targets: one run per seed, counts summed")
     ap.add_argument("--params", nargs="+", default=["pixel"], help="channel targets: parametrizations to compare "
                     "(pixel, fourier, maco); each variant once per parametrization")
+    ap.add_argument("--afc", action="store_true", help="channel targets: add the 2-AFC by efficientnet-lite2")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = load_model("efficientnet-lite0")
     cache = DiskCache()
     t0 = time.time()
+    judge = load_model("efficientnet-lite2") if a.only in (None, "class") or a.afc else None
     if a.only in (None, "class"):
-        class_rows(model, load_model("efficientnet-lite2"), cache, a.seeds)
+        class_rows(model, judge, cache, a.seeds)
     if a.only in (None, "channel"):
-        channel_rows(model, cache, params=a.params)
+        channel_rows(model, cache, params=a.params, judge=judge if a.afc else None)
     print(f"({time.time() - t0:.0f} s)")
     return 0
 

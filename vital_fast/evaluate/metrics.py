@@ -43,6 +43,10 @@ computed here, offline, for any run folder (:func:`evaluate_run`):
     For channel targets: the channel's spatial maximum on the visualization divided by the mean
     of its spatial maxima on the target's reference images (the top-k images, ranked by that
     same score when mined). 1 means "as active as its typical top-k image".
+``afc`` (``afc_ci``, ``afc_trials``)
+    For unit targets (every kind but class): the judge's two-alternative forced choice accuracy,
+    which of two targets' reference prototypes a visualization is closer to, with a 95 % Wilson
+    interval (:mod:`vital_fast.evaluate.afc`); needs at least two unit targets. Chance is 0.5.
 ``diversity``
     Across runs of the same method and model with different seeds (:func:`compare_runs`): for
     each class target present in several of them, the mean pairwise cosine distance between the
@@ -71,6 +75,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from vital_fast.evaluate.afc import afc_metrics, pool_afc
 from vital_fast.evaluate.features import (
     cached_views,
     channel_max,
@@ -349,7 +354,7 @@ def _evaluate(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[s
         judge = judge_for(rd.model_name, lm.num_classes if lm is not None else None)
         if judge is None:
             msgs.append(f"no default judge for {rd.model_name!r} (not an ImageNet model): pass --judge; "
-                        f"judge accuracy and FID are n/a")
+                        f"judge accuracy, FID and 2-AFC are n/a")
     if judge is not None and judge != "none":
         key = ("judge", id(judge) if not isinstance(judge, str) else judge)
         if key not in models:
@@ -446,6 +451,7 @@ def _evaluate(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[s
 
     if class_t and jm is not None:
         guarded("judge metrics", judge_metrics)
+    guarded("2-AFC", lambda: afc_metrics(rd, jm, summary, per, msgs))
 
     # --- W2 and channel activation ---
     def model_feature_metrics():
@@ -573,6 +579,7 @@ def compare_runs(run_dirs: Sequence[str], *, judge: Any = "auto", model=None, ar
                 if len(fs) >= 2:
                     per_t.append(cosine_diversity(fs))
             row["diversity"] = float(np.mean(per_t)) if per_t else NA
+        row.update(pool_afc([e.metrics["summary"] for e in evs]))
         if len(evs) > 1:
             row["method"] = f"{method} ({len(evs)} runs)"
         row["notes"] = " · ".join(sorted({m for e in evs for m in e.metrics["messages"]}))
