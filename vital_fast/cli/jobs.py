@@ -11,6 +11,7 @@ from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import (
     ImageSet,
     class_image_folder,
+    missing_class_message,
     list_image_files,
     load_images,
 )
@@ -43,10 +44,7 @@ def gather_references(
                                  f"targets; class targets need a folder of class subfolders")
             folder = class_image_folder(images, t.index)
             if folder is None:
-                raise ValueError(
-                    f"no reference images for {t.key}: expected a subfolder {os.path.join(images, str(t.index))}"
-                    f" (or named by its WordNet id, with a wnids.txt beside it)"
-                )
+                raise ValueError(missing_class_message(images, t.index))
             refs[t.key] = load_images(folder, what=f"references of {t.key}")
     units = [t for t in targets if t.is_unit]
     if units:

@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or "
                    "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
     v.add_argument("--target", action="append", required=True, metavar="SPEC",
-                   help="class:285 or channel:LAYER:17 (repeat for more)")
+                   help="class:285, channel:LAYER:17, direction:LAYER:FILE[:ROW] (a vector in the layer's channel "
+                   "space: .pt/.safetensors, e.g. from `vital-fast concept` or a sparse autoencoder's decoder) or "
+                   "neuron:LAYER:C:Y:X (channel C at row Y, column X of the layer's grid); repeat for more")
     v.add_argument("--images", required=True, help="folder: class subfolders (285/ or n02124075/); every image under "
                    "it is a candidate for channel top-k mining. Or py:MODULE:NAME: a map-style torch Dataset of images "
                    "(or a function returning one) to mine channel targets' references from")

@@ -316,6 +316,30 @@ def class_image_folder(root: str, index: int, wnids_file: Optional[str] = None) 
     return None
 
 
+def missing_class_message(root: str, index: int, wnids_file: Optional[str] = None) -> str:
+    """Why :func:`class_image_folder` found no folder for class ``index`` under ``root``, and what to do, in one
+    line: the index folder to make, the WordNet id the mapping gives and its missing folder, a class past the
+    mapping's end, or WordNet-id folders without a mapping (not ImageNet-1k's 1,000)."""
+    head = f"no reference images for class:{index} in {root}"
+    wnids_file = wnids_file or find_wnid_file(root) or os.environ.get("VITAL_FAST_WNIDS") or None
+    if wnids_file and os.path.isfile(wnids_file):
+        try:
+            ids = _read_wnids(wnids_file)
+        except (OSError, UnicodeDecodeError):
+            return f"{head}: cannot read the WordNet id file {wnids_file}"
+        if not 0 <= index < len(ids):
+            return (f"{head}: {os.path.basename(wnids_file)} lists {len(ids)} classes (0-{len(ids) - 1}); class "
+                    f"{index} is not among them (a folder {index}/ would be used)")
+        return (f"{head}: {os.path.basename(wnids_file)} maps it to the WordNet id {ids[index]}, but there is no "
+                f"folder {os.path.join(root, ids[index])} (nor {os.path.join(root, str(index))})")
+    wn = sorted_wnid_folders(root)
+    if wn:
+        return (f"{head}: its {len(wn)} WordNet-id folders ({wn[0]}, ...) are not ImageNet-1k's 1,000, so their "
+                f"order says nothing: add a wnids.txt (one WordNet id a line, in the model's class order) beside "
+                f"them, or name the folders by class index ({index}/)")
+    return f"{head}: expected a subfolder {os.path.join(root, str(index))} (or one named by its WordNet id)"
+
+
 def sorted_wnid_folders(root: str) -> List[str]:
     """The subfolders of ``root`` named like WordNet ids (``n01440764``), sorted: for ImageNet-1k's
     1000 class folders (its ``train/`` or ``val/`` tree), the i-th is class i (torchvision's

@@ -151,14 +151,13 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
         files = list_image_files(images)
         listing = _listing_digest(images, files)
         if class_list:
-            from vital_fast.references.images import class_image_folder, find_wnid_file
+            from vital_fast.references.images import class_image_folder, find_wnid_file, missing_class_message
 
             wn = find_wnid_file(images)  # this folder's own mapping (never put in os.environ)
             for c in class_list:
                 src = (class_images or {}).get(c) or class_image_folder(images, c, wn)
                 if src is None:
-                    raise ValueError(f"no reference images for class:{c}: expected a subfolder "
-                                     f"{os.path.join(images, str(c))} (or named by its WordNet id)")
+                    raise ValueError(missing_class_message(images, c, wn))
                 class_src[c] = src
         if chan_list:
             if not files:
