@@ -131,7 +131,7 @@ def check_resolution(loaded, size: int) -> None:
     dev = next(iter(loaded.model.parameters())).device
     try:
         with torch.no_grad():
-            loaded.model(torch.zeros(1, 3, size, size, device=dev))
+            loaded.model(loaded.normalize(torch.zeros(1, 3, size, size, device=dev)))
     except Exception as exc:
         raise ValueError(
             f"the model fails on a {size}x{size} input ({type(exc).__name__}: {exc}); choose another "

@@ -102,6 +102,14 @@ class LoadedModel:
             return t.device
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's first floating-point parameter (float32 without one)."""
+        for t in self.model.parameters():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
     def channel_dim_of(self, layer: str) -> int:
         """The channel dimension of ``layer``'s output: 1 for ``(B, C, H, W)``, -1 for ViT tokens
         ``(B, N, C)`` (CLS token included). See :func:`vital_fast.models.channel_dim`."""
@@ -131,10 +139,14 @@ class LoadedModel:
         Returns
         -------
         Tensor
-            Same shape, dtype and device; differentiable.
+            Same shape and device; differentiable. Same dtype, except for a model whose weights are
+            float16 or bfloat16 (:attr:`dtype`): its input is cast to that dtype (the image, the
+            optimizer and the loss stay in their own).
         """
         mean, std = self._stats(x01, "normalize")
-        return (x01 - mean) / std
+        out = (x01 - mean) / std
+        dt = self.dtype
+        return out.to(dt) if dt in (torch.float16, torch.bfloat16) and out.dtype != dt else out
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`normalize`: ``x * std + mean``."""
@@ -239,6 +251,15 @@ def _unknown_spec(spec: str) -> ValueError:
     )
 
 
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (its layer names have no ``_orig_mod.`` prefix and its
+    forward hooks fire on every call), or ``module`` itself. It shares the compiled module's weights."""
+    inner = getattr(module, "_orig_mod", None)
+    while isinstance(inner, nn.Module):
+        module, inner = inner, getattr(inner, "_orig_mod", None)
+    return module
+
+
 def load_model(
     spec: Union[str, "os.PathLike[str]", nn.Module],
     *,
@@ -269,8 +290,10 @@ def load_model(
           loaded into ``arch`` (a ScriptModule runs its layers as compiled code, where no forward
           hook can read them: without ``arch`` it is refused with a ValueError saying so); or a
           whole pickled module, only with ``allow_pickle=True``.
-        - an ``nn.Module``: used as is (put in eval mode and frozen in place); family guessed from
-          its class; ImageNet mean/std at 224 unless given.
+        - an ``nn.Module``: used as is (put in eval mode and frozen in place; :func:`visualize` puts its flags
+          back when it returns); family guessed from its class; ImageNet mean/std at 224 unless given. A
+          ``torch.compile``'d module is unwrapped (:func:`uncompiled`): the original module's layer names
+          work, and its layers run eagerly so that forward hooks see them.
     weights : {"pretrained", "random"}
         For names: the published weights, or a random initialization. Files always give
         ``"file"``; modules ``"module"``.
@@ -321,6 +344,7 @@ def load_model(
         raise ValueError(f"load_model: 'family' must be one of {', '.join(FAMILIES)}, got {family!r}")
 
     if isinstance(spec, nn.Module):
+        spec = uncompiled(spec)
         info = _module_info(spec)
         label = "module"
     elif isinstance(spec, (str, os.PathLike)):

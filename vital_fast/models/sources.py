@@ -221,9 +221,10 @@ def _extract_state_dict(obj: Any, path: str) -> Mapping[str, torch.Tensor]:
                 f"load_model: {path} holds {what}, not a state_dict (a dict of tensors), a "
                 "TorchScript archive or a pickled nn.Module"
             )
-    keys = list(state)
-    if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel/DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
+    for prefix in ("module.", "_orig_mod."):  # saved from DataParallel/DDP, or from a torch.compile'd model
+        keys = list(state)
+        if keys and all(k.startswith(prefix) for k in keys):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 

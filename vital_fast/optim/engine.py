@@ -269,6 +269,9 @@ class Engine:
         hooks = obj.hooks(model)
         n = view.shape[0]
         x = view if hooks is not None else pad_batch(view)  # one-element CPU batches run as two (batching.py)
+        dt = self.loaded.dtype
+        if dt in (torch.float16, torch.bfloat16) and x.dtype != dt:
+            x = x.to(dt)  # a half-precision model: its input in its dtype (the image and the loss stay float32)
         feats: Dict[str, torch.Tensor] = {}
         logits = None
         with contextlib.ExitStack() as stack:

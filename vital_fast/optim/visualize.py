@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -51,7 +52,9 @@ def visualize(
     Parameters
     ----------
     model : LoadedModel or torch.nn.Module
-        The network (see :func:`vital_fast.models.load_model`); its parameters are frozen.
+        The network (see :func:`vital_fast.models.load_model`). It runs frozen and in eval mode, and is left
+        as it was given: its training and ``requires_grad`` flags and its device after the call equal those
+        before (``device=`` moves it for the call only).
     targets : sequence of str or Target
         ``"class:285"``, ``"channel:layer3:17"``, or :class:`Target` objects.
     references : mapping
@@ -111,9 +114,14 @@ def visualize(
     """
     t_start = time.perf_counter()
     callback, close_progress = resolve_progress(progress, "visualize" if objective is not None or method == "vital" else method)
+    from vital_fast.models.state import preserved
+
+    module = getattr(model, "model", model)
     try:
-        return _visualize(model, targets, references, preset, settings, seed, size, device, class_layers, cache,
-                          callback, t_start, method, param, objective, options, pool)
+        # the caller's model comes back as given: training and requires_grad flags, device
+        with preserved(module) if isinstance(module, torch.nn.Module) else contextlib.nullcontext():
+            return _visualize(model, targets, references, preset, settings, seed, size, device, class_layers,
+                              cache, callback, t_start, method, param, objective, options, pool)
     finally:
         close_progress()
 

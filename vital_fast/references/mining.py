@@ -59,7 +59,7 @@ def receptive_field(loaded, layer: str, size: int) -> int:
     dev = next(iter(loaded.model.parameters())).device
     x = torch.randn(1, 3, size, size, device=dev, requires_grad=True)
     with FeatureTaps(loaded.model, [layer], stop_after=True) as taps:
-        a = taps.run(x)[layer]
+        a = taps.run(x.to(loaded.dtype))[layer]
     if a.dim() != 4:
         return size
     h, w = a.shape[-2:]

@@ -373,7 +373,8 @@ def relevance_maps(
                 handles.append(modules[name].register_forward_hook(make_record_hook(name)))
             handles.append(modules[target_layer].register_forward_hook(stop_hook))
             with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
+                pdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+                x_in = x.detach().to(pdt if pdt in (torch.float16, torch.bfloat16) else x.dtype).requires_grad_(True)
                 try:
                     model(x_in)
                 except _StopForward:
