@@ -144,7 +144,7 @@ def pooled_features(loaded: Any, layer: str, pool: ImagePool, *, size: Optional[
     taps = FeatureTaps(loaded.model, [layer], detach=True, stop_after=True)
     out = []
     with torch.no_grad():
-        for _, x in pool.batches(size, resize, batch, workers):
+        for _, x in pool.batches(size, resize, batch, workers, mode=loaded.interpolation):
             a = taps.run(loaded.normalize(x.to(device)))[layer]
             if a.dim() < 2:
                 raise ValueError(f"layer '{layer}' gives outputs of shape {tuple(a.shape)}; a probe needs "

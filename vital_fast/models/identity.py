@@ -18,7 +18,7 @@ from vital_fast.models import taps
 
 __all__ = ["FAMILIES", "guess_family", "weights_fingerprint"]
 
-FAMILIES = ("resnet", "densenet", "convnext", "efficientnet_lite", "vit", "generic")
+FAMILIES = ("resnet", "densenet", "convnext", "efficientnet_lite", "efficientnet", "vit", "generic")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +102,8 @@ def guess_family(model: nn.Module) -> str:
     text = qual.lower()
     if "efficientnet_lite_pytorch" in text or "efficientnet_pytorch" in text:
         return "efficientnet_lite"  # same _conv_stem/_blocks layout: the same presets apply
+    if "efficientnet" in text or "mobilenetv3" in text:
+        return "efficientnet"  # torchvision's and timm's: stem and stages under other names
     if "densenet" in text:
         return "densenet"
     if "convnext" in text:

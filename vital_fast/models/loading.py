@@ -71,6 +71,9 @@ class LoadedModel:
         ``"pretrained"``, ``"random"``, ``"file"``, or ``"module"`` for a module passed in.
     num_classes : int or None
         Size of the classifier output when it can be read from the model.
+    interpolation : str
+        How images are resized for the model (``"bilinear"``, or ``"bicubic"`` where the weights'
+        configuration says so, as timm's do); always antialiased.
     class_names : tuple of str or None
         The names of the outputs, from the caller (``load_model(labels=...)``) or the weights' own
         metadata (:mod:`vital_fast.models.labels`); ``None`` when nothing says what they are (results
@@ -88,6 +91,7 @@ class LoadedModel:
     weights: str
     num_classes: Optional[int] = None
     class_names: Optional[Tuple[str, ...]] = None
+    interpolation: str = "bilinear"
 
     def class_label(self, index: int) -> str:
         """The name of class ``index``: from :attr:`class_names`, else ``"class N"``."""
@@ -245,7 +249,7 @@ def _unknown_spec(spec: str) -> ValueError:
     return ValueError(
         f"load_model: unknown model spec {spec!r}. Valid forms: an nn.Module; "
         "'efficientnet-lite0' | 'efficientnet-lite1' | 'efficientnet-lite2'; "
-        "'torchvision:<name>' (e.g. 'torchvision:resnet50'); or the path of a TorchScript archive, "
+        "'torchvision:<name>' (e.g. 'torchvision:resnet50'); 'timm:<name>' (e.g. 'timm:convnext_atto'); or the path of a TorchScript archive, "
         "a state_dict file (with arch=...) or, with allow_pickle=True, a pickled module"
         f"{hint}"
     )
@@ -285,6 +289,10 @@ def load_model(
         - ``"torchvision:<name>"``, e.g. ``"torchvision:resnet50"``, ``"torchvision:vit_b_16"``:
           the ``DEFAULT`` weights, read from the torch hub cache (never downloaded);
           preprocessing from the weights' ``transforms()``.
+        - ``"timm:<name>"`` (``"timm:convnext_atto"``, ``"timm:resnet50.a1_in1k"``; needs the extra
+          ``timm``): pretrained weights from the Hugging Face (or torch hub) cache, never downloaded;
+          mean, std, input size, crop and interpolation from the model's ``pretrained_cfg``; class names
+          from its label metadata.
         - a path (or ``"file:<path>"``): a ``state_dict`` saved with ``torch.save`` (read with
           ``weights_only=True``) loaded into ``arch``; a TorchScript archive, whose weights are
           loaded into ``arch`` (a ScriptModule runs its layers as compiled code, where no forward
@@ -352,7 +360,7 @@ def load_model(
         is_file_prefix = s.startswith("file:")
         if is_file_prefix:
             s = s[len("file:"):]
-        if not is_file_prefix and (_LITE_RE.match(s.lower()) or s.startswith("torchvision:")):
+        if not is_file_prefix and (_LITE_RE.match(s.lower()) or s.startswith(("torchvision:", "timm:"))):
             if weights == "file":
                 raise ValueError(
                     f"load_model: weights='file' is for paths; for {s!r} use 'pretrained' or 'random'"
@@ -410,4 +418,5 @@ def load_model(
         weights=label,
         num_classes=info["num_classes"],
         class_names=tuple(names) if names else None,
+        interpolation=info.get("interpolation", "bilinear"),
     )

@@ -8,13 +8,18 @@ family         layers                                                           
 resnet         ``conv1`` (stem conv, before BN), ``layer1`` .. ``layer4``              1 each
 densenet       ``features.conv0``, ``features.denseblock1`` .. ``denseblock4``        100 on the last
 convnext       ``features.0`` (stem), ``features.2.1`` / ``4.1`` / ``6.1`` (the        10 on the stem
-               downsampling convs after stages 1-3), ``features.7`` (last stage)
+               downsampling convs after stages 1-3), ``features.7`` (last stage);
+               timm: ``stem``, ``stages.{1,2,3}.downsample.1``, ``stages.3``
 efficientnet   ``_conv_stem`` and the stage ends ``_blocks.{i}`` (lite0: 0, 2, 4, 7,   1 each
 _lite          10, 14, 15)
+efficientnet   torchvision's and timm's EfficientNet / MobileNetV3: the stem and each    1 each
+               stage (``features.0`` .. ``features.7``; ``conv_stem``, ``blocks.{i}``)
 vit            ``conv_proj`` (patch embedding, ``(B, C, H, W)``) and four encoder      1 each (0.1 on
                layers (vit_b: 0, 4, 8, 11; vit_l: 2, 9, 20, 23) as tokens              the last for
                ``(B, N, C)``, CLS included                                             vit_l_32)
-generic        up to 5 top-level layers with spatial ``(B, C, H, W)`` outputs          1 each
+generic        up to 5 stage ends: the last complete layer at each spatial size         1 each
+               (where the resolution changes); a network whose resolution never
+               changes: up to 5 top-level layers with spatial outputs
 ============== ===================================================================== ==============
 
 For ConvNeXt the paper's code taps the downsampling convolutions (``features.2.1``, ...) rather
@@ -32,6 +37,7 @@ from vital_fast.models.facts import names_before, traced_layers
 from vital_fast.models.identity import FAMILIES, guess_family
 
 __all__ = [
+    "stage_ends",
     "class_logit_layer",
     "default_channel_layers",
     "default_layers",
@@ -102,7 +108,57 @@ def _vit_layers(module: nn.Module, name: str) -> Layers:
     return out + [(f"{prefix}{k}", w) for k, w in zip(picks, weights)]
 
 
+def stage_ends(module: nn.Module, input_size: int) -> List[str]:
+    """The layer that ends each resolution of a CNN, in execution order: for each run of layers whose
+    ``(B, C, H, W)`` outputs share one spatial size, the latest of those that share the least of their
+    dotted path with the first layer at the next size, i.e. the last *whole* unit before the change
+    (``layer1``, not ``layer2.0.relu``; ``features.1``, not ``features.2.0.block.0``)."""
+    infos = [d for d in traced_layers(module, input_size) if len(d["shape"]) == 3 and d["shape"][1] * d["shape"][2] > 1]
+
+    def shared(a: str, b: str) -> int:
+        n = 0
+        for x, y in zip(a.split("."), b.split(".")):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    ends: List[str] = []
+    run: List[str] = []
+    for i, d in enumerate(infos):
+        if run and tuple(d["shape"][1:]) != tuple(infos[i - 1]["shape"][1:]):
+            least = min(shared(n, d["name"]) for n in run)
+            ends.append([n for n in run if shared(n, d["name"]) == least][-1])
+            run = []
+        run.append(d["name"])
+    if run:
+        ends.append(run[-1])
+    return list(dict.fromkeys(ends))
+
+
+def _spread(names: List[str], k: int) -> List[str]:
+    if len(names) <= k:
+        return names
+    n = len(names) - 1
+    return [names[i] for i in sorted({round(j * n / (k - 1)) for j in range(k)})]
+
+
+def _efficientnet_layers(module: nn.Module) -> Layers:
+    names = {n for n, _ in module.named_modules()}
+    blocks = getattr(module, "blocks", None)
+    if "conv_stem" in names and isinstance(blocks, nn.Sequential):  # timm
+        return [("conv_stem", 1.0)] + [(f"blocks.{i}", 1.0) for i in range(len(blocks))]
+    feats = getattr(module, "features", None)
+    if isinstance(feats, nn.Sequential) and len(feats) >= 3:  # torchvision: stem, stages, head conv
+        return [(f"features.{i}", 1.0) for i in range(len(feats) - 1)]
+    raise ValueError("default_layers: an 'efficientnet' model needs 'conv_stem' and 'blocks' (timm) or 'features' "
+                     "(torchvision); pass family='generic' or choose the layers yourself")
+
+
 def _generic_layers(module: nn.Module, input_size: int) -> Layers:
+    ends = stage_ends(module, input_size)
+    if len(ends) >= 3:
+        return [(n, 1.0) for n in _spread(ends, _GENERIC_MAX)]
     infos = traced_layers(module, input_size)
     spatial = {
         d["name"] for d in infos if len(d["shape"]) == 3 and d["shape"][1] * d["shape"][2] > 1
@@ -146,7 +202,7 @@ def default_layers(loaded_or_model: Any, family: Optional[str] = None) -> Layers
         The network. A ``LoadedModel`` gives the family and, for ``"generic"``, the probe size.
     family : str, optional
         Override the family (one of ``resnet``, ``densenet``, ``convnext``,
-        ``efficientnet_lite``, ``vit``, ``generic``).
+        ``efficientnet_lite``, ``efficientnet``, ``vit``, ``generic``).
 
     Returns
     -------
@@ -180,8 +236,16 @@ def default_layers(loaded_or_model: Any, family: Optional[str] = None) -> Layers
         if blocks:
             layers[-1] = (blocks[-1], 100.0)
     elif family == "convnext":
-        layers = [("features.0", 10.0), ("features.2.1", 1.0), ("features.4.1", 1.0),
-                  ("features.6.1", 1.0), ("features.7", 1.0)]
+        names = {n for n, _ in module.named_modules()}
+        if "stem" in names and "stages.3" in names:  # timm
+            down = [f"stages.{k}.downsample.1" if f"stages.{k}.downsample.1" in names else f"stages.{k}.downsample"
+                    for k in (1, 2, 3)]
+            layers = [("stem", 10.0)] + [(d, 1.0) for d in down] + [("stages.3", 1.0)]
+        else:
+            layers = [("features.0", 10.0), ("features.2.1", 1.0), ("features.4.1", 1.0),
+                      ("features.6.1", 1.0), ("features.7", 1.0)]
+    elif family == "efficientnet":
+        layers = _efficientnet_layers(module)
     elif family == "efficientnet_lite":
         layers = [("_conv_stem", 1.0)] + [(f"_blocks.{i}", 1.0) for i in efficientnet_stage_ends(module)]
     elif family == "vit":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import importlib
+import math
 import os
 import pickle
 import re
@@ -177,6 +178,96 @@ def _load_torchvision(arch: str, weights: str) -> dict:
     return dict(
         model=model, name=f"torchvision:{arch}", family=guess_family(model), input_size=input_size,
         resize_size=resize_size, mean=mean, std=std, num_classes=num_classes, class_names=class_names,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# timm
+# --------------------------------------------------------------------------------------------
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise MissingPackageError(
+            "load_model: 'timm:...' models need the package 'timm', which comes with the extra 'timm': "
+            "`pip install 'vital_fast[timm]'` (or `pip install timm`)"
+        ) from None
+    return timm
+
+
+def _timm_weights_file(cfg: Mapping[str, Any]) -> Optional[str]:
+    """The pretrained weights of a timm config already on this machine (Hugging Face hub cache, or torch hub's
+    checkpoints folder for configs with a URL), or ``None``. Never downloads."""
+    hf = cfg.get("hf_hub_id")
+    if hf:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - a dependency of timm
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, _, rev = hf.partition("@")
+            for fn in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+                p = try_to_load_from_cache(repo, fn, revision=rev or None)
+                if isinstance(p, str) and os.path.isfile(p):
+                    return p
+    url = cfg.get("url")
+    if url:
+        p = _hub_checkpoint(url)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _timm_class_names(timm, model: nn.Module, cfg, num_classes: Optional[int]) -> Optional[tuple]:
+    names = cfg.get("label_names")
+    if names and len(names) == num_classes:
+        return tuple(str(n) for n in names)
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if subset:
+            info = ImageNetInfo(subset)
+            if info.num_classes() == num_classes:
+                return tuple(info.index_to_description(i) for i in range(num_classes))
+    except Exception:  # noqa: BLE001 - label metadata is optional
+        return None
+    return None
+
+
+def _load_timm(name: str, weights: str) -> dict:
+    timm = _timm()
+    names = timm.list_models()
+    base = name.split(".", 1)[0]  # "resnet50.a1_in1k": architecture and pretrained tag
+    if base not in names:
+        close = difflib.get_close_matches(base, names, n=6, cutoff=0.6)
+        hint = ("closest: " + ", ".join("timm:" + c for c in close)) if close else f"{len(names)} names"
+        raise ValueError(f"load_model: unknown timm model '{name}'; {hint} (timm.list_models() lists them all)")
+    model = timm.create_model(name, pretrained=False)
+    cfg = model.pretrained_cfg
+    if weights == "pretrained":
+        path = _timm_weights_file(cfg)
+        if path is None:
+            hub = cfg.get("hf_hub_id") or cfg.get("url") or "?"
+            raise FileNotFoundError(
+                f"load_model: the pretrained weights of timm:{name} ({hub}) are not on this machine; vital_fast "
+                f"never downloads. On a machine with network, run `python -c \"import timm; "
+                f"timm.create_model('{name}', pretrained=True)\"` and copy its Hugging Face cache "
+                "(~/.cache/huggingface/hub) here, or pass weights='random' (--random-weights) for random weights."
+            )
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+        cfg = model.pretrained_cfg
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    crop = float(cfg.get("crop_pct") or 0.875)
+    num_classes = int(getattr(model, "num_classes", 0) or 0) or _infer_num_classes(model)
+    interp = cfg.get("interpolation") if cfg.get("interpolation") in ("bilinear", "bicubic") else "bilinear"
+    return dict(
+        model=model, name=f"timm:{name}", family=guess_family(model), input_size=size,
+        resize_size=max(size, int(math.floor(size / crop))), mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)), num_classes=num_classes,
+        class_names=_timm_class_names(timm, model, model.pretrained_cfg, num_classes), interpolation=interp,
     )
 
 
@@ -346,4 +437,6 @@ def _load_named(spec: str, weights: str) -> dict:
         return _load_lite(int(m.group(1)), weights)
     if spec.startswith("torchvision:"):
         return _load_torchvision(spec[len("torchvision:"):].strip(), weights)
+    if spec.startswith("timm:"):
+        return _load_timm(spec[len("timm:"):].strip(), weights)
     raise ValueError(f"load_model: not a model name: {spec!r}")  # pragma: no cover

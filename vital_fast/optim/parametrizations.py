@@ -66,7 +66,7 @@ def maco_magnitude(refs: ImageSet, size: int, loaded, crops: int, n_refs: int, g
     per_image = -(-crops // max(1, len(imgs))) if crops > 0 else 0
     xs = []
     for img in imgs:
-        xs.append(resize_center_crop(img, size, resize)[None])
+        xs.append(resize_center_crop(img, size, resize, loaded.interpolation)[None])
         if per_image > 1:
             xs.append(random_resized_crops(img, size, per_image - 1, gen))
     z = decorrelate(torch.cat(xs) - 0.5)

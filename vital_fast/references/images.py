@@ -187,13 +187,20 @@ def load_images(
     return out
 
 
-def resize_center_crop(img: torch.Tensor, size: int, resize: Optional[int] = None) -> torch.Tensor:
-    """Resize the shorter side to ``resize`` (default ``size * 256 / 224``), then center-crop ``size``."""
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def resize_center_crop(img: torch.Tensor, size: int, resize: Optional[int] = None,
+                       mode: str = "bilinear") -> torch.Tensor:
+    """Resize the shorter side to ``resize`` (default ``size * 256 / 224``) with ``mode`` (bilinear or bicubic,
+    antialiased: the model's own preprocessing, :attr:`LoadedModel.interpolation`), then center-crop ``size``."""
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"resize_center_crop: mode must be one of {', '.join(INTERPOLATIONS)}, got {mode!r}")
     resize = resize or int(round(size * 256 / 224))
     _, h, w = img.shape
     scale = resize / min(h, w)
     nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
-    x = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = F.interpolate(img[None], size=(nh, nw), mode=mode, align_corners=False, antialias=True)[0]
     top, left = (nh - size) // 2, (nw - size) // 2
     return x[:, top:top + size, left:left + size].clamp(0, 1)
 

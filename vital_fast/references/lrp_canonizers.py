@@ -37,6 +37,8 @@ __all__ = [
     "ResNetResidualCanonizer",
     "ResidualAdd",
     "SequentialMergeBatchNormExact",
+    "TimmResNetCanonizer",
+    "uncanonized_blocks",
 ]
 
 
@@ -201,6 +203,69 @@ class MBConvSumCanonizer(_ResidualCanonizer):
         return x
 
 
+def _is_timm_resnet_block(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__.startswith("timm.models.resnet") and cls.__name__ in ("BasicBlock", "Bottleneck")
+
+
+class TimmResNetCanonizer(_ResidualCanonizer):
+    """timm's ResNet BasicBlock/Bottleneck (``timm.models.resnet``) with the skip sum as a module; the block's
+    own forward otherwise (drop-block, anti-aliasing, squeeze-excitation and drop-path as timm runs them)."""
+
+    def _applies(self, module):
+        return _is_timm_resnet_block(module)
+
+    @staticmethod
+    def forward(self, x):
+        shortcut = x
+        if hasattr(self, "conv3"):  # Bottleneck
+            out = self.act1(self.bn1(self.conv1(x)))
+            out = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(out)))))
+            out = self.bn3(self.conv3(out))
+            last = self.act3
+        else:  # BasicBlock
+            out = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+            out = self.bn2(self.conv2(out))
+            last = self.act2
+        if self.se is not None:
+            out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return last(_residual_sum(self, shortcut, out))
+
+
+# residual block classes (torchvision's, timm's, others') whose skip sum a canonizer must make explicit
+_RESIDUAL_CLASSES = ("Bottleneck", "BasicBlock", "ConvNeXtBlock", "CNBlock", "InvertedResidual", "MBConv",
+                     "FusedMBConv", "DepthwiseSeparableConv", "EdgeResidual", "ResBottleneckBlock",
+                     "BottleneckBlock", "ResidualBlock")
+
+
+def _canonized(family: str, m: nn.Module) -> bool:
+    if family == "resnet":
+        return isinstance(m, (ResNetBottleneck, ResNetBasicBlock)) or _is_timm_resnet_block(m)
+    if family == "convnext":
+        return _is_cnblock(m)
+    if family == "efficientnet_lite":
+        return _is_mbconv(m)
+    return False
+
+
+def uncanonized_blocks(model: nn.Module, family: str) -> List[str]:
+    """Names of the residual blocks (with a skip sum) that the family's canonizers do not rewrite: timm's
+    ConvNeXt and EfficientNet blocks, torchvision's MBConv, ...; their skip sums reach LRP as plain additions
+    (the gradient passes through them)."""
+    out = []
+    for name, m in model.named_modules():
+        if type(m).__name__ not in _RESIDUAL_CLASSES or _canonized(family, m):
+            continue
+        if getattr(m, "has_skip", True) is False or getattr(m, "use_res_connect", True) is False:
+            continue  # a block without a skip connection needs no canonizer
+        out.append(name)
+    return out
+
+
 class _LayerScale(nn.Module):
     """``x * owner.layer_scale`` as a module (so a rule can pass relevance through it)."""
 
@@ -235,9 +300,9 @@ class CNBlockCanonizer(_ResidualCanonizer):
 def _family_canonizers(family: str, merge_bn: bool, two_input: bool) -> List[Canonizer]:
     if family == "resnet":
         if two_input:
-            return [ResNetResidualCanonizer(two_input=True)]
+            return [ResNetResidualCanonizer(two_input=True), TimmResNetCanonizer(two_input=True)]
         merge = [SequentialMergeBatchNormExact()] if merge_bn else []
-        return merge + [ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer()]
+        return merge + [ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer(), TimmResNetCanonizer()]
     if family == "efficientnet_lite":
         merge = [EfficientNetMergeBatchNorm()] if merge_bn else []
         return merge + [MBConvSumCanonizer(two_input=two_input)]

@@ -161,7 +161,7 @@ def _stream_topk(loaded, layer: str, pool: ImagePool, k: int, size: int, batch: 
             progress(done, len(pool), done / max(time.perf_counter() - t0, 1e-9))
 
     with torch.no_grad(), FeatureTaps(loaded.model, [layer], detach=True, stop_after=True) as taps:
-        for idx, x in pool.batches(size, resize, batch, workers, on_item=report):
+        for idx, x in pool.batches(size, resize, batch, workers, on_item=report, mode=loaded.interpolation):
             a = taps.run(loaded.normalize(x).to(dev))[layer].float()
             if a.dim() == 3:  # tokens (B, N, C) -> (B, C, N, 1)
                 a = a.transpose(1, 2)[..., None]
@@ -250,6 +250,8 @@ def mine_topk(
                  "resize": loaded.resize_size / loaded.input_size, "k": k, "entry": "running-topk"}
         if units is not None:
             parts["units"] = units.digest
+        if loaded.interpolation != "bilinear":
+            parts["interpolation"] = loaded.interpolation
         val = cache.get_or_compute("mine", parts, compute, validate)
     score_all, index_all, loc_all = val["score"], val["index"], val["loc"]  # (C, kk), (C, kk), (C, kk, 2)
     n_ch = score_all.shape[0]

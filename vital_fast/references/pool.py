@@ -269,7 +269,8 @@ class ImagePool:
     # streaming ---------------------------------------------------------------------------------
 
     def batches(self, size: int, resize: Optional[int] = None, batch: int = 8, workers: Optional[int] = None,
-                on_item: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                on_item: Optional[Callable[[int], None]] = None, mode: str = "bilinear"
+                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """``(indices (B,), images (B, 3, size, size))`` over the whole pool in index order, every batch but the
         last of exactly ``batch`` readable images (as mining an in-memory set batches them). Decoding and
         ``resize_center_crop`` run in ``workers`` DataLoader processes (default: the pool's, else
@@ -285,7 +286,7 @@ class ImagePool:
         seen = 0
         buf_i: List[int] = []
         buf_x: List[torch.Tensor] = []
-        for idx, x, errors in self._chunks(size, resize, batch, workers):
+        for idx, x, errors in self._chunks(size, resize, batch, workers, mode):
             for err in errors:
                 self.skipped += 1
                 self.first_skip = self.first_skip or err
@@ -306,8 +307,8 @@ class ImagePool:
                           f"(unreadable, truncated or past Pillow's decompression-bomb limit; first: "
                           f"{self.first_skip})", UserWarning, stacklevel=3)
 
-    def _chunks(self, size, resize, batch, workers):
-        ds = _Preprocessed(self, size, resize)
+    def _chunks(self, size, resize, batch, workers, mode="bilinear"):
+        ds = _Preprocessed(self, size, resize, mode)
         if workers <= 0:
             for s in range(0, len(self), batch):
                 res = _collate([ds[i] for i in range(s, min(len(self), s + batch))])
@@ -326,8 +327,8 @@ class ImagePool:
 class _Preprocessed:
     """``pool[i]`` read and resized for mining: ``(i, image or None, why not, fatal error or None)``."""
 
-    def __init__(self, pool: ImagePool, size: int, resize: Optional[int]) -> None:
-        self.pool, self.size, self.resize = pool, size, resize
+    def __init__(self, pool: ImagePool, size: int, resize: Optional[int], mode: str = "bilinear") -> None:
+        self.pool, self.size, self.resize, self.mode = pool, size, resize, mode
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -335,7 +336,7 @@ class _Preprocessed:
     def __getitem__(self, i: int):
         try:
             img = self.pool._read(i)
-            return i, resize_center_crop(img, self.size, self.resize), "", None
+            return i, resize_center_crop(img, self.size, self.resize, self.mode), "", None
         except _Skip as exc:
             return i, None, str(exc), None
         except ValueError as exc:  # a dataset item that is no image: stop, naming it

@@ -98,7 +98,7 @@ def prepare_inputs(loaded, images: ImageSet, size: int, crops: int, generator: O
     xs = []
     per_image = -(-crops // max(1, len(images))) if crops > 0 else 0
     for img in images.images:
-        xs.append(resize_center_crop(img, size, resize)[None])
+        xs.append(resize_center_crop(img, size, resize, loaded.interpolation)[None])
         if per_image > 1:
             xs.append(random_resized_crops(img, size, per_image - 1, generator))
     return loaded.normalize(torch.cat(xs))
@@ -129,6 +129,8 @@ def class_references(
     }
     if use_rel:  # only then, so entries cached before this option existed stay valid
         parts["relevance"] = settings.lrp_composite
+    if loaded.interpolation != "bilinear":
+        parts["interpolation"] = loaded.interpolation
     names = [l for l, _ in layers]
 
     def compute():
@@ -197,6 +199,10 @@ def channel_references(
         "size": size, "q": settings.quantiles, "composite": settings.lrp_composite,
         "resize": loaded.resize_size / loaded.input_size, "norm": [loaded.mean, loaded.std],
     }
+    if any(loaded.channel_dim_of(l) != 1 for l, _ in record_layers):
+        parts["layout"] = "tokens-last"  # entries from before token layers were read channels-last
+    if loaded.interpolation != "bilinear":
+        parts["interpolation"] = loaded.interpolation
     if getattr(channel, "kind", None) == "direction":
         parts["unit"] = channel.direction.digest  # the key names the file; the values name the direction
     names = [l for l, _ in record_layers]
@@ -208,16 +214,16 @@ def channel_references(
         protos, imp = {}, {}
         for l in names:
             f, r = feats[l], rel[l].float().cpu()
-            d = f[0, 0].numel()
-            protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), relevance=r)
-            imp[l] = channel_importance(r)
+            cd = loaded.channel_dim_of(l)  # tokens (B, N, C): channels last, CLS included
+            d = f.numel() // (f.shape[0] * f.shape[cd])
+            protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), relevance=r, channel_dim=cd)
+            imp[l] = channel_importance(r, channel_dim=cd)
         return {"prototypes": protos, "importance": imp, "n": int(x.shape[0])}
 
     def validate(val):
-        # rows: dim 1 of the features (sorted_prototype's default), the channels of (B, C, H, W)
-        # layers; for token layers it is the token count, which depends on the size: not checked
+        # rows: the channels of each layer (dim 1 of (B, C, H, W), the last of (B, N, C) tokens)
         _check_references(val, loaded, names, settings.quantiles, True,
-                          {l: 1 for l in names if loaded.channel_dim_of(l) == 1})
+                          {l: loaded.channel_dim_of(l) for l in names})
 
     val = cache.get_or_compute("channel_ref", parts, compute, validate)
     return TargetReferences(list(record_layers), val["prototypes"], val["importance"], val["n"])

@@ -102,7 +102,7 @@ __all__ = [
     "relevance_maps",
 ]
 
-FAMILIES = ("resnet", "efficientnet_lite", "densenet", "convnext", "vit", "generic")
+FAMILIES = ("resnet", "efficientnet_lite", "efficientnet", "densenet", "convnext", "vit", "generic")
 COMPOSITES = ("paper", "epsilon_plus_flat", "epsilon_plus")
 
 
@@ -216,6 +216,18 @@ def _eval_mode(model: nn.Module):
     finally:
         for m in training:
             m.training = True
+
+
+_FOREIGN_CACHE: "weakref.WeakKeyDictionary[nn.Module, List[str]]" = weakref.WeakKeyDictionary()
+
+
+def _uncanonized(model: nn.Module, family: str) -> List[str]:
+    """:func:`~vital_fast.references.lrp_canonizers.uncanonized_blocks`, memoized per model."""
+    from vital_fast.references.lrp_canonizers import uncanonized_blocks
+
+    if model not in _FOREIGN_CACHE:
+        _FOREIGN_CACHE[model] = uncanonized_blocks(model, family)
+    return _FOREIGN_CACHE[model]
 
 
 def _check_args(model, x, channels, target_layer, record_layers, family, composite):
@@ -335,6 +347,16 @@ def relevance_maps(
             "sums and normalization layers get plain gradients, so relevance may be less faithful.",
             stacklevel=2,
         )
+    else:
+        foreign = _uncanonized(model, family)
+        if foreign:
+            kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n in set(foreign)})
+            warnings.warn(
+                f"{OP}: no canonizer for {len(foreign)} residual block(s) of family {family!r} ({', '.join(kinds)} "
+                f"from {type(model).__module__.split('.')[0]}: {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); "
+                "their skip sums get plain gradients, so relevance may be less faithful",
+                stacklevel=2,
+            )
     record_names = list(dict.fromkeys(record_layers))
     captured: Dict[str, torch.Tensor] = {}
     target_out: List[torch.Tensor] = []

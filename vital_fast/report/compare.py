@@ -27,7 +27,7 @@ def penultimate_features(loaded, images: torch.Tensor) -> torch.Tensor:
     for m in loaded.model.modules():
         if isinstance(m, torch.nn.Linear):
             last = m
-    x = loaded.normalize(torch.stack([resize_center_crop(im, loaded.input_size, loaded.input_size) for im in images]))
+    x = loaded.normalize(torch.stack([resize_center_crop(im, loaded.input_size, loaded.input_size, loaded.interpolation) for im in images]))
     dev = next(iter(loaded.model.parameters())).device
     if last is None:
         with torch.no_grad():
