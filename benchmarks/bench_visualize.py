@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     print("| model | target kind | provider | s per target-step | vs paper loop | vs B=1 |")
     print("|---|---|---|---:|---:|---:|")
     for name in a.models:
-        loaded = load_model(name, weights="random" if name.startswith("torchvision:") else "pretrained")
+        loaded = load_model(name, weights="random" if name.startswith(("torchvision:", "timm:")) else "pretrained")
         layer = CHANNEL_LAYER.get(loaded.family, default_layers(loaded)[-2][0])
         for kind in ("class", "channel"):
             tg = [f"class:{i * 7}" if kind == "class" else f"channel:{layer}:{i}" for i in range(a.batch)]

@@ -93,3 +93,56 @@ def test_half_precision_models_run_with_a_float32_image(pool, dtype):
         assert bool(torch.isfinite(r.losses).all()) and bool(torch.isfinite(r.images).all())
     assert next(m.parameters()).dtype == dtype
     assert load_model(m).normalize(torch.rand(1, 3, 8, 8)).dtype == dtype
+
+
+def _vit_tiny(zero_bias: bool):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", depth=4).eval().requires_grad_(False)
+    if zero_bias:  # biases and position embeddings take relevance; without them nothing may be lost
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n.endswith("bias") or n in ("pos_embed", "cls_token"):
+                    p.zero_()
+    return m
+
+
+@pytest.mark.parametrize("zero_bias", [True, False])
+def test_vit_relevance_is_conserved_through_transformer_blocks(zero_bias):
+    from vital_fast.models import FeatureTaps
+    from vital_fast.references.relevance import relevance_maps
+
+    m = _vit_tiny(zero_bias)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    rec = ["patch_embed.proj", "blocks.0", "blocks.1", "blocks.2"]
+    r = relevance_maps(m, x, "blocks.3", torch.tensor([5, 9]), rec, family="vit")
+    with torch.no_grad(), FeatureTaps(m, ["blocks.3"], stop_after=True) as taps:
+        a = taps.run(x)["blocks.3"]
+    start = torch.stack([a[0, :, 5].sum(), a[1, :, 9].sum()])
+    for layer in rec[1:] if not zero_bias else rec:  # the embedding's bias and positions take their share
+        got = torch.stack([r[layer][b].sum() for b in range(2)])
+        assert torch.allclose(got, start, rtol=1e-3, atol=1e-3), (layer, got, start)
+    assert all(bool(torch.isfinite(v).all()) for v in r.values())
+    # a one-hot direction gives the channel's relevance through the transformer rules too
+    d = torch.zeros(2, a.shape[-1])
+    d[0, 5] = d[1, 9] = 1.0
+    rd = relevance_maps(m, x, "blocks.3", d, rec, family="vit")
+    assert all(torch.equal(r[k], rd[k]) for k in rec)
+
+
+def test_plain_gradient_x_input_is_not_conserved_in_a_vit():
+    """What the rules buy: the same sweep with the model's own backward (gradient x input) loses the sum."""
+    m = _vit_tiny(True)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    hooks = [m.blocks[i].register_forward_hook(lambda mod, a, o, i=i: seen.__setitem__(i, o)) for i in (0, 3)]
+    try:
+        with torch.enable_grad():
+            m(x.requires_grad_(True))
+            a0, a3 = seen[0], seen[3]
+            (g,) = torch.autograd.grad(a3[..., 5].sum(), a0)
+    finally:
+        for h in hooks:
+            h.remove()
+    ratio = float((g * a0).sum() / a3[..., 5].sum())
+    assert abs(ratio - 1.0) > 0.05, ratio

@@ -50,6 +50,7 @@ them and runs the sweep.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 import weakref
@@ -77,6 +78,7 @@ from vital_fast.references.lrp_canonizers import (
     _family_canonizers,
     _LayerScale,
 )
+from vital_fast.references.lrp_transformer import conservative
 from vital_fast.references.lrp_rules import (
     OP,
     PAPER_STABILIZER,
@@ -340,7 +342,7 @@ def relevance_maps(
         raise RuntimeError(f"{OP}: LRP needs autograd; call it outside torch.inference_mode() (no_grad is fine)")
     if x.is_inference():
         x = x.clone()  # an inference tensor cannot join an autograd graph; a clone made here can
-    if family in ("vit", "generic"):
+    if family == "generic" or (family == "vit" and composite != "paper"):
         warnings.warn(
             f"{OP}: family {family!r} has no canonizer; using zennit's "
             f"{'EpsilonPlus' if composite == 'epsilon_plus' else 'EpsilonPlusFlat'} without one. Residual "
@@ -386,15 +388,18 @@ def relevance_maps(
         target_out.append(output)
         raise _StopForward
 
-    with _eval_mode(model), _borrow_composite(model, family, composite) as comp:
+    # ViTs under the paper's composite: the conservative transformer rules (lrp_transformer), no zennit
+    cp = family == "vit" and composite == "paper"
+    with _eval_mode(model), (contextlib.nullcontext() if cp else _borrow_composite(model, family, composite)) as comp:
         try:
-            with torch.no_grad():  # canonizers edit parameters; never record that in a graph
-                comp.register(model)
+            if not cp:
+                with torch.no_grad():  # canonizers edit parameters; never record that in a graph
+                    comp.register(model)
             # after the composite: these hooks see the outputs its rules re-attached
             for name in record_names:
                 handles.append(modules[name].register_forward_hook(make_record_hook(name)))
             handles.append(modules[target_layer].register_forward_hook(stop_hook))
-            with torch.enable_grad():
+            with torch.enable_grad(), (conservative(model) if cp else contextlib.nullcontext()):
                 pdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
                 x_in = x.detach().to(pdt if pdt in (torch.float16, torch.bfloat16) else x.dtype).requires_grad_(True)
                 try:
@@ -404,7 +409,7 @@ def relevance_maps(
                 if not target_out:
                     raise ValueError(f"{OP}: target layer {target_layer!r} did not run in the forward pass")
                 maps = unpad(_backward(target_out[0], channels, captured, record_names, target_layer, family,
-                                       locations), n, x.shape[0])
+                                       locations, times_input=cp), n, x.shape[0])
         finally:
             for handle in handles:
                 handle.remove()
@@ -413,7 +418,7 @@ def relevance_maps(
     return maps
 
 
-def _backward(act, channels, captured, record_names, target_layer, family, locations=None):
+def _backward(act, channels, captured, record_names, target_layer, family, locations=None, times_input=False):
     if not isinstance(act, torch.Tensor) or act.dim() < 2:
         raise ValueError(f"{OP}: target layer {target_layer!r} must output a tensor of at least 2-D")
     missing = [name for name in record_names if name not in captured]
@@ -439,19 +444,24 @@ def _backward(act, channels, captured, record_names, target_layer, family, locat
         mask = F.one_hot(channels.to(act.device, torch.long), n_channels).to(act.dtype)
     if channel_dim != 1:
         mask = mask.unsqueeze(1)
-    start = act.detach() * mask.view(shape)
+    weight = mask.view(shape)
     if locations is not None:
-        start = start * _location_mask(act, channel_dim, locations, target_layer)
+        weight = weight * _location_mask(act, channel_dim, locations, target_layer)
+    start = act.detach() * weight
     inputs = [captured[name] for name in record_names]
-    grads = torch.autograd.grad(act, inputs, grad_outputs=start, allow_unused=True)
+    # zennit's rules take the start relevance as the output gradient; gradient x input takes the weights
+    # (then R_in = x * J^T w sums to w . J x = the start relevance's sum, for linear J)
+    seed = weight.expand_as(act).to(act.dtype) if times_input else start
+    grads = torch.autograd.grad(act, inputs, grad_outputs=seed, allow_unused=True)
     out = {}
     for name, tensor, grad in zip(record_names, inputs, grads):
         if grad is None:
             if tensor is act:
-                grad = start
-            else:
-                raise ValueError(f"{OP}: record layer {name!r} does not feed target layer {target_layer!r}")
-        out[name] = grad.detach().float()
+                out[name] = start.detach().float()
+                continue
+            raise ValueError(f"{OP}: record layer {name!r} does not feed target layer {target_layer!r}")
+        # zennit's rules hand relevance back as the gradient; plain rules give gradient x input
+        out[name] = (grad * tensor if times_input else grad).detach().float()
     return out
 
 
