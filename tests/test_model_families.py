@@ -146,3 +146,60 @@ def test_plain_gradient_x_input_is_not_conserved_in_a_vit():
             h.remove()
     ratio = float((g * a0).sum() / a3[..., 5].sum())
     assert abs(ratio - 1.0) > 0.05, ratio
+
+
+class ResNetLike(torch.nn.Module):
+    """Named like a ResNet (the family guess says resnet), laid out like nothing the preset knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def resnet_like():
+    torch.manual_seed(0)
+    return ResNetLike()
+
+
+def test_cli_layers_when_no_preset_fits(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from vital_fast.cli.main import main
+    from vital_fast.cli.pyref import FAMILY_CHOICES
+    from vital_fast.models import FAMILIES
+
+    assert tuple(FAMILY_CHOICES) == tuple(FAMILIES)
+    (tmp_path / "imgs" / "3").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / "imgs" / "3" / f"{i}.png")
+    base = ["visualize", "--model", "py:test_model_families:resnet_like", "--target", "class:3", "--images",
+            str(tmp_path / "imgs"), "--size", "32", "--steps", "2", "--no-cache", "--workers", "0", "--set", "n_refs=2"]
+    rc = main(base + ["--out", str(tmp_path / "r1")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--layers" in err and "conv1" in err and not (tmp_path / "r1").exists()
+    assert main(base + ["--out", str(tmp_path / "r2"), "--layers", "a,b:2"]) == 0
+    import json
+
+    m = json.loads((tmp_path / "r2" / "manifest.json").read_text())
+    assert m["targets"][0]["layers"] == [["a", 1.0], ["b", 2.0]] and m["run"]["layers"] == [["a", 1.0], ["b", 2.0]]
+    rc = main(base + ["--out", str(tmp_path / "r3"), "--layers", "a,nope"])
+    assert rc == 2 and "unknown layer 'nope'" in capsys.readouterr().err
+    rc = main(base + ["--out", str(tmp_path / "r4"), "--family", "generic"])
+    assert rc == 0
+
+
+def test_token_layout_that_cannot_be_inferred():
+    timm = pytest.importorskip("timm")
+    from vital_fast.models.facts import check_targets
+    from vital_fast.optim import parse_target
+
+    lm = load_model(timm.create_model("vit_tiny_patch16_224", depth=2), family="generic")
+    with pytest.raises(ValueError, match="family='vit'"):
+        check_targets(lm, [parse_target("channel:blocks.1:3")])

@@ -187,10 +187,14 @@ def _canon(obj: Any) -> Any:
 
 
 def run_identity(*, model: str, fingerprint: str, method: str, seed: int, settings: Mapping[str, Any],
-                 size: Optional[int], preset: Optional[str]) -> Dict[str, Any]:
-    """What makes two runs the same run: a folder is resumed only with an equal identity."""
-    return _canon({"model": model, "fingerprint": fingerprint, "method": method, "seed": int(seed),
-                   "settings": dict(settings), "size": size, "preset": preset})
+                 size: Optional[int], preset: Optional[str], layers: Optional[list] = None) -> Dict[str, Any]:
+    """What makes two runs the same run: a folder is resumed only with an equal identity (``layers``: matched
+    layers given by the user, recorded only then, so that older runs keep their identity)."""
+    ident = {"model": model, "fingerprint": fingerprint, "method": method, "seed": int(seed),
+             "settings": dict(settings), "size": size, "preset": preset}
+    if layers:
+        ident["layers"] = [[str(n), float(w)] for n, w in layers]
+    return _canon(ident)
 
 
 def identity_of_manifest(m: Mapping[str, Any]) -> Dict[str, Any]:

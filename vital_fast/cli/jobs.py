@@ -108,6 +108,7 @@ def run_into_folder(
     extra: Optional[dict] = None,
     method: str = "vital",
     param: Optional[str] = None,
+    class_layers=None,
 ) -> dict:
     """Visualize ``targets`` in batches of ``batch``, saving each batch's results as it finishes."""
     labels = labels_for(loaded, targets)
@@ -121,7 +122,8 @@ def run_into_folder(
                 on_step(_base + step)
 
         res = visualize(loaded, chunk, {t.key: refs[t.key] for t in chunk}, settings=settings, seed=seed,
-                        size=size, cache=cache, progress=progress, method=method, param=param)
+                        size=size, cache=cache, progress=progress, method=method, param=param,
+                        class_layers=class_layers)
         done_steps += settings.steps
         manifest = save_result(res, out_dir, labels=labels, seed=seed,
                                extra=dict(extra or {}, preset=preset, method=res.method),

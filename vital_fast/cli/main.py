@@ -14,6 +14,8 @@ import time
 import traceback
 from typing import List, Optional
 
+from vital_fast.cli.pyref import FAMILY_CHOICES
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
@@ -99,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image parametrization: pixel, fourier or maco (default: the method's own; vital: pixel)")
     v.add_argument("--channel-refs", choices=["image", "patch"], default=None,
                    help="channel references: top-k full images or patches at the unit (default: the preset's)")
+    v.add_argument("--family", default=None, choices=list(FAMILY_CHOICES),
+                   help="architecture family (picks the matched layers, the relevance rules and the token layout; "
+                   "default: guessed from the model's class)")
+    v.add_argument("--layers", default=None, metavar="L1[:W],L2[:W],...",
+                   help="matched layers (and weights, default 1) instead of the model family's preset, e.g. "
+                   "layer1,layer2,layer3:2 (see `vital-fast layers MODEL`); unit targets match those before their layer")
     _common_run_args(v)
 
     r = sub.add_parser("report", help="(re)build the HTML gallery of a run folder, or the runs index of a folder of runs")
@@ -215,7 +223,8 @@ def _owned_folder(args, loaded, settings, method: str):
     from vital_fast.runfolder import LOCK_FILES, prepare_run_folder, run_identity
 
     identity = run_identity(model=loaded.name, fingerprint=loaded.fingerprint, method=method, seed=args.seed,
-                            settings=settings.to_dict(), size=args.size, preset=args.preset)
+                            settings=settings.to_dict(), size=args.size, preset=args.preset,
+                            layers=getattr(args, "class_layers", None))
     existed = os.path.isdir(args.out)
     try:
         lock = prepare_run_folder(args.out, identity, resume=args.resume, force=args.force)
@@ -277,6 +286,45 @@ def _pending(args, targets):
     return pending
 
 
+def parse_layers(loaded, spec):
+    """``--layers L1[:W],L2[:W]``: matched layers (each must exist; a weight must be a number > 0), or None."""
+    if spec is None:
+        return None
+    from vital_fast.models import resolve_layer
+
+    out = []
+    for item in (p.strip() for p in spec.split(",")):
+        if not item:
+            continue
+        name, sep, w = item.rpartition(":") if ":" in item else (item, "", "")
+        name = name if sep else item
+        try:
+            weight = float(w) if sep else 1.0
+        except ValueError:
+            raise UsageError(f"--layers: bad weight {w!r} for layer {name!r} (use NAME or NAME:WEIGHT)") from None
+        if not weight > 0:
+            raise UsageError(f"--layers: the weight of {name!r} must be > 0, got {weight}")
+        try:
+            resolve_layer(loaded.model, name)
+        except ValueError as exc:
+            raise UsageError(f"--layers: {exc}") from None
+        out.append((name, weight))
+    if not out:
+        raise UsageError("--layers: no layer given")
+    return out
+
+
+def _check_preset(loaded) -> None:
+    """The family's matched layers fit the model, or one line saying how to pass them (exit 2)."""
+    from vital_fast.models import default_layers
+
+    try:
+        default_layers(loaded)
+    except ValueError as exc:
+        raise UsageError(f"{str(exc).split(';')[0]}; pass the matched layers with --layers L1,L2,... "
+                         f"(`vital-fast layers {loaded.name}` lists them)") from None
+
+
 def _run_targets(args, loaded, targets, refs, settings, identity, extra=None) -> int:
     from vital_fast.cli.jobs import run_into_folder
     from vital_fast.cli.progress import Progress
@@ -287,7 +335,7 @@ def _run_targets(args, loaded, targets, refs, settings, identity, extra=None) ->
         run_into_folder(loaded, targets, refs, args.out, settings, seed=args.seed, batch=args.batch,
                         cache=_cache(args), preset=args.preset, size=args.size, on_step=bar.update,
                         extra=dict(extra or {}, run=identity), method=getattr(args, "method", "vital"),
-                        param=getattr(args, "param", None))
+                        param=getattr(args, "param", None), class_layers=getattr(args, "class_layers", None))
     if os.path.isfile(os.path.join(args.out, "manifest.json")):
         index = build_gallery(args.out)
         print(f"wrote {args.out} (gallery: {index})")
@@ -317,7 +365,8 @@ def _load(args):
 
     weights = "random" if getattr(args, "random_weights", False) else "pretrained"
     return load_model(args.model, weights=weights, arch=getattr(args, "arch", None),
-                      device=_device(args) if hasattr(args, "device") else "cpu", labels=getattr(args, "labels", None))
+                      device=_device(args) if hasattr(args, "device") else "cpu", labels=getattr(args, "labels", None),
+                      family=getattr(args, "family", None))
 
 
 def cmd_layers(args) -> int:
@@ -365,13 +414,16 @@ def cmd_visualize(args) -> int:
     _method_label(args)
     _check_out(args)
     if is_pyref(args.model):
-        loaded = load_model_pyref(args.model, args.labels)
+        loaded = load_model_pyref(args.model, args.labels, args.family)
         loaded.model.to(_device(args))
     else:
         loaded = _load(args)
     from vital_fast.models.facts import check_targets
 
     check_targets(loaded, targets)
+    args.class_layers = parse_layers(loaded, args.layers)
+    if args.class_layers is None and _method_label(args).startswith("vital"):
+        _check_preset(loaded)
     with _owned_folder(args, loaded, settings, _method_label(args)) as identity:
         targets = _pending(args, targets)
         refs = gather_references(loaded, targets, images, settings, _cache(args), args.size) if targets else {}

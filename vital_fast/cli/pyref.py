@@ -14,6 +14,8 @@ import sys
 from typing import Any
 
 PREFIX = "py:"
+# vital_fast.models.FAMILIES, kept here so that building the parser imports no torch (a test keeps them equal)
+FAMILY_CHOICES = ("resnet", "densenet", "convnext", "efficientnet_lite", "efficientnet", "vit", "generic")
 
 
 def is_pyref(spec: Any) -> bool:
@@ -57,7 +59,7 @@ def _is_dataset_like(obj: Any) -> bool:
     return not isinstance(obj, type) and hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
 
 
-def load_model_pyref(spec: str, labels=None):
+def load_model_pyref(spec: str, labels=None, family=None):
     """``--model py:MODULE:NAME``: an ``nn.Module`` (loaded with :func:`~vital_fast.models.load_model`) or a
     :class:`~vital_fast.models.LoadedModel`; ``labels`` (``--labels``) replace its class names."""
     import dataclasses
@@ -69,11 +71,13 @@ def load_model_pyref(spec: str, labels=None):
 
     obj = load_pyref(spec, "--model")
     if isinstance(obj, nn.Module):
-        return load_model(obj, labels=labels)
+        return load_model(obj, labels=labels, family=family)
     if not isinstance(obj, LoadedModel):
         raise ValueError(f"--model {spec}: got {type(obj).__name__}, not an nn.Module or a LoadedModel")
     if labels is not None:
         obj = dataclasses.replace(obj, class_names=check_labels(labels, obj.num_classes, "--labels"))
+    if family is not None:
+        obj = dataclasses.replace(obj, family=family)
     return obj
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Callable, Dict
 
-from vital_fast.cli.pyref import images_arg, is_pyref, load_model_pyref
+from vital_fast.cli.pyref import FAMILY_CHOICES, images_arg, is_pyref, load_model_pyref
 
 
 def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
@@ -51,6 +51,10 @@ def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
     p.add_argument("--arch", default=None, help="architecture of a state_dict model file")
     p.add_argument("--channel-refs", choices=["image", "patch"], default=None,
                    help="channel references: top-k full images or patches at the unit (default: the preset's)")
+    p.add_argument("--family", default=None, choices=list(FAMILY_CHOICES),
+                   help="architecture family (default: guessed from the model's class)")
+    p.add_argument("--layers", default=None, metavar="L1[:W],L2[:W],...",
+                   help="matched layers (and weights) instead of the model family's preset, e.g. layer1,layer2:2")
     p.add_argument("--early-stop", type=float, default=None, metavar="TOL",
                    help="finish a target once its loss improved by less than this fraction over the last window of "
                    "steps (a tenth of the steps); off by default")
@@ -72,10 +76,10 @@ def _load_model(args):
 
     spec = args.model
     if is_pyref(spec):
-        return load_model_pyref(spec, args.labels)
+        return load_model_pyref(spec, args.labels, getattr(args, "family", None))
     _device(args)
     return _load(argparse.Namespace(model=spec, random_weights=args.random_weights, arch=args.arch, device="cpu",
-                                    labels=args.labels))
+                                    labels=args.labels, family=getattr(args, "family", None)))
 
 
 def cmd_sweep(args) -> int:
@@ -105,7 +109,12 @@ def cmd_sweep(args) -> int:
     device = _device(args)
     loaded = _load_model(args)
 
+    from vital_fast.cli.main import _check_preset, parse_layers
     from vital_fast.sweep import run_sweep
+
+    class_layers = parse_layers(loaded, args.layers)
+    if class_layers is None:
+        _check_preset(loaded)
 
     rank = int(os.environ.get("RANK", "0") or 0)
     bar = {}
@@ -126,6 +135,7 @@ def cmd_sweep(args) -> int:
         refill=not args.no_refill, early_stop=args.early_stop, exact=args.exact, resume=args.resume,
         force=args.force, cache=_cache(args), device=device, progress=progress if rank == 0 else None,
         manifest_every=args.manifest_every, extra={"preset": args.preset}, directions=args.directions,
+        class_layers=class_layers,
     )
     if summary.rank == 0:
         from vital_fast.report.gallery import build_gallery

@@ -101,6 +101,10 @@ def check_targets(loaded, targets: Sequence) -> Dict[str, tuple]:
             if shape is None:
                 raise ValueError(f"target {t.key}: layer {t.layer!r} produces no tensor output")
             tokens = loaded.channel_dim_of(t.layer) == -1
+            if len(shape) == 2 and not tokens:
+                raise ValueError(f"target {t.key}: layer {t.layer!r} outputs (B, {shape[0]}, {shape[1]}), whose channel "
+                                 f"dimension cannot be told for family {loaded.family!r}; for tokens (B, N, C), channels "
+                                 f"last, load the model with family='vit' (--family vit)")
             c = shape[-1] if tokens else shape[0]
             if t.kind == "direction":
                 if t.direction.channels != c:
