@@ -203,3 +203,39 @@ def test_token_layout_that_cannot_be_inferred():
     lm = load_model(timm.create_model("vit_tiny_patch16_224", depth=2), family="generic")
     with pytest.raises(ValueError, match="family='vit'"):
         check_targets(lm, [parse_target("channel:blocks.1:3")])
+
+
+def test_token_locations_map_back_to_image_patches():
+    from vital_fast.references.mining import crop_patch, token_grid
+
+    assert token_grid((197, 1)) == (14, 1) and token_grid((196, 1)) == (14, 0) and token_grid((14, 14)) is None
+    lm = load_model(Tiny(), input_size=224, resize_size=224)
+    img = torch.zeros(3, 224, 224)
+    img[:, 16:32, 32:48] = 1.0  # the image patch of token 1 + (1 * 14 + 2) = 17
+    p = crop_patch(lm, img, (17, 0), (197, 1), 224, 48)
+    assert p.shape == (3, 48, 48)
+    assert float(p[:, 16:32, 16:32].mean()) > 0.9 and float(p.mean()) < 0.2  # its patch, in the middle
+    whole = crop_patch(lm, img, (0, 0), (197, 1), 224, 48)  # CLS: the whole view
+    assert 0.0 < float(whole.mean()) < 0.05
+
+
+def test_own_preprocessing_callable(pool):
+    calls = []
+
+    def prep(x01):
+        calls.append(tuple(x01.shape))
+        return (x01 - 0.5) * 4.0  # not a per-channel mean/std a preset knows
+
+    torch.manual_seed(0)
+    m = Tiny()
+    lm = load_model(m, input_size=32, resize_size=32, preprocess=prep)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(lm.normalize(x), (x - 0.5) * 4.0)
+    assert "prep" in lm.norm_key[-1]
+    for param in ("pixel", "fourier"):
+        calls.clear()
+        r = visualize(lm, ["class:1", "channel:conv3:2"], {"class:1": pool}, pool=pool, settings=_s(), size=32,
+                      param=param)
+        assert bool(torch.isfinite(r.losses).all()) and len(calls) > 3
+    with pytest.raises(TypeError, match="callable"):
+        load_model(Tiny(), preprocess="zscore")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -71,6 +71,10 @@ class LoadedModel:
         ``"pretrained"``, ``"random"``, ``"file"``, or ``"module"`` for a module passed in.
     num_classes : int or None
         Size of the classifier output when it can be read from the model.
+    preprocess : callable or None
+        The caller's own mapping of images in [0, 1] ``(B, 3, H, W)`` to the model's input
+        (differentiable), used by :meth:`normalize` instead of mean/std; ``None`` for mean/std. A model
+        that normalizes inside itself takes ``mean=(0, 0, 0), std=(1, 1, 1)``.
     interpolation : str
         How images are resized for the model (``"bilinear"``, or ``"bicubic"`` where the weights'
         configuration says so, as timm's do); always antialiased.
@@ -92,6 +96,15 @@ class LoadedModel:
     num_classes: Optional[int] = None
     class_names: Optional[Tuple[str, ...]] = None
     interpolation: str = "bilinear"
+    preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    @property
+    def norm_key(self) -> list:
+        """What the input mapping is, for cache keys: mean and std, and the name of a ``preprocess``."""
+        if self.preprocess is None:
+            return [self.mean, self.std]
+        fn = self.preprocess
+        return [self.mean, self.std, f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"]
 
     def class_label(self, index: int) -> str:
         """The name of class ``index``: from :attr:`class_names`, else ``"class N"``."""
@@ -147,8 +160,13 @@ class LoadedModel:
             float16 or bfloat16 (:attr:`dtype`): its input is cast to that dtype (the image, the
             optimizer and the loss stay in their own).
         """
-        mean, std = self._stats(x01, "normalize")
-        out = (x01 - mean) / std
+        if self.preprocess is not None:
+            out = self.preprocess(x01)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"preprocess must return a tensor, got {type(out).__name__}")
+        else:
+            mean, std = self._stats(x01, "normalize")
+            out = (x01 - mean) / std
         dt = self.dtype
         return out.to(dt) if dt in (torch.float16, torch.bfloat16) and out.dtype != dt else out
 
@@ -255,6 +273,13 @@ def _unknown_spec(spec: str) -> ValueError:
     )
 
 
+def _check_preprocess(fn):
+    if fn is not None and not callable(fn):
+        raise TypeError(f"load_model: 'preprocess' must be callable (images in [0, 1] -> model input), got "
+                        f"{type(fn).__name__}")
+    return fn
+
+
 def uncompiled(module: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` wrapper holds (its layer names have no ``_orig_mod.`` prefix and its
     forward hooks fire on every call), or ``module`` itself. It shares the compiled module's weights."""
@@ -277,6 +302,7 @@ def load_model(
     std: Optional[Sequence[float]] = None,
     family: Optional[str] = None,
     labels: Optional[LabelsLike] = None,
+    preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> LoadedModel:
     """Load a network by name, path or module, frozen and in eval mode, with its preprocessing.
 
@@ -316,6 +342,10 @@ def load_model(
     input_size, resize_size, mean, std, family : optional
         Override the preprocessing or the family (needed for a module or a file whose defaults do
         not fit).
+    preprocess : callable, optional
+        Your own mapping of images in [0, 1] ``(B, 3, H, W)`` to the model's input (differentiable; e.g.
+        a normalization your model expects that is not a per-channel mean/std); it replaces mean/std.
+        For a model that normalizes inside, pass ``mean=(0, 0, 0), std=(1, 1, 1)`` instead.
     labels : list of str or path, optional
         The names of the model's outputs in output order (or a file of them: one a line, or a JSON
         list); they replace the weights' own (:attr:`LoadedModel.class_names`). Their number must
@@ -419,4 +449,5 @@ def load_model(
         num_classes=info["num_classes"],
         class_names=tuple(names) if names else None,
         interpolation=info.get("interpolation", "bilinear"),
+        preprocess=_check_preprocess(preprocess),
     )

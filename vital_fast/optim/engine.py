@@ -311,6 +311,8 @@ class Engine:
             view = r.views(image, gens, S, prog)
             if not normalized:
                 view = self.loaded.normalize(view)
+            elif self.loaded.preprocess is not None:  # the caller's own input mapping, from [0, 1]
+                view = self.loaded.normalize(self.loaded.denormalize(view))
         t1 = time.perf_counter()
         feats, logits = self._forward(view, slots)
         t2 = time.perf_counter()

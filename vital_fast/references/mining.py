@@ -252,6 +252,8 @@ def mine_topk(
             parts["units"] = units.digest
         if loaded.interpolation != "bilinear":
             parts["interpolation"] = loaded.interpolation
+        if loaded.preprocess is not None:
+            parts["norm"] = loaded.norm_key
         val = cache.get_or_compute("mine", parts, compute, validate)
     score_all, index_all, loc_all = val["score"], val["index"], val["loc"]  # (C, kk), (C, kk), (C, kk, 2)
     n_ch = score_all.shape[0]
@@ -269,13 +271,36 @@ def _check_channels(layer: str, chans: Sequence[int], n_ch: int, what: str = "ch
         raise ValueError(f"layer {layer!r} has {n_ch} {what} (0-{n_ch - 1}); got {what[:-1]}(s) {bad[:5]}")
 
 
+def token_grid(grid) -> Optional[tuple]:
+    """For a token layer mined as an ``(N, 1)`` grid: ``(side, first)``, the side of its square patch grid and
+    the index of its first patch token (1 after a CLS token, else 0); ``None`` for a spatial grid."""
+    n = int(grid[0])
+    if len(grid) < 2 or int(grid[1]) != 1 or n < 2:
+        return None
+    for first in (1, 0):
+        side = int(round((n - first) ** 0.5))
+        if side * side == n - first:
+            return side, first
+    return None
+
+
 def crop_patch(loaded, img: torch.Tensor, loc, grid, rf: int, size: int) -> torch.Tensor:
-    """A square patch of the original image around a unit, sized to its receptive field, resized to ``size``."""
+    """A square patch of the original image around a unit, sized to its receptive field, resized to ``size``.
+    For tokens (a ViT layer): the image patch of the token (3 patches wide, the token's own in the middle);
+    the CLS token's is the whole crop."""
     _, h0, w0 = img.shape
     resize = int(round(size * loaded.resize_size / loaded.input_size))
     scale = resize / min(h0, w0)
     nh, nw = round(h0 * scale), round(w0 * scale)
     top, left = (nh - size) // 2, (nw - size) // 2
+    tg = token_grid(grid)
+    if tg is not None:  # token t -> patch (row, column) of the side x side grid; CLS -> the whole view
+        side, first = tg
+        t = int(loc[0]) - first
+        if t < 0:
+            loc, grid, rf = (0, 0), (1, 1), size
+        else:
+            loc, grid, rf = divmod(t, side), (side, side), int(round(3 * size / side))
     cy = (float(loc[0]) + 0.5) * size / grid[0]
     cx = (float(loc[1]) + 0.5) * size / grid[1]
     # to original-image coordinates

@@ -125,7 +125,7 @@ def class_references(
     parts = {
         "model": loaded.fingerprint, "target": target_key, "layers": list(layers), "images": imgs.hashes,
         "size": size, "q": settings.quantiles, "crops": settings.ref_crops, "seed": seed,
-        "resize": loaded.resize_size / loaded.input_size, "norm": [loaded.mean, loaded.std],
+        "resize": loaded.resize_size / loaded.input_size, "norm": loaded.norm_key,
     }
     if use_rel:  # only then, so entries cached before this option existed stay valid
         parts["relevance"] = settings.lrp_composite
@@ -197,7 +197,7 @@ def channel_references(
     parts = {
         "model": loaded.fingerprint, "target": target_key, "layers": list(record_layers), "images": images.hashes,
         "size": size, "q": settings.quantiles, "composite": settings.lrp_composite,
-        "resize": loaded.resize_size / loaded.input_size, "norm": [loaded.mean, loaded.std],
+        "resize": loaded.resize_size / loaded.input_size, "norm": loaded.norm_key,
     }
     if any(loaded.channel_dim_of(l) != 1 for l, _ in record_layers):
         parts["layout"] = "tokens-last"  # entries from before token layers were read channels-last
