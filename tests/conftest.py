@@ -77,3 +77,13 @@ def pytest_report_header(config):
         f"triton={'yes' if HAS_TRITON else 'no'} interpret={INTERPRET} cuda={HAS_CUDA}; "
         f"threads={torch.get_num_threads()} pid={os.getpid()}"
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (results do not depend on it; on a busy 2-core machine OpenMP
+    barriers make 2 threads far slower than 1). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -25,15 +25,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 from test_optim import tiny_model  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:relevance_maps:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.filterwarnings("ignore:relevance_maps:UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 def _pool(n=10):

@@ -27,13 +27,7 @@ MODELS = [
 FAMILY = {"resnet18": "resnet", "convnext_tiny": "convnext", "convnext_atto": "convnext", "densenet121": "densenet",
           "efficientnet_b0": "efficientnet", "vit_b_16": "vit", "vit_tiny_patch16_224": "vit"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _settings():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
 
@@ -170,19 +169,7 @@ def save_directions(path: Union[str, "os.PathLike[str]"], matrix: torch.Tensor, 
         if not isinstance(v, (str, int, float, bool)):
             raise ValueError(f"save_directions: metadata {k!r} must be a str, int, float or bool")
         obj[k] = v
-    folder = os.path.dirname(os.path.abspath(p))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".directions-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from vital_fast.references.cache import atomic_torch_save
+
+    atomic_torch_save(obj, p)
     return p
