@@ -159,3 +159,13 @@ def test_sweep_over_direction_rows(tmp_path, capsys):
     rc = main(["sweep", "--model", "py:test_sweep:tiny_loaded", "--layer", "conv3", "--directions",
                str(tmp_path / "wrong.pt"), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "s2"), *_cli()])
     assert rc == 2 and "7 values but layer 'conv3' has 16 channels" in capsys.readouterr().err
+
+
+def test_direction_slugs_stay_distinct_for_paths():
+    v = torch.ones(4)
+    a = Target("direction", 0, "conv3", direction=Direction.of(v, source="/a/b.pt"))
+    b = Target("direction", 0, "conv3", direction=Direction.of(v, source="/a_b.pt"))
+    c = Target("direction", 0, "conv3", direction=Direction.of(v, source="sae.pt"))
+    assert a.slug != b.slug and "/" not in a.slug
+    assert c.slug == "direction__conv3__sae.pt__0"
+    assert Target("channel", 3, "_blocks.10").slug == "channel___blocks.10__3"

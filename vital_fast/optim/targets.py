@@ -115,7 +115,8 @@ class Target:
         safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_"
                        for ch in self.key.replace(":", "__"))
         layer = self.layer or ""
-        if all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in layer) and layer not in (".", ".."):
+        rest = self.key.replace(":", "")  # a direction's file path is part of its key too
+        if all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in rest) and layer not in (".", ".."):
             return safe
         return f"{safe}-{hashlib.sha256(self.key.encode()).hexdigest()[:8]}"
 

@@ -401,7 +401,9 @@ def render_target_page(manifest: Dict[str, Any], t: Dict[str, Any], prev: Option
         says = (f'<p class="note">The visualized model\'s top-{len(preds)} classes of this image (computed when the '
                 f'run was saved):</p><table class="metrics"><tr><th>#</th><th>class</th><th>name</th><th>probability</th></tr>{rows}</table>')
     elif isinstance(t.get("activation_ratio"), (int, float)):
-        says = (f'<p class="note">Channel activation on this image: <b>{t["activation_ratio"]:.3g}×</b> its mean '
+        unit = {"direction": "The direction's projection", "neuron": "The neuron's activation"}.get(
+            str(t.get("kind")), "Channel activation")
+        says = (f'<p class="note">{unit} on this image: <b>{t["activation_ratio"]:.3g}×</b> its mean '
                 f"activation on its reference images (1 = as strong as on the references).</p>")
     d = t.get("direction") or {}
     if isinstance(d.get("probe_accuracy"), (int, float)):
