@@ -498,8 +498,12 @@ def test_vit_token_layout_smoke():
     x = torch.randn(2, 3, 32, 32)
     snap = _snapshot(vit)
     record = ["conv_proj", "encoder.layers.encoder_layer_0"]
-    with pytest.warns(UserWarning, match="no canonizer"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the paper composite takes the transformer rules: nothing to warn about
         rel = relevance_maps(vit, x, "encoder.layers.encoder_layer_2", torch.tensor([1, 15]), record, family="vit")
+    with pytest.warns(UserWarning, match="no canonizer"):  # zennit's epsilon composites have none for ViTs
+        relevance_maps(vit, x, "encoder.layers.encoder_layer_2", torch.tensor([1, 15]), record, family="vit",
+                       composite="epsilon_plus_flat")
     acts = _activations(vit, x, record)
     for name in record:
         assert rel[name].shape == acts[name].shape  # (B, 16, 4, 4) and tokens (B, 17, 16)

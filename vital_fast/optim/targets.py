@@ -115,7 +115,7 @@ class Target:
         safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_"
                        for ch in self.key.replace(":", "__"))
         layer = self.layer or ""
-        rest = self.key.replace(":", "")  # a direction's file path is part of its key too
+        rest = layer + (self.direction.source if self.direction is not None else "")  # a file path is in the key
         if all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in rest) and layer not in (".", ".."):
             return safe
         return f"{safe}-{hashlib.sha256(self.key.encode()).hexdigest()[:8]}"
