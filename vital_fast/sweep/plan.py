@@ -209,10 +209,11 @@ def _reference_source(plan: _Plan, pending: Sequence[Target], cache: DiskCache, 
     units, row_key = None, {}
     pending_u = [t for t in pending if t.is_unit]
     if any(t.kind != "channel" for t in pending_u):
-        units, row_key = layer_units(pending_u, layer_channels(loaded, plan.layer, None), plan.final,
-                                     loaded.input_size)
+        # every unit of the sweep, not only the pending ones: a resumed sweep then finds the first run's entry
+        units, row_key = layer_units([t for t in plan.targets if t.is_unit], layer_channels(loaded, plan.layer, None),
+                                     plan.final, loaded.input_size)
     if pending_u:
-        rows = [t.index for t in pending_u] if units is None else sorted(set(row_key.values()))
+        rows = [t.index for t in pending_u] if units is None else sorted({row_key[t.key] for t in pending_u})
         k = min(settings.n_refs, len(plan.pool))
         if dist.rank != 0:
             dist.barrier()
