@@ -1,7 +1,8 @@
 """End-to-end optimizer speed: seconds per target per step, batched vs single vs the paper's loop.
 
     python -m benchmarks.bench_visualize [--models resnet50 efficientnet-lite0] [--size 224] [--steps 3]
-                                         [--amp off bf16] [--no-paper]
+                                         [--amp off bf16] [--compile off on] [--kinds class channel]
+                                         [--no-single] [--no-paper]
 
 For each model (ResNet-50 with random weights, since pretrained weights cannot be fetched here, and
 efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
@@ -11,6 +12,12 @@ efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
 * for class targets, the network alone: a bare forward + backward up to the last matched layer
   (input gradient only, same batch, same precision): the floor a class step can reach;
 * each of these once per ``--amp`` precision (``off`` float32, ``bf16``, ``fp16``), interleaved;
+* the vital_fast rows once per ``--compile`` value (``off`` eager, ``on`` inductor, or a torch dynamo
+  backend), interleaved; with a compiled value the table adds the speed-up over the eager row of the same
+  batch and precision (``vs eager``, eager s / compiled s) and ``compile s``: the time of the steps
+  that compiled (the engine's ``compile_s``: the first step, forward and backward compiled in it),
+  from the round that compiled; later rounds in the process reuse dynamo's compiled code. Compiled
+  rows leave the first step out of the steady state like every row;
 * a loop written the way the paper's public code works (DESIGN.md §5): one target at a time, the
   features of 50 reference images re-sorted inside the loss at every step, parameters requiring
   gradients; for channel targets, the reference features' graph retained and backpropagated
@@ -47,7 +54,8 @@ def random_refs(key: str, n: int, size: int) -> ImageSet:
 
 
 PHASE_KEYS = ("views_s", "forward_s", "loss_s", "relevance_s", "backward_s", "update_s")
-PHASES: dict = {}  # (batch, amp) -> where the last timed run's step time went (the engine's phase timings)
+PHASES: dict = {}  # (batch, amp, compile) -> where the last timed run's step time went (the engine's phase timings)
+COMPILE_S: dict = {}  # (batch, amp, compile) -> the largest compile_s seen (the round that compiled)
 
 
 def time_network(loaded, targets, size, steps, amp: str = "off") -> float:
@@ -70,14 +78,17 @@ def time_network(loaded, targets, size, steps, amp: str = "off") -> float:
     return statistics.median(times) / len(targets)
 
 
-def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off") -> float:
+def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: str = "off") -> float:
     s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1,
-                 amp=amp)
+                 amp=amp, compile=compile)
     refs = {t: random_refs(t, n_refs, size) for t in targets}
     marks = []
     res = visualize(loaded, targets, refs, settings=s, size=size, cache=DiskCache(enabled=False),
                     progress=lambda i, n, l: marks.append(time.perf_counter()))
-    PHASES[(len(targets), amp)] = {k: res.timings.get(k, 0.0) for k in PHASE_KEYS}
+    key = (len(targets), amp, compile)
+    PHASES[key] = {k: res.timings.get(k, 0.0) for k in PHASE_KEYS}
+    if "compile_s" in res.timings:
+        COMPILE_S[key] = max(COMPILE_S.get(key, 0.0), res.timings["compile_s"])
     # the first step warms up (allocations, relevance composite); time the rest
     return (marks[-1] - marks[0]) / (len(marks) - 1) / len(targets)
 
@@ -148,26 +159,49 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median)")
     ap.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16", "fp16", "auto"],
                     help="precisions to time (e.g. --amp off bf16: float32 and bfloat16 rows, interleaved)")
+    ap.add_argument("--compile", nargs="+", default=["off"], metavar="off|on|BACKEND",
+                    help="Settings.compile values to time (e.g. --compile off on: eager and inductor rows, "
+                    "interleaved); adds the speed-up over eager and the compile time")
+    ap.add_argument("--kinds", nargs="+", default=["class", "channel"], choices=["class", "channel"],
+                    help="target kinds to time (default: both)")
+    ap.add_argument("--no-single", action="store_true", help="skip the B=1 rows")
     ap.add_argument("--no-paper", action="store_true", help="skip the paper-style loop rows")
     a = ap.parse_args(argv)
+    from vital_fast.models.compiled import resolve_compile
+
+    for c in a.compile:
+        try:
+            resolve_compile(c)
+        except ValueError as exc:
+            ap.error(f"--compile {c}: {exc}")
+    compiled = any(c != "off" for c in a.compile)
     torch.set_num_threads(a.threads)
-    print(f"threads {a.threads}, {a.size} px, {a.steps} timed steps, {a.refs} references per target")
-    print("| model | target kind | provider | s per target-step | vs paper loop | vs B=1 |")
-    print("|---|---|---|---:|---:|---:|")
+    print(f"threads {a.threads}, {a.size} px, {a.steps} timed steps, {a.refs} references per target"
+          + (f", compile {' '.join(a.compile)}" if compiled else ""))
+    extra_head, extra_rule = (" vs eager | compile s |", "---:|---:|") if compiled else ("", "")
+    print(f"| model | target kind | provider | s per target-step | vs paper loop | vs B=1 |{extra_head}")
+    print(f"|---|---|---|---:|---:|---:|{extra_rule}")
     for name in a.models:
         loaded = load_model(name, weights="random" if name.startswith(("torchvision:", "timm:")) else "pretrained")
         layer = CHANNEL_LAYER.get(loaded.family, default_layers(loaded)[-2][0])
-        for kind in ("class", "channel"):
+        for kind in a.kinds:
             tg = [f"class:{i * 7}" if kind == "class" else f"channel:{layer}:{i}" for i in range(a.batch)]
             provs = {}
             if not a.no_paper:
                 provs["paper-style loop (B=1)"] = lambda: time_paper_loop(loaded, tg[0], a.size, a.steps,
                                                                           a.paper_refs or a.refs)
+            meta = {}  # provider -> (batch, amp, compile) of a vital_fast row
             for amp in a.amp:
                 tag = "" if amp == "off" else f" {amp}"
-                provs[f"vital_fast B=1{tag}"] = lambda amp=amp: time_vital(loaded, tg[:1], a.size, a.steps, a.refs, amp)
-                provs[f"vital_fast B={a.batch}{tag}"] = lambda amp=amp: time_vital(loaded, tg, a.size, a.steps, a.refs,
-                                                                                   amp)
+                for comp in a.compile:
+                    ctag = tag + ("" if comp == "off" else f" compile={comp}")
+                    if not a.no_single:
+                        provs[f"vital_fast B=1{ctag}"] = lambda amp=amp, comp=comp: time_vital(
+                            loaded, tg[:1], a.size, a.steps, a.refs, amp, comp)
+                        meta[f"vital_fast B=1{ctag}"] = (1, amp, comp)
+                    provs[f"vital_fast B={a.batch}{ctag}"] = lambda amp=amp, comp=comp: time_vital(
+                        loaded, tg, a.size, a.steps, a.refs, amp, comp)
+                    meta[f"vital_fast B={a.batch}{ctag}"] = (a.batch, amp, comp)
                 if kind == "class":
                     provs[f"network fwd+bwd B={a.batch}{tag}"] = lambda amp=amp: time_network(loaded, tg, a.size,
                                                                                               a.steps, amp)
@@ -178,14 +212,27 @@ def main(argv=None) -> int:
                     got[k].append(fn())
             med = {k: statistics.median(v) for k, v in got.items()}
             paper, one = med.get("paper-style loop (B=1)"), med.get("vital_fast B=1", next(iter(med.values())))
+            one = None if a.no_single else one
+            eager = {m[:2]: med[p] for p, m in meta.items() if m[2] == "off"}
             for prov, v in med.items():
                 vs_paper = f"{paper / v:.1f}x" if paper else "-"
-                print(f"| {name} | {kind} | {prov} | {v:.4f} | {vs_paper} | {one / v:.2f}x |", flush=True)
-            for (b, amp), ph in sorted(PHASES.items()):
+                extra = ""
+                if compiled:
+                    m = meta.get(prov)
+                    if m is None or m[2] == "off":
+                        extra = " - | - |"
+                    else:
+                        vs_eager = f"{eager[m[:2]] / v:.2f}x" if m[:2] in eager else "-"
+                        extra = f" {vs_eager} | {COMPILE_S.get(m, 0.0):.1f} |"
+                vs_one = f"{one / v:.2f}x" if one else "-"
+                print(f"| {name} | {kind} | {prov} | {v:.4f} | {vs_paper} | {vs_one} |{extra}", flush=True)
+            for (b, amp, comp), ph in sorted(PHASES.items()):
                 tot = sum(ph.values()) or 1.0
-                print(f"  where a {kind} step of B={b} ({amp}) goes: "
+                ctag = "" if comp == "off" else f", compile {comp}"
+                print(f"  where a {kind} step of B={b} ({amp}{ctag}) goes: "
                       + ", ".join(f"{k[:-2]} {100 * v / tot:.0f}%" for k, v in ph.items()), flush=True)
             PHASES.clear()
+            COMPILE_S.clear()
     return 0
 
 

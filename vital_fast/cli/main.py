@@ -39,6 +39,10 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", default=None, choices=["off", "bf16", "fp16", "auto"],
                    help="mixed precision of the network: bf16, fp16, auto (bfloat16 on GPUs and CPUs with AMX) or "
                    "off (default: the preset's, off); the image, optimizer and losses stay float32")
+    p.add_argument("--compile", default=None, metavar="off|on|BACKEND",
+                   help="run the network under torch.compile: on (the inductor backend), a torch dynamo backend "
+                   "name (aot_eager, eager: debug) or off (default: the preset's, off); the first step pays the "
+                   "compile time")
     p.add_argument("--cache", default=None, help="prototype cache folder (default: ~/.cache/vital_fast)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes decoding candidate images while mining (default: $VITAL_FAST_WORKERS, else the "
@@ -172,6 +176,14 @@ def _settings(args):
         s = s.replace(class_relevance=True)
     if getattr(args, "amp", None) is not None:
         s = s.replace(amp=args.amp)
+    if getattr(args, "compile", None) is not None:
+        from vital_fast.models.compiled import resolve_compile
+
+        try:
+            resolve_compile(args.compile)
+        except ValueError as exc:
+            raise UsageError(f"--compile {args.compile}: {exc}") from None
+        s = s.replace(compile=args.compile)
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     return s

@@ -27,7 +27,7 @@ from vital_fast.optim.presets import Settings
 
 __all__ = ["apply_overrides", "coerce_setting", "load_config", "parse_set", "setting_types"]
 
-# String fields with a closed set of values.
+# String fields with a closed set of values (``compile``, open-ended, is checked by resolve_compile).
 CHOICES = {
     "channel_refs": ("image", "patch"),
     "lrp_composite": ("paper", "epsilon_plus", "epsilon_plus_flat"),
@@ -38,6 +38,7 @@ CHOICES = {
 MINIMUM = {
     "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
     "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
+    "channel_target_weight": 0.0,
 }
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -103,6 +104,10 @@ def _convert(value: Any, tp) -> Any:
 def _check(name: str, value: Any) -> None:
     if name in CHOICES and value not in CHOICES[name]:
         raise ValueError(f"setting {name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    if name == "compile":
+        from vital_fast.models.compiled import resolve_compile
+
+        resolve_compile(value)
     if name in MINIMUM and value < MINIMUM[name]:
         raise ValueError(f"setting {name} must be >= {MINIMUM[name]}, got {value!r}")
     if name == "lr" and not value > 0:

@@ -19,6 +19,13 @@ fixed (:meth:`Engine.run`, what ``visualize`` does).
 objective prepares it (VITAL recomputes the references' prototypes at the stage's resolution); a
 per-stage parametrization (pixels) is resized and its optimizer restarts; the learning rate follows
 the recipe's schedule (warm-up then cosine per stage, or constant).
+
+**Compiled network.** With ``settings.compile`` other than ``"off"`` the network's forward runs under
+``torch.compile`` (:mod:`vital_fast.models.compiled`): the tapped layers get hooks once, one compiled
+module per set of layers (and whether the logits are read) is cached on the engine, and
+:meth:`Engine.close` removes the hooks when the run ends (:meth:`Engine.run` and the sweep driver call
+it; the engine is also a context manager). A step whose objective brings its own hooks
+(``objective.hooks(model)``, e.g. BatchNorm statistics) runs eagerly; relevance runs on the eager model.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from vital_fast.models.compiled import resolve_compile
 from vital_fast.optim.objectives import Objective, StepContext, check_per_element
 from vital_fast.optim.parametrizations import Parametrization
 from vital_fast.optim.precision import FP16_LOSS_SCALE, autocast, precision_name, resolve_amp
@@ -154,6 +162,12 @@ class Engine:
         self.dev = next(iter(loaded.model.parameters())).device
         self.amp = resolve_amp(getattr(self.s, "amp", None), self.dev)
         self.precision = precision_name(self.amp)
+        # the torch.compile backend of the network's forward (None: eager); see _forward_compiled
+        self.compile_backend = resolve_compile(getattr(self.s, "compile", None))
+        self._taps = None  # PersistentTaps while a compiled forward has hooks on the model
+        self._compiled: Dict[Tuple[Tuple[str, ...], bool], Any] = {}
+        self._compiled_now = False  # the latest compiled forward compiled (a first call or a new shape)
+        self.t_compile = 0.0        # time of the steps that compiled (included in t_opt)
         self.sizes = [max(16, int(round(sc * final_size))) for sc, _ in self.s.stages]
         self.stage_steps = [int(n) for _, n in self.s.stages]
         self.total_steps = sum(self.stage_steps)
@@ -261,7 +275,7 @@ class Engine:
         """One network pass over ``view`` (under autocast with ``Settings.amp``): the tapped features
         the objective asks for and, when it needs them, the logits."""
         from vital_fast.models import FeatureTaps
-        from vital_fast.models.batching import pad_batch, unpad
+        from vital_fast.models.batching import pad_batch
 
         obj, model = self.recipe.objective, self.loaded.model
         layers = obj.layers(slots)
@@ -274,6 +288,10 @@ class Engine:
             x = x.to(dt)  # a half-precision model: its input in its dtype (the image and the loss stay float32)
         feats: Dict[str, torch.Tensor] = {}
         logits = None
+        if self.compile_backend is not None and hooks is None and (layers or logits_needed):
+            with autocast(self.amp, self.dev):
+                feats, logits = self._forward_compiled(x, layers, logits_needed)
+            return self._unpad(feats, logits, n, x.shape[0])
         with contextlib.ExitStack() as stack:
             if hooks is not None:
                 stack.enter_context(hooks)
@@ -286,10 +304,50 @@ class Engine:
                 feats = dict(taps.outputs)
             elif logits_needed:
                 logits = model(x)
-        feats = unpad(feats, n, x.shape[0])
+        return self._unpad(feats, logits, n, x.shape[0])
+
+    @staticmethod
+    def _unpad(feats: Dict[str, torch.Tensor], logits: Optional[torch.Tensor], n: int, padded: int):
+        from vital_fast.models.batching import unpad
+
+        feats = unpad(feats, n, padded)
         if logits is not None and logits.shape[0] != n:
             logits = logits[:n]
         return feats, logits
+
+    def _forward_compiled(self, x: torch.Tensor, layers: Sequence[str], logits_needed: bool):
+        """The network's pass through the ``torch.compile``d :class:`~vital_fast.models.compiled.TappedForward`
+        of ``(layers, logits_needed)`` (compiled at its first call, then cached); ``(feats, logits)``."""
+        from vital_fast.models.compiled import PersistentTaps, TappedForward, tapped_outputs
+
+        key = (tuple(dict.fromkeys(layers)), bool(logits_needed))
+        fn = self._compiled.get(key)
+        if fn is None:
+            if self._taps is None:
+                self._taps = PersistentTaps(self.loaded.model)
+            fn = torch.compile(TappedForward(self._taps, key[0], key[1]), backend=self.compile_backend)
+            self._compiled[key] = fn
+        frames = _compiled_frames()
+        try:
+            outs = fn(x)
+        finally:
+            self._taps.reset()
+        self._compiled_now = _compiled_frames() != frames
+        return tapped_outputs(outs, key[0], key[1])
+
+    def close(self) -> None:
+        """Remove the compiled forward's hooks from the model and drop the compiled modules (nothing to do
+        for an eager engine). A later step compiles again."""
+        taps, self._taps = self._taps, None
+        self._compiled.clear()
+        if taps is not None:
+            taps.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _step_group(self, S: int, slots: Sequence[Slot]) -> torch.Tensor:
         r, B = self.recipe, len(slots)
@@ -314,6 +372,7 @@ class Engine:
             elif self.loaded.preprocess is not None:  # the caller's own input mapping, from [0, 1]
                 view = self.loaded.normalize(self.loaded.denormalize(view))
         t1 = time.perf_counter()
+        self._compiled_now = False
         feats, logits = self._forward(view, slots)
         t2 = time.perf_counter()
         lrp0, refs0 = self.t_lrp, self.t_refs
@@ -348,6 +407,8 @@ class Engine:
         ph["loss_s"] += t3 - t2 - (self.t_lrp - lrp0) - (self.t_refs - refs0)
         ph["backward_s"] += t4 - t3
         ph["update_s"] += time.perf_counter() - t4
+        if self._compiled_now:
+            self.t_compile += time.perf_counter() - t0
         for sl in slots:  # stage changes prepare references (LRP): outside no_grad
             self._advance(sl)
         return tot
@@ -355,13 +416,17 @@ class Engine:
     # --- fixed batches and results -------------------------------------------------------------
 
     def run(self, targets: Sequence[Target], progress: Optional[ProgressFn] = None) -> List[Slot]:
-        """Optimize ``targets`` as one fixed batch to the end of the schedule."""
-        slots = [self.new_slot(t) for t in targets]
-        for step in range(self.total_steps):
-            losses = self.tick(slots)
-            if progress is not None:
-                progress(step + 1, self.total_steps, losses)
-        return slots
+        """Optimize ``targets`` as one fixed batch to the end of the schedule; :meth:`close` at the end
+        (also on error)."""
+        try:
+            slots = [self.new_slot(t) for t in targets]
+            for step in range(self.total_steps):
+                losses = self.tick(slots)
+                if progress is not None:
+                    progress(step + 1, self.total_steps, losses)
+            return slots
+        finally:
+            self.close()
 
     def image(self, slot: Slot) -> torch.Tensor:
         """The slot's image ``(3, H, W)`` in [0, 1], on the CPU."""
@@ -375,7 +440,22 @@ class Engine:
         return (a / a.flatten(1).amax(1).clamp_min(1e-12).view(1, 1, 1, 1))[0]
 
     def timings(self, t_start: float) -> Dict[str, float]:
+        """Where the run's time went; with a compiled network also ``compile_s``, the time of the steps
+        that compiled (the first step of each set of tapped layers, and a step with a new shape), which
+        ``optimize_s`` includes."""
         steps = self.total_steps
-        return {"total_s": time.perf_counter() - t_start, "references_s": self.t_refs, "optimize_s": self.t_opt,
-                "relevance_s": self.t_lrp, "steps": steps, "s_per_step": self.t_opt / max(1, self.ticks),
-                "s_per_target_step": self.t_opt / max(1, self.slot_steps), **self.phases}
+        out = {"total_s": time.perf_counter() - t_start, "references_s": self.t_refs, "optimize_s": self.t_opt,
+               "relevance_s": self.t_lrp, "steps": steps, "s_per_step": self.t_opt / max(1, self.ticks),
+               "s_per_target_step": self.t_opt / max(1, self.slot_steps), **self.phases}
+        if self.compile_backend is not None:
+            out["compile_s"] = self.t_compile
+        return out
+
+
+def _compiled_frames() -> int:
+    """How many frames torch dynamo has compiled in this process (a change: the call compiled)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - a torch without dynamo's counters: no compile time recorded
+        return 0
+    return int(counters["frames"]["ok"])

@@ -39,22 +39,38 @@ class Settings:
     # full images (4 channels of lite0 _blocks.10, `python -m benchmarks.bench_quality --only channel`).
     channel_refs: str = "patch"
     channel_stem_weight: float = 0.1  # weight of the first matched layer for channel targets (paper: 0.1)
+    # weight of the target's own layer in a unit target's loss (its relevance there is the unit's own
+    # activation map, so only the target channel is matched); 0: only the matched layers before it
+    channel_target_weight: float = 0.0
+    # weight a unit target's features by their LRP relevance to the unit (the paper); off: plain sort matching
+    # of the matched layers against the unit's top-k references, as for class targets
+    channel_relevance: bool = True
     # mixed precision of the network's forward and backward: "off" (float32), "bf16", "fp16" or "auto"
     # (bfloat16 on GPUs and on CPUs with AMX, float32 elsewhere); see vital_fast.optim.precision
     amp: str = "off"
+    # the network's forward under torch.compile: "off" (eager), "on" (the default backend, inductor) or the
+    # name of a torch dynamo backend ("aot_eager", "eager": debug backends); see vital_fast.models.compiled
+    compile: str = "off"
     # VITAL's image parametrization: "pixel" (the paper's), "fourier", "maco", or "auto" (per target kind:
     # Fourier for class targets, where it measures better, pixels for channels); see vital_fast.optim.methods
     param: str = "pixel"
+
+    def __post_init__(self) -> None:
+        if self.compile not in ("off", "on"):  # an unknown backend: one line listing the valid ones, now
+            from vital_fast.models.compiled import resolve_compile
+
+            resolve_compile(self.compile)
 
     @property
     def steps(self) -> int:
         return sum(s for _, s in self.stages)
 
     def to_dict(self) -> Dict[str, Any]:
-        """Every field, except ``amp`` when "off" and ``param`` when "pixel": runs recorded before
-        those fields existed keep their identity (``Settings(**d)`` gives the same settings back)."""
+        """Every field, except ``amp`` and ``compile`` when "off" and ``param`` when "pixel": runs recorded
+        before those fields existed keep their identity (``Settings(**d)`` gives the same settings back)."""
         d = dataclasses.asdict(self)
-        for name, neutral in (("amp", "off"), ("param", "pixel")):
+        for name, neutral in (("amp", "off"), ("compile", "off"), ("param", "pixel"), ("channel_target_weight", 0.0),
+                              ("channel_relevance", True)):
             if d.get(name) == neutral:
                 del d[name]
         return d

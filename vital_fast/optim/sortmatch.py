@@ -62,7 +62,11 @@ class SortMatch(Objective):
 
         if not target.is_unit:
             return list(self.class_layers)
-        return plan_layers_before(engine.loaded, target.layer, self.class_layers, self.settings.channel_stem_weight)
+        plan = plan_layers_before(engine.loaded, target.layer, self.class_layers, self.settings.channel_stem_weight)
+        w = float(getattr(self.settings, "channel_target_weight", 0.0) or 0.0)
+        if w > 0 and all(l != target.layer for l, _ in plan):
+            plan.append((target.layer, w))
+        return plan
 
     def enter_stage(self, engine, slot):
         from vital_fast.references.prototypes import channel_references, class_references

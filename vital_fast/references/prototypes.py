@@ -205,24 +205,29 @@ def channel_references(
         parts["interpolation"] = loaded.interpolation
     if getattr(channel, "kind", None) == "direction":
         parts["unit"] = channel.direction.digest  # the key names the file; the values name the direction
+    use_rel = bool(getattr(settings, "channel_relevance", True))
+    if not use_rel:  # only then, so entries cached before this option existed stay valid
+        parts["relevance"] = False
     names = [l for l, _ in record_layers]
 
     def compute():
         x = prepare_inputs(loaded, images, size, 0, None)
-        rel = _relevance_of(loaded, x, target_layer, channel, names, settings)
+        rel = _relevance_of(loaded, x, target_layer, channel, names, settings) if use_rel else {}
         feats = _features(loaded, x, names)
         protos, imp = {}, {}
         for l in names:
-            f, r = feats[l], rel[l].float().cpu()
+            f = feats[l]
+            r = rel[l].float().cpu() if use_rel else None
             cd = loaded.channel_dim_of(l)  # tokens (B, N, C): channels last, CLS included
             d = f.numel() // (f.shape[0] * f.shape[cd])
             protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), relevance=r, channel_dim=cd)
-            imp[l] = channel_importance(r, channel_dim=cd)
+            if use_rel:
+                imp[l] = channel_importance(r, channel_dim=cd)
         return {"prototypes": protos, "importance": imp, "n": int(x.shape[0])}
 
     def validate(val):
         # rows: the channels of each layer (dim 1 of (B, C, H, W), the last of (B, N, C) tokens)
-        _check_references(val, loaded, names, settings.quantiles, True,
+        _check_references(val, loaded, names, settings.quantiles, use_rel,
                           {l: loaded.channel_dim_of(l) for l in names})
 
     val = cache.get_or_compute("channel_ref", parts, compute, validate)

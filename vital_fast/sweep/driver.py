@@ -274,6 +274,7 @@ class _Run:
                 self.report()
             finished_ok = True
         finally:
+            engine.close()  # a compiled network's hooks come off the model
             writer.close()
             if dist.rank == 0 and not finished_ok:
                 try:  # best effort: the index is the truth, the manifest its readable form
@@ -285,7 +286,8 @@ class _Run:
 def engine_timings(engine: _Engine, t_start: float) -> Dict[str, float]:
     return {"total_s": time.perf_counter() - t_start, "references_s": engine.t_refs, "optimize_s": engine.t_opt,
             "relevance_s": engine.t_lrp, "ticks": engine.ticks, "slot_steps": engine.slot_steps,
-            "s_per_target_step": engine.t_opt / max(1, engine.slot_steps)}
+            "s_per_target_step": engine.t_opt / max(1, engine.slot_steps),
+            **({"compile_s": engine.t_compile} if engine.compile_backend is not None else {})}
 
 
 class _exact_flags:

@@ -1,0 +1,98 @@
+"""Channel-target settings: the target's own layer in the loss, and relevance weighting on or off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vital_fast.models import load_model
+from vital_fast.optim import Settings, visualize
+from vital_fast.references.cache import DiskCache
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.act2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act3 = nn.ReLU()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.fc(self.act3(self.conv3(x)).mean((2, 3)))
+
+
+LAYERS = [("act1", 1.0), ("act2", 1.0), ("act3", 1.0)]
+T = "channel:act3:2"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    return load_model(Tiny().eval(), input_size=32, resize_size=32)
+
+
+@pytest.fixture(scope="module")
+def refs():
+    return torch.rand(3, 3, 36, 36, generator=torch.Generator().manual_seed(1))
+
+
+def small(**kw):
+    base = dict(stages=[(0.5, 2), (1.0, 3)], warmup=1, n_refs=3, quantiles=16, lr=0.1)
+    base.update(kw)
+    return Settings(**base)
+
+
+def run(lm, refs, tmp_path, **kw):
+    return visualize(lm, [T], {T: refs}, settings=small(**kw), class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+
+
+def test_target_layer_enters_the_loss_only_when_weighted(lm, refs, tmp_path):
+    off = run(lm, refs, tmp_path)
+    on = run(lm, refs, tmp_path, channel_target_weight=2.0)
+    assert [l for l, _ in off.layers[0]] == ["act1", "act2"]
+    assert on.layers[0][-1] == ("act3", 2.0) and [l for l, _ in on.layers[0]] == ["act1", "act2", "act3"]
+    assert not torch.equal(off.images, on.images)
+    assert torch.isfinite(on.images).all()
+
+
+def test_relevance_off_never_runs_lrp(lm, refs, tmp_path, monkeypatch):
+    import vital_fast.references.relevance as relevance
+
+    def boom(*a, **k):
+        raise AssertionError("relevance must not run with channel_relevance=False")
+
+    monkeypatch.setattr(relevance, "relevance_maps", boom)
+    monkeypatch.setattr(relevance, "reference_relevance", boom)
+    res = run(lm, refs, tmp_path, channel_relevance=False, channel_target_weight=1.0)
+    assert torch.isfinite(res.images).all() and res.layers[0][-1] == ("act3", 1.0)
+
+
+def test_relevance_off_matches_plain_prototypes(lm, refs, tmp_path):
+    from vital_fast.reference import sorted_prototype_reference as sorted_prototype
+    from vital_fast.references.images import load_images
+    from vital_fast.references.prototypes import _features, channel_references, prepare_inputs
+
+    s = small(channel_relevance=False)
+    imgs = load_images(refs)
+    got = channel_references(lm, T, "act3", 2, imgs, LAYERS[:2], 16, s, DiskCache(str(tmp_path)))
+    assert got.importance == {}
+    feats = _features(lm, prepare_inputs(lm, imgs, 16, 0, None), ["act1", "act2"])
+    for l in ("act1", "act2"):
+        torch.testing.assert_close(got.prototypes[l], sorted_prototype(feats[l], q=16))
+    weighted = channel_references(lm, T, "act3", 2, imgs, LAYERS[:2], 16, small(), DiskCache(str(tmp_path)))
+    assert set(weighted.importance) == {"act1", "act2"}  # a different cache entry, with relevance
+
+
+def test_neutral_values_keep_the_run_identity():
+    d = Settings().to_dict()
+    assert "channel_target_weight" not in d and "channel_relevance" not in d
+    s = Settings(channel_target_weight=3.0, channel_relevance=False)
+    d = s.to_dict()
+    assert d["channel_target_weight"] == 3.0 and d["channel_relevance"] is False
+    assert Settings(**d) == s
