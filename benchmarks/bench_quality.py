@@ -67,20 +67,26 @@ def class_rows(model, judge, cache, seeds=(0,)):
         print(f"| {name} | " + " | ".join(f"{h}/{n}" for h in tot) + f" | {sum(spt) / len(spt):.3f} |", flush=True)
 
 
-def channel_rows(model, cache, n_channels=4, k=3, params=("pixel",), judge=None):
+def channel_rows(model, cache, n_channels=4, k=3, params=("settings",), judge=None):
     pool = load_images(offline_photo_paths())
     size = model.input_size
     top = mine_topk(model, DEMO_LAYER, pool, None, k, size, cache)
     chans = sorted(top.channels[i] for i in top.mean_score.topk(n_channels).indices.tolist())
     top = mine_topk(model, DEMO_LAYER, pool, chans, k, size, cache)
     fast = get_preset("fast")
+    # the relevance-weighted loss of the paper (the fast preset's unit targets match without relevance)
+    rel = fast.replace(channel_relevance=True, channel_target_weight=0.0)
     variants = {
-        "image references, lrp_every=1": ("image", fast),
-        "patch references, lrp_every=1": ("patch", fast.replace(channel_refs="patch")),
-        "image references, lrp_every=4": ("image", fast.replace(lrp_every=4)),
+        "fast preset (patches, no relevance, unit's layer matched)": ("patch", fast),
+        "image references, lrp_every=1": ("image", rel.replace(channel_refs="image")),
+        "patch references, lrp_every=1": ("patch", rel.replace(channel_refs="patch")),
+        "image references, lrp_every=4": ("image", rel.replace(channel_refs="image", lrp_every=4)),
     }
-    variants = {(f"{name}, {p}" if p != "pixel" else name): (mode, s, p) for p in params
-                for name, (mode, s) in variants.items()}
+    # "settings": each variant's own parametrization (the fast preset's Fourier image, pixels for the others)
+    variants = {(f"{name}, {p}" if p != "settings" else name): (mode, s if p != "settings" else
+                                                                 (s if s is fast else s.replace(param="pixel")),
+                                                                 None if p == "settings" else p)
+                for p in params for name, (mode, s) in variants.items()}
     print("| channel targets (4 of _blocks.10) | activation / mean top-k activation | s per target-step |"
           + (" 2-AFC (lite2 judge), 95 % CI |" if judge is not None else ""))
     print("|---|---:|---:|" + ("---:|" if judge is not None else ""))
@@ -107,8 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["class", "channel"], default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="class targets: one run per seed, counts summed")
-    ap.add_argument("--params", nargs="+", default=["pixel"], help="channel targets: parametrizations to compare "
-                    "(pixel, fourier, maco); each variant once per parametrization")
+    ap.add_argument("--params", nargs="+", default=["settings"], help="channel targets: parametrizations to compare "
+                    "(pixel, fourier, maco); each variant once per parametrization (default: each variant's own)")
     ap.add_argument("--afc", action="store_true", help="channel targets: add the 2-AFC by efficientnet-lite2")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)

@@ -232,3 +232,23 @@ def test_judge_without_features_is_na_with_a_note(runs):
     # and no judge at all: nothing to compute, no 2-AFC message
     met = evaluate_run(runs["three"], model=model(), judge=None, write=False)
     assert met["summary"]["afc"] == NA and not any("2-AFC" in m for m in met["messages"])
+
+
+def test_max_min_afc_counts_closer_to_max_and_ties_as_half():
+    from vital_fast.evaluate.afc import max_min_afc
+
+    e = np.eye(3)
+    vis = [e[0], e[1], e[2]]
+    maxs = [e[:1], e[1:2], e[0:1]]  # the third visualization is closer to its min references
+    mins = [e[1:2], e[2:3], e[2:3]]
+    r = max_min_afc(vis, maxs, mins)
+    assert r["n_trials"] == 3 and r["per_target"] == [1.0, 1.0, 0.0]
+    assert r["accuracy"] == pytest.approx(2 / 3) and r["ci_low"] < 2 / 3 < r["ci_high"]
+    tie = max_min_afc([e[0]], [e[1:2]], [e[2:3]])
+    assert tie["n_correct"] == 0.5
+    with pytest.raises(ValueError, match="as many"):
+        max_min_afc(vis, maxs[:2], mins)
+    with pytest.raises(ValueError, match="finite"):
+        max_min_afc([np.full(3, np.nan)], [e[:1]], [e[1:2]])
+    with pytest.raises(ValueError, match=r"\(K >= 1, 3\)"):
+        max_min_afc([e[0]], [np.ones((1, 4))], [e[1:2]])

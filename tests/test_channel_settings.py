@@ -96,3 +96,14 @@ def test_neutral_values_keep_the_run_identity():
     d = s.to_dict()
     assert d["channel_target_weight"] == 3.0 and d["channel_relevance"] is False
     assert Settings(**d) == s
+
+
+def test_fourier_for_every_target_leaves_class_targets_as_auto_made_them(lm, refs, tmp_path):
+    """The fast preset moved from param "auto" (Fourier for class targets, pixels for units) to "fourier" for
+    every target: its class images are the ones "auto" made."""
+    targets = {"class:1": refs, "class:3": refs}
+    a = visualize(lm, list(targets), targets, settings=small(param="auto"), class_layers=LAYERS,
+                  cache=DiskCache(str(tmp_path)))
+    f = visualize(lm, list(targets), targets, settings=small(param="fourier"), class_layers=LAYERS,
+                  cache=DiskCache(str(tmp_path)))
+    assert torch.equal(a.images, f.images)

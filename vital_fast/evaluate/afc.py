@@ -21,6 +21,9 @@ A unit target is any target whose kind is not ``"class"`` (channels, directions,
 visualizations are judged by the judge's accuracy instead. Runs with fewer than two unit targets (with
 reference images on disk) and judges without an ``nn.Linear`` give "n/a" and a message.
 
+The second form (:func:`max_min_afc`) asks, per unit, whether its visualization is closer to the unit's
+maximally activating patches than to its minimally activating ones (one trial per unit and visualization).
+
 :func:`two_afc` is the number from feature vectors; :func:`afc_of_images` computes those with a judge;
 :func:`run_afc` does it for a run folder read by :func:`vital_fast.evaluate.metrics.load_run`;
 :func:`afc_metrics` is what ``evaluate_run`` calls; :func:`pool_afc` pools runs for ``compare_runs``.
@@ -36,8 +39,8 @@ import torch
 
 from vital_fast.evaluate.features import cached_views
 
-__all__ = ["AFCUnavailable", "afc_metrics", "afc_of_images", "judge_features", "pool_afc", "run_afc", "two_afc",
-           "unit_targets", "wilson_interval"]
+__all__ = ["AFCUnavailable", "afc_metrics", "afc_of_images", "judge_features", "max_min_afc", "pool_afc", "run_afc",
+           "two_afc", "unit_targets", "wilson_interval"]
 
 NA = "n/a"  # as vital_fast.report.metrics_io.NA
 _TIE = 1e-12  # distances closer than this are a tie
@@ -143,6 +146,68 @@ def two_afc(vis_feats: Sequence[Union[np.ndarray, torch.Tensor]],
     lo, hi = wilson_interval(k, trials)
     return {"accuracy": k / trials, "ci_low": lo, "ci_high": hi, "n_targets": n, "n_trials": trials,
             "n_correct": k, "per_target": [float(x) for x in per]}
+
+
+def max_min_afc(vis_feats: Sequence[Union[np.ndarray, torch.Tensor]],
+                max_feats: Sequence[Union[np.ndarray, torch.Tensor]],
+                min_feats: Sequence[Union[np.ndarray, torch.Tensor]]) -> Dict[str, Any]:
+    """The second form of the 2-AFC: for each unit, is its visualization closer (cosine distance to the
+    prototypes) to the unit's maximally activating references than to its minimally activating ones?
+
+    Parameters
+    ----------
+    vis_feats : sequence of ``(D,)``
+        The judge's features of each unit's visualization (one unit may appear several times, e.g. seeds).
+    max_feats, min_feats : sequence of ``(K_i, D)``
+        The judge's features of each entry's maximally and minimally activating references.
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``ci_low``, ``ci_high`` (95 % Wilson), ``n_trials`` (one per entry), ``n_correct``
+        (ties count ½), ``per_target``.
+
+    Raises
+    ------
+    ValueError
+        No entries, counts that differ, empty reference sets, shapes that do not agree, or values that are
+        not finite.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> r = max_min_afc(np.eye(2), [np.eye(2)[:1], np.eye(2)[1:]], [np.eye(2)[1:], np.eye(2)[:1]])
+    >>> r["accuracy"], r["n_trials"]
+    (1.0, 2)
+    """
+    n = len(vis_feats)
+    if n < 1 or n != len(max_feats) or n != len(min_feats):
+        raise ValueError(f"max_min_afc: {n} visualizations, {len(max_feats)} max and {len(min_feats)} min "
+                         f"reference sets (need as many, at least one)")
+    v = np.stack([_as_np(x).reshape(-1) for x in vis_feats])
+
+    def protos(sets, what):
+        out = []
+        for i, r in enumerate(sets):
+            r = _as_np(r)
+            r = r[None] if r.ndim == 1 else r
+            if r.ndim != 2 or r.shape[0] < 1 or r.shape[1] != v.shape[1]:
+                raise ValueError(f"max_min_afc: entry {i}: {what} features must be (K >= 1, {v.shape[1]}), "
+                                 f"got {r.shape}")
+            out.append(r.mean(0))
+        return np.stack(out)
+
+    pmax, pmin = protos(max_feats, "max"), protos(min_feats, "min")
+    if not (np.isfinite(v).all() and np.isfinite(pmax).all() and np.isfinite(pmin).all()):
+        raise ValueError("max_min_afc: features are not all finite")
+    vu = _unit(v)
+    dmax = 1.0 - (vu * _unit(pmax)).sum(1)
+    dmin = 1.0 - (vu * _unit(pmin)).sum(1)
+    score = np.where(np.abs(dmax - dmin) <= _TIE, 0.5, (dmax < dmin).astype(np.float64))
+    k = float(score.sum())
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n, "ci_low": lo, "ci_high": hi, "n_trials": n, "n_correct": k,
+            "per_target": [float(x) for x in score]}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,310 @@
+"""Channel quality: do channel visualizations show what the channel sees? (issue: weak channel images)
+
+    python -m benchmarks.bench_channels [--layers _blocks.4 _blocks.10] [--channels 16] [--seeds 0 1 2]
+                                        [--methods vital actmax fourier maco] [--vital NAME:KEY=VALUE;...]
+                                        [--out runs/bench-channels] [--figure channels.png] [--threads 2]
+
+The pool: a few hundred crops of real photographs that work offline: the nine photographs shipped in
+scikit-image, scikit-learn and matplotlib, plus the photographs of Debian's wallpaper packages when they
+are installed (``apt-get install mate-backgrounds lomiri-wallpapers``; :data:`DEBIAN_PHOTOS` names the
+files; without them the pool is the nine photographs' crops and the table says so). Each photograph
+gives ``--crops`` seeded random resized crops at the model's input size.
+
+The channels, by a rule fixed in advance: for each layer, every channel's spatial-max activation on every
+pool image; a channel's selectivity is (mean of its top-k − mean over the pool) / std over the pool; the
+``--channels`` most selective are visualized. Their references are the top-k patches at the unit
+(``channel_refs`` of the settings: patches around the best location, sized to the receptive field, or
+the full crops); the minimally activating patches are the k images with the lowest spatial max, cut the
+same way around their own best location.
+
+Every method runs at the same step budget (the ``fast`` preset's schedule) on the same targets, references
+and seeds. Per layer and method, over all seeds:
+
+- 2-AFC own vs other (:func:`vital_fast.evaluate.afc.two_afc`, judge efficientnet-lite2): is a
+  visualization closer, in the judge's penultimate features, to its own channel's top-k patches than to
+  another channel's? ``n (n − 1)`` trials per seed; Wilson 95 % interval.
+- 2-AFC max vs min: is it closer to its channel's maximally than to its minimally activating patches?
+  One trial per channel and seed.
+- activation: the channel's spatial max on the visualization over its mean on the top-k references.
+- FD: Fréchet distance, in the judge's features, between the visualizations and the reference patches.
+
+``--vital NAME:KEY=VALUE;...`` adds a VITAL variant with settings overrides (e.g.
+``--vital images:channel_refs=image`` or ``--vital lrp4:lrp_every=4``); values are parsed as Python
+literals. The key ``size`` sets the visualization's side instead (pixels, or ``rf``: the layer's
+receptive field, so that patches are matched at their own scale, not enlarged to the input size). Runs are saved under ``--out`` (one ``.pt`` per layer, method and seed) and reused when the
+same command is repeated, so a table can be recomputed without optimizing again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from vital_fast.evaluate.afc import judge_features, max_min_afc, two_afc, wilson_interval
+from vital_fast.evaluate.metrics import frechet_distance
+from vital_fast.models import FeatureTaps, load_model
+from vital_fast.optim import get_preset, visualize
+from vital_fast.references.cache import DiskCache
+from vital_fast.references.images import ImageSet, load_image, offline_photo_paths, random_resized_crops
+from vital_fast.references.mining import crop_patch, receptive_field
+
+# Photographs (not drawings) among the wallpapers of Debian's packages mate-backgrounds and lomiri-wallpapers.
+DEBIAN_PHOTOS = [
+    "/usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg",
+    "/usr/share/backgrounds/Dragonfly_by_Bolly.jpg",
+    "/usr/share/backgrounds/Infinite-Sea_by_Aury88.jpg",
+    "/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg",
+    "/usr/share/backgrounds/Picture_0B_by_freespace.jpg",
+    "/usr/share/backgrounds/Picture_1A_by_freespace.jpg",
+    "/usr/share/backgrounds/Wine_by_Jakkub_Mede.jpg",
+    "/usr/share/backgrounds/aitzgorri_by_Aitzol_Berasategi.jpg",
+    "/usr/share/backgrounds/analogpattern_by_Peter_Nerlich.jpg",
+    "/usr/share/backgrounds/free_by_Peter_Nerlich.jpg",
+    "/usr/share/backgrounds/friends_by_Aitzol_Berasategi.jpg",
+    "/usr/share/backgrounds/life_by_Aitzol_Berasategi.jpg",
+    "/usr/share/backgrounds/picosdeeuropa_by_Aitzol_Berasategi.jpg",
+    "/usr/share/backgrounds/seeding_by_Clements_Engelhardt.jpg",
+    "/usr/share/backgrounds/sunset_by_Aitzol_Berasategi.jpg",
+] + [f"/usr/share/backgrounds/mate/nature/{n}.jpg" for n in (
+    "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+    "TwoWings", "Wood", "YellowFlower")]
+
+METHODS = ("vital", "actmax", "fourier", "maco")
+
+
+def build_pool(size: int, crops: int, seed: int = 0) -> Tuple[ImageSet, int]:
+    """Seeded random resized crops of every offline photograph; returns the pool and the photograph count."""
+    paths = offline_photo_paths() + [p for p in DEBIAN_PHOTOS if os.path.isfile(p)]
+    g = torch.Generator().manual_seed(seed)
+    images, names = [], []
+    for p in paths:
+        img = load_image(p)
+        short = min(img.shape[1:])
+        if short > 2 * size:  # large wallpapers: bring the short side to 2x the input size first
+            img = torch.nn.functional.interpolate(img[None], scale_factor=2 * size / short, mode="bilinear",
+                                                  antialias=True, align_corners=False)[0].clamp(0, 1)
+        for j, c in enumerate(random_resized_crops(img, size, crops, g)):
+            images.append(c)
+            names.append(f"{os.path.basename(p)}#{j}")
+    hashes = [hashlib.sha256(n.encode()).hexdigest()[:16] for n in names]
+    return ImageSet(images, names, hashes), len(paths)
+
+
+@torch.no_grad()
+def pool_scores(model, layer: str, pool: ImageSet, batch: int = 16):
+    """Every channel's spatial max on every pool image, ``(N, C)``, with its location ``(N, C, 2)`` and the grid."""
+    scores, locs, grid = [], [], None
+    with FeatureTaps(model.model, [layer], detach=True, stop_after=True) as taps:
+        for i in range(0, len(pool), batch):
+            x = torch.stack(pool.images[i:i + batch])
+            a = taps.run(model.normalize(x))[layer].float()
+            grid = tuple(a.shape[2:])
+            flat = a.flatten(2)
+            s, idx = flat.max(2)
+            scores.append(s)
+            locs.append(torch.stack([idx // grid[1], idx % grid[1]], -1))
+    return torch.cat(scores), torch.cat(locs), grid
+
+
+def pick_channels(scores: torch.Tensor, k: int, n: int) -> List[int]:
+    """The ``n`` most selective channels: (mean of the top k − pool mean) / pool std, highest first."""
+    top = scores.topk(k, dim=0).values.mean(0)
+    sel = (top - scores.mean(0)) / scores.std(0).clamp_min(1e-6)
+    return sel.topk(min(n, scores.shape[1])).indices.tolist()
+
+
+def patches(model, pool: ImageSet, idx, locs, grid, rf: int, size: int, mode: str) -> List[torch.Tensor]:
+    if mode == "image":
+        return [pool.images[i] for i in idx]
+    return [crop_patch(model, pool.images[i], loc, grid, rf, size) for i, loc in zip(idx, locs)]
+
+
+def parse_variant(text: str) -> Tuple[str, Dict]:
+    name, _, rest = text.partition(":")
+    kw = {}
+    for item in filter(None, rest.split(";")):
+        key, _, val = item.partition("=")
+        try:
+            kw[key.strip()] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            kw[key.strip()] = val.strip()
+    return name, kw
+
+
+def channel_activation(model, images: torch.Tensor, layer: str, chans: Sequence[int]) -> torch.Tensor:
+    with torch.no_grad(), FeatureTaps(model.model, [layer], stop_after=True) as taps:
+        a = taps.run(model.normalize(images))[layer].float()
+    return a[torch.arange(len(chans)), torch.tensor(chans)].flatten(1).amax(1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="efficientnet-lite0")
+    ap.add_argument("--judge", default="efficientnet-lite2")
+    ap.add_argument("--layers", nargs="+", default=["_blocks.4", "_blocks.10"])
+    ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--k", type=int, default=8, help="top-k (and bottom-k) patches per channel")
+    ap.add_argument("--crops", type=int, default=8, help="random resized crops per photograph")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--vital", nargs="*", default=[], metavar="NAME:KEY=VALUE;...",
+                    help="VITAL variants with settings overrides")
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--out", default=os.path.join("runs", "bench-channels"))
+    ap.add_argument("--figure", default=None, help="write a PNG or JPEG: for the first four channels of each layer, "
+                    "every method's visualization (first seed) beside the channel's top patches")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write the table's numbers as JSON")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    model = load_model(a.model)
+    judge = load_model(a.judge)
+    size = model.input_size
+    cache = DiskCache(os.path.join(a.out, "cache"))
+    pool, n_photos = build_pool(size, a.crops)
+    print(f"pool: {len(pool)} crops of {n_photos} photographs"
+          + ("" if n_photos > 9 else " (install mate-backgrounds lomiri-wallpapers for the full pool)"), flush=True)
+    base = get_preset(a.preset)
+    variants: Dict[str, Tuple[str, Dict]] = {m: (m, {}) for m in a.methods}
+    for v in a.vital:
+        name, kw = parse_variant(v)
+        variants[name] = ("vital", kw)
+    os.makedirs(a.out, exist_ok=True)
+    rows = []
+    figure_rows = []
+    for layer in a.layers:
+        scores, locs, grid = pool_scores(model, layer, pool)
+        chans = pick_channels(scores, a.k, a.channels)
+        rf = receptive_field(model, layer, size)
+        top = scores[:, chans].topk(a.k, dim=0).indices.t()      # (n, k)
+        bot = (-scores[:, chans]).topk(a.k, dim=0).indices.t()
+        mean_top = scores[:, chans].topk(a.k, dim=0).values.mean(0)
+        print(f"\n{layer}: channels {chans} (receptive field {rf} px, grid {grid})", flush=True)
+        maxp = {c: patches(model, pool, top[j].tolist(), [locs[i, c].tolist() for i in top[j].tolist()], grid, rf,
+                           size, "patch") for j, c in enumerate(chans)}
+        minp = {c: patches(model, pool, bot[j].tolist(), [locs[i, c].tolist() for i in bot[j].tolist()], grid, rf,
+                           size, "patch") for j, c in enumerate(chans)}
+        ref_feats = {c: judge_features(judge, maxp[c], "ref") for c in chans}
+        min_feats = {c: judge_features(judge, minp[c], "ref") for c in chans}
+        targets = [f"channel:{layer}:{c}" for c in chans]
+        for vname, (method, kw) in variants.items():
+            kw = dict(kw)
+            vsize = kw.pop("size", None)  # the visualization's side: pixels, or "rf" (the receptive field's)
+            vsize = None if vsize is None else (min(size, rf) if vsize == "rf" else int(vsize))
+            s = base.replace(**kw)
+            if vsize is not None:
+                kw["size"] = vsize
+            mode = s.channel_refs
+            refs = {t: ImageSet(patches(model, pool, top[j].tolist(), [locs[i, c].tolist() for i in top[j].tolist()],
+                                        grid, rf, vsize or size, mode), [], [])
+                    for j, (t, c) in enumerate(zip(targets, chans))}
+            for t in refs:
+                refs[t].names = [f"{t}#{i}" for i in range(len(refs[t]))]
+                refs[t].hashes = [hashlib.sha256(im.numpy().tobytes()).hexdigest()[:16] for im in refs[t].images]
+            afc_k = afc_n = mm_k = 0.0
+            acts, vis_all, secs = [], [], []
+            for seed in a.seeds:
+                key = hashlib.sha256(json.dumps([a.model, layer, chans, method, sorted(s.to_dict().items()), vsize, seed,
+                                                 len(pool), a.k], default=str).encode()).hexdigest()[:12]
+                path = os.path.join(a.out, f"{layer}-{vname}-s{seed}-{key}.pt")
+                if os.path.isfile(path):
+                    saved = torch.load(path, weights_only=True)
+                    images, spt = saved["images"], float(saved["s_per_target_step"])
+                else:
+                    t0 = time.perf_counter()
+                    res = visualize(model, targets, refs, settings=s, seed=seed, cache=cache, method=method, size=vsize)
+                    images, spt = res.images.float(), res.timings.get("s_per_target_step", float("nan"))
+                    tmp = path + ".tmp"
+                    torch.save({"images": images, "s_per_target_step": spt, "chans": chans}, tmp)
+                    os.replace(tmp, path)
+                    print(f"  {vname} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+                secs.append(spt)
+                vf = judge_features(judge, list(images), "vis")
+                r = two_afc(list(vf), [ref_feats[c] for c in chans])
+                afc_k += r["n_correct"]
+                afc_n += r["n_trials"]
+                mm_k += max_min_afc(list(vf), [ref_feats[c] for c in chans], [min_feats[c] for c in chans])["n_correct"]
+                acts.append((channel_activation(model, images, layer, chans) / mean_top.clamp_min(1e-6)))
+                vis_all.append(vf)
+                if seed == a.seeds[0]:
+                    figure_rows.append((layer, vname, chans, images, maxp))
+            mm_n = len(chans) * len(a.seeds)
+            lo, hi = wilson_interval(afc_k, int(afc_n))
+            mlo, mhi = wilson_interval(mm_k, mm_n)
+            fd = frechet_distance(np.concatenate(vis_all), np.concatenate([ref_feats[c] for c in chans]))
+            act = torch.cat(acts)
+            row = {"layer": layer, "method": vname, "afc": afc_k / afc_n, "afc_ci": [lo, hi], "afc_trials": int(afc_n),
+                   "minmax": mm_k / mm_n, "minmax_ci": [mlo, mhi], "minmax_trials": mm_n,
+                   "activation": float(act.mean()), "activation_median": float(act.median()), "fd": fd,
+                   "s_per_target_step": float(np.nanmean(secs)), "settings": kw}
+            rows.append(row)
+            print(f"| {layer} | {vname} | {100 * row['afc']:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}] | "
+                  f"{100 * row['minmax']:.0f} % [{100 * mlo:.0f}, {100 * mhi:.0f}] | {row['activation']:.2f} | "
+                  f"{fd:.1f} | {row['s_per_target_step']:.3f} |", flush=True)
+    print("\n| layer | method | 2-AFC own vs other, 95 % CI | 2-AFC max vs min | activation / top-k mean | FD to "
+          "patches | s per target-step |\n|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['layer']} | {r['method']} | {100 * r['afc']:.0f} % [{100 * r['afc_ci'][0]:.0f}, "
+              f"{100 * r['afc_ci'][1]:.0f}] of {r['afc_trials']} | {100 * r['minmax']:.0f} % "
+              f"[{100 * r['minmax_ci'][0]:.0f}, {100 * r['minmax_ci'][1]:.0f}] of {r['minmax_trials']} | "
+              f"{r['activation']:.2f} | {r['fd']:.1f} | {r['s_per_target_step']:.3f} |")
+    print(f"\npool: {len(pool)} crops of {n_photos} photographs; seeds {a.seeds}; preset {a.preset}; "
+          f"judge {a.judge}; threads {torch.get_num_threads()}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if a.figure:
+        write_figure(a.figure, figure_rows)
+    return 0
+
+
+def write_figure(path: str, rows, n_show: int = 4, n_patches: int = 3) -> None:
+    """Per layer: a row of channels; for each, every method's visualization (first seed) then its top patches."""
+    from PIL import Image, ImageDraw
+
+    cell = 88
+    by_layer: Dict[str, list] = {}
+    for layer, vname, chans, images, maxp in rows:
+        by_layer.setdefault(layer, []).append((vname, chans, images, maxp))
+    blocks = []
+    for layer, entries in by_layer.items():
+        chans = entries[0][1][:n_show]
+        cols = len(entries) + n_patches
+        im = Image.new("RGB", (cols * cell, 16 + len(chans) * cell), "white")
+        d = ImageDraw.Draw(im)
+        heads = [e[0] for e in entries] + ["top patches"] + [""] * (n_patches - 1)
+        for j, h in enumerate(heads):
+            d.text((j * cell + 3, 2), h, fill="black")
+        for i, c in enumerate(chans):
+            tiles = [e[2][i] for e in entries] + entries[0][3][c][:n_patches]
+            for j, t in enumerate(tiles):
+                arr = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8")
+                im.paste(Image.fromarray(arr).resize((cell - 2, cell - 2), Image.BICUBIC), (j * cell, 16 + i * cell))
+            d.text((2, 16 + i * cell + 2), f"{layer}:{c}", fill="white")
+        blocks.append(im)
+    w = max(b.width for b in blocks)
+    out = Image.new("RGB", (w, sum(b.height for b in blocks)), "white")
+    y = 0
+    for b in blocks:
+        out.paste(b, (0, y))
+        y += b.height
+    if path.lower().endswith((".jpg", ".jpeg")):
+        out.save(path, quality=88)
+    else:
+        out.save(path)
+    print(f"figure: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
