@@ -224,3 +224,14 @@ def test_progress_true_for_a_baseline(tmp_path, capsys):
     _tiny_run(tmp_path, True, method="fourier")
     err = capsys.readouterr().err
     assert "fourier" in err and "4/4" in err, err
+
+
+def test_channel_relevance_flag_and_a_note_when_lrp_every_does_nothing(capsys):
+    fast = parsed_settings()
+    assert fast.channel_relevance is False and fast.channel_target_weight == 1.0 and fast.param == "fourier"
+    parsed_settings("--lrp-every", "3")
+    assert "--lrp-every 3 has no effect" in capsys.readouterr().err
+    s = parsed_settings("--lrp-every", "3", "--channel-relevance")
+    assert s.channel_relevance is True and s.lrp_every == 3 and capsys.readouterr().err == ""
+    paper = parsed_settings("--preset", "paper")
+    assert paper.channel_relevance is True and paper.channel_target_weight == 0.0 and paper.param == "pixel"
