@@ -2,12 +2,14 @@
 
     python -m benchmarks.bench_visualize [--models resnet50 efficientnet-lite0] [--size 224] [--steps 3]
                                          [--amp off bf16] [--compile off on] [--kinds class channel]
-                                         [--no-single] [--no-paper]
+                                         [--relevance-forward shared separate] [--no-single] [--no-paper]
 
 For each model (ResNet-50 with random weights, since pretrained weights cannot be fetched here, and
 efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
 
-* vital_fast, B = 8 targets in one pass, class targets and channel targets (relevance every step);
+* vital_fast, B = 8 targets in one pass, class targets and channel targets (relevance every step, from
+  the step's own forward pass; ``--relevance-forward shared separate`` adds the way before, a second
+  hooked forward, interleaved);
 * vital_fast, B = 1;
 * for class targets, the network alone: a bare forward + backward up to the last matched layer
   (input gradient only, same batch, same precision): the floor a class step can reach;
@@ -78,14 +80,18 @@ def time_network(loaded, targets, size, steps, amp: str = "off") -> float:
     return statistics.median(times) / len(targets)
 
 
-def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: str = "off") -> float:
+def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: str = "off",
+               relevance: str = "shared") -> float:
+    import vital_fast.optim.sortmatch as sortmatch
+
+    sortmatch.SHARE_FORWARD = relevance == "shared"
     s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1,
                  amp=amp, compile=compile)
     refs = {t: random_refs(t, n_refs, size) for t in targets}
     marks = []
     res = visualize(loaded, targets, refs, settings=s, size=size, cache=DiskCache(enabled=False),
                     progress=lambda i, n, l: marks.append(time.perf_counter()))
-    key = (len(targets), amp, compile)
+    key = (len(targets), amp, compile if relevance == "shared" else f"{compile}/separate")
     PHASES[key] = {k: res.timings.get(k, 0.0) for k in PHASE_KEYS}
     if "compile_s" in res.timings:
         COMPILE_S[key] = max(COMPILE_S.get(key, 0.0), res.timings["compile_s"])
@@ -164,6 +170,9 @@ def main(argv=None) -> int:
                     "interleaved); adds the speed-up over eager and the compile time")
     ap.add_argument("--kinds", nargs="+", default=["class", "channel"], choices=["class", "channel"],
                     help="target kinds to time (default: both)")
+    ap.add_argument("--relevance-forward", nargs="+", default=["shared"], choices=["shared", "separate"],
+                    help="channel rows: relevance from the step's own forward pass (shared, the default) and/or "
+                    "from a second hooked forward (separate, the way before); both: interleaved rows")
     ap.add_argument("--no-single", action="store_true", help="skip the B=1 rows")
     ap.add_argument("--no-paper", action="store_true", help="skip the paper-style loop rows")
     a = ap.parse_args(argv)
@@ -202,6 +211,13 @@ def main(argv=None) -> int:
                     provs[f"vital_fast B={a.batch}{ctag}"] = lambda amp=amp, comp=comp: time_vital(
                         loaded, tg, a.size, a.steps, a.refs, amp, comp)
                     meta[f"vital_fast B={a.batch}{ctag}"] = (a.batch, amp, comp)
+                    if kind == "channel" and "separate" in a.relevance_forward:
+                        if "shared" not in a.relevance_forward:
+                            del provs[f"vital_fast B={a.batch}{ctag}"], meta[f"vital_fast B={a.batch}{ctag}"]
+                        sep = f"vital_fast B={a.batch}{ctag} relevance: separate forward"
+                        provs[sep] = lambda amp=amp, comp=comp: time_vital(loaded, tg, a.size, a.steps, a.refs, amp,
+                                                                           comp, "separate")
+                        meta[sep] = (a.batch, amp, comp + "/separate")
                 if kind == "class":
                     provs[f"network fwd+bwd B={a.batch}{tag}"] = lambda amp=amp: time_network(loaded, tg, a.size,
                                                                                               a.steps, amp)
@@ -213,13 +229,13 @@ def main(argv=None) -> int:
             med = {k: statistics.median(v) for k, v in got.items()}
             paper, one = med.get("paper-style loop (B=1)"), med.get("vital_fast B=1", next(iter(med.values())))
             one = None if a.no_single else one
-            eager = {m[:2]: med[p] for p, m in meta.items() if m[2] == "off"}
+            eager = {m[:2]: med[p] for p, m in meta.items() if m[2] == "off"}  # "off/separate" is no eager row
             for prov, v in med.items():
                 vs_paper = f"{paper / v:.1f}x" if paper else "-"
                 extra = ""
                 if compiled:
                     m = meta.get(prov)
-                    if m is None or m[2] == "off":
+                    if m is None or m[2].split("/")[0] == "off":
                         extra = " - | - |"
                     else:
                         vs_eager = f"{eager[m[:2]] / v:.2f}x" if m[:2] in eager else "-"
@@ -228,7 +244,8 @@ def main(argv=None) -> int:
                 print(f"| {name} | {kind} | {prov} | {v:.4f} | {vs_paper} | {vs_one} |{extra}", flush=True)
             for (b, amp, comp), ph in sorted(PHASES.items()):
                 tot = sum(ph.values()) or 1.0
-                ctag = "" if comp == "off" else f", compile {comp}"
+                base, _, how = comp.partition("/")
+                ctag = ("" if base == "off" else f", compile {base}") + (", relevance: separate forward" if how else "")
                 print(f"  where a {kind} step of B={b} ({amp}{ctag}) goes: "
                       + ", ".join(f"{k[:-2]} {100 * v / tot:.0f}%" for k, v in ph.items()), flush=True)
             PHASES.clear()

@@ -198,6 +198,34 @@ def test_zplus_matches_zennit_with_negative_inputs():
     assert _close(got["0"], want["0"], 1e-5)
 
 
+@pytest.mark.parametrize("groups, signed, same", [(1, True, False), (1, False, False), (4, True, False),
+                                                  (4, False, True), (1, True, True)])
+def test_zplus_direct_convolutions_match_the_general_path(groups, signed, same, monkeypatch):
+    """The direct-convolution z+ of plain and "same"-padded 2-D convolutions (x- branch joined along the
+    input channels, or a branch of its own for grouped ones) equals the rule through autograd."""
+    from vital_fast.references import lrp_rules
+
+    torch.manual_seed(3)
+    if same:
+        en = pytest.importorskip("efficientnet_lite_pytorch.utils")
+        conv = en.Conv2dStaticSamePadding(8, 8, 5, stride=2, groups=groups, bias=True, image_size=13)
+        assert isinstance(conv.static_padding, nn.ZeroPad2d)
+    else:
+        conv = nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=groups, bias=True)
+    conv = _frozen(conv)
+    x = torch.randn(2, 8, 13, 13)
+    x = x if signed else x.relu()
+    out = conv(x)
+    rel = torch.rand_like(out)
+    rule = lrp_rules._ZPlusRule(EPS)
+    assert lrp_rules._conv2d_geometry(conv, x) is not None
+    fast = rule.relevance(conv, x, rel)
+    monkeypatch.setattr(lrp_rules, "_conv2d_geometry", lambda m, x: None)
+    general = rule.relevance(conv, x, rel)
+    assert fast.shape == x.shape and fast.is_contiguous()
+    torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-7)
+
+
 def test_paper_rules_match_stock_zennit_hooks(resnet18):
     """Single-sweep rules == zennit's ZPlus/Pass hooks + explicit abs-split and 2x2 pool oracles."""
     torch.manual_seed(3)
@@ -509,3 +537,101 @@ def test_vit_token_layout_smoke():
         assert rel[name].shape == acts[name].shape  # (B, 16, 4, 4) and tokens (B, 17, 16)
         assert torch.isfinite(rel[name]).all() and rel[name].abs().sum() > 0
     _assert_untouched(vit, snap, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# relevance from the caller's own forward pass (SharedRelevance)
+# ---------------------------------------------------------------------------------------------
+
+
+def _shared_pass(model, family, x, starts, taps):
+    """One forward through SharedRelevance + FeatureTaps: (maps per start, the taps' features, their loss's
+    input gradient)."""
+    from vital_fast.models import FeatureTaps
+    from vital_fast.references.relevance import SharedRelevance
+
+    xr = x.clone().requires_grad_(True)
+    sr = SharedRelevance(model, family, "paper", starts)
+    with sr:
+        feats = FeatureTaps(model, taps, stop_after=True).run(xr)
+    maps = sr.maps(x.shape[0])
+    loss = sum((f ** 2).mean() for f in feats.values())
+    (grad,) = torch.autograd.grad(loss, xr)
+    return maps, feats, grad
+
+
+def _plain_grad(model, x, taps):
+    from vital_fast.models import FeatureTaps
+
+    xr = x.clone().requires_grad_(True)
+    feats = FeatureTaps(model, taps, stop_after=True).run(xr)
+    (grad,) = torch.autograd.grad(sum((f ** 2).mean() for f in feats.values()), xr)
+    return feats, grad
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "lite0"])
+def test_shared_forward_equals_relevance_maps_and_keeps_the_gradient(model_name, request):
+    model = request.getfixturevalue(model_name)
+    family, layer, rec = (("resnet", "layer3", ["conv1", "layer1", "layer2"]) if model_name == "resnet18" else
+                          ("efficientnet_lite", "_blocks.10", ["_conv_stem", "_blocks.2", "_blocks.7"]))
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, 64, 64)
+    ch = torch.tensor([3, 7, 1])
+    maps, feats, grad = _shared_pass(model, family, x, [(layer, range(3), ch, rec, None)], rec + [layer])
+    ref = relevance_maps(model, x, layer, ch, rec, family=family)
+    for name in rec:
+        assert torch.equal(maps[0][name], ref[name]), name
+    # the caller's loss sees the ordinary forward values and gets the ordinary gradient
+    feats0, grad0 = _plain_grad(model, x, rec + [layer])
+    for name in feats0:
+        assert torch.equal(feats[name], feats0[name]), name
+    assert torch.equal(grad, grad0)
+    # in-place activations are restored, no hook is left behind
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU)) or model_name == "lite0"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_shared_forward_subsets_directions_neurons_and_one_element_batches(resnet18):
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 64, 64)
+    d = torch.randn(2, 256)
+    loc = torch.tensor([[1, 2], [-1, -1]])
+    starts = [("layer3", [0, 2], torch.tensor([5, 9]), ["layer1"], loc),
+              ("layer3", [1, 3], d, ["layer1", "layer2"], None)]
+    maps, _, _ = _shared_pass(resnet18, "resnet", x, starts, ["layer1", "layer2", "layer3"])
+    ref_a = relevance_maps(resnet18, x[[0, 2]], "layer3", torch.tensor([5, 9]), ["layer1"], family="resnet",
+                           locations=loc)
+    ref_b = relevance_maps(resnet18, x[[1, 3]], "layer3", d, ["layer1", "layer2"], family="resnet")
+    # rows of another batch size: equal up to the convolutions' rounding
+    torch.testing.assert_close(maps[0]["layer1"], ref_a["layer1"], rtol=1e-4, atol=1e-7)
+    for name in ("layer1", "layer2"):
+        torch.testing.assert_close(maps[1][name], ref_b[name], rtol=1e-4, atol=1e-7)
+    # a one-element batch runs padded to two, as relevance_maps does
+    one, _, _ = _shared_pass(resnet18, "resnet", x[:1], [("layer3", [0], torch.tensor([5]), ["layer1"], None)],
+                             ["layer1", "layer3"])
+    assert torch.equal(one[0]["layer1"], relevance_maps(resnet18, x[:1], "layer3", torch.tensor([5]), ["layer1"],
+                                                        family="resnet")["layer1"])
+
+
+def test_shared_forward_errors_and_cleanup(resnet18):
+    from vital_fast.references.relevance import SharedRelevance, shares_forward
+
+    assert not shares_forward(resnet18, "vit", "paper") and not shares_forward(resnet18, "resnet", "epsilon_plus")
+    with pytest.raises(ValueError, match="no shared forward"):
+        SharedRelevance(resnet18, "resnet", "epsilon_plus_flat", [])
+    with pytest.raises(ValueError, match="no layer named 'nope'"):
+        SharedRelevance(resnet18, "resnet", "paper", [("nope", [0], torch.tensor([0]), ["layer1"], None)])
+    sr = SharedRelevance(resnet18, "resnet", "paper", [("layer3", [0], torch.tensor([0]), ["layer1"], None)])
+    with pytest.raises(RuntimeError, match="before a completed forward"):
+        sr.maps(1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with sr:
+            raise RuntimeError("boom")
+    assert not sr.ran
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in resnet18.modules())
+    assert all(m.inplace for m in resnet18.modules() if isinstance(m, nn.ReLU))
+    bad = SharedRelevance(resnet18, "resnet", "paper", [("layer3", [0, 1], torch.tensor([0, 999]), ["layer1"], None)])
+    with bad:
+        resnet18(torch.randn(2, 3, 32, 32).requires_grad_(True))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 256\)"):
+        bad.maps(2)

@@ -26,6 +26,11 @@ module per set of layers (and whether the logits are read) is cached on the engi
 :meth:`Engine.close` removes the hooks when the run ends (:meth:`Engine.run` and the sweep driver call
 it; the engine is also a context manager). A step whose objective brings its own hooks
 (``objective.hooks(model)``, e.g. BatchNorm statistics) runs eagerly; relevance runs on the eager model.
+
+**Shared forward.** An objective may ask to share the step's eager forward pass
+(``objective.forward_pass(engine, slots)``): VITAL's relevance of channel targets (and of class targets
+with ``class_relevance``) then comes from the step's own pass (:class:`~vital_fast.references.relevance.SharedRelevance`)
+instead of a second hooked forward; such a step runs eagerly.
 """
 
 from __future__ import annotations
@@ -281,6 +286,9 @@ class Engine:
         layers = obj.layers(slots)
         logits_needed = obj.needs_logits(slots)
         hooks = obj.hooks(model)
+        shared = obj.forward_pass(self, slots)  # e.g. relevance computed from this pass (SortMatch)
+        if shared is not None:
+            layers = list(dict.fromkeys([*layers, *shared.layers]))
         n = view.shape[0]
         x = view if hooks is not None else pad_batch(view)  # one-element CPU batches run as two (batching.py)
         dt = self.loaded.dtype
@@ -288,13 +296,15 @@ class Engine:
             x = x.to(dt)  # a half-precision model: its input in its dtype (the image and the loss stay float32)
         feats: Dict[str, torch.Tensor] = {}
         logits = None
-        if self.compile_backend is not None and hooks is None and (layers or logits_needed):
+        if self.compile_backend is not None and hooks is None and shared is None and (layers or logits_needed):
             with autocast(self.amp, self.dev):
                 feats, logits = self._forward_compiled(x, layers, logits_needed)
             return self._unpad(feats, logits, n, x.shape[0])
         with contextlib.ExitStack() as stack:
             if hooks is not None:
                 stack.enter_context(hooks)
+            if shared is not None:  # before the taps: they see what it re-attaches
+                stack.enter_context(shared)
             stack.enter_context(autocast(self.amp, self.dev))
             if layers and not logits_needed:
                 feats = FeatureTaps(model, layers, stop_after=True).run(x)

@@ -70,7 +70,8 @@ class Objective:
 
     ``needs_references``: every target must come with reference images. :meth:`layers` names the
     layers whose outputs the step must tap; :meth:`needs_logits` whether it must run the whole
-    network; :meth:`hooks` may give a context manager entered around the forward pass;
+    network; :meth:`hooks` may give a context manager entered around the forward pass (and
+    :meth:`forward_pass` one that shares the eager pass, with layers of its own);
     :meth:`setup` validates before any step; :meth:`enter_stage` prepares a slot for a stage;
     :meth:`plan` gives the (layer, weight) pairs recorded with a target's result.
     """
@@ -88,6 +89,12 @@ class Objective:
         return False
 
     def hooks(self, model: nn.Module):
+        return None
+
+    def forward_pass(self, engine, slots: Sequence[Any]):
+        """A context manager the engine enters around this step's (eager) forward pass, before its taps,
+        with ``layers``: more layers the pass must reach (SortMatch's relevance shares the pass this way);
+        None: nothing."""
         return None
 
     def setup(self, engine, targets: Sequence[Target]) -> None:
@@ -175,6 +182,13 @@ class Sum(Objective):
     def hooks(self, model):
         hs = [h for h in (o.hooks(model) for _, o in self._parts) if h is not None]
         return hs[0] if len(hs) == 1 else (_all_of(hs) if hs else None)
+
+    def forward_pass(self, engine, slots):
+        for _, o in self._parts:  # the first part that asks; the others take their own way this step
+            fp = o.forward_pass(engine, slots)
+            if fp is not None:
+                return fp
+        return None
 
     def setup(self, engine, targets):
         for _, o in self._parts:

@@ -12,7 +12,11 @@ from vital_fast.ops import lrp_weight, sort_match_loss
 from vital_fast.optim.objectives import Objective
 from vital_fast.optim.targets import Target
 
-__all__ = ["SortMatch", "build_groups", "matching_loss"]
+__all__ = ["SHARE_FORWARD", "SortMatch", "build_groups", "matching_loss"]
+
+# Relevance from the step's own forward pass (SharedRelevance) where it can serve, instead of a second
+# hooked forward; the maps are the same. Off: the second forward (benchmarks compare both).
+SHARE_FORWARD = True
 
 
 class SortMatch(Objective):
@@ -34,6 +38,7 @@ class SortMatch(Objective):
         self.cache = cache
         self._logit: Optional[str] = None
         self._groups: Dict[int, Tuple[tuple, list]] = {}
+        self._shared = None  # (SharedRelevance, its slot indices per start) of the step now running
 
     def setup(self, engine, targets):
         from vital_fast.models import default_layers, resolve_layer
@@ -94,11 +99,57 @@ class SortMatch(Objective):
             self._groups[ctx.size] = hit
         return hit[1]
 
+    def _due(self, slots) -> List[int]:
+        every = max(1, self.settings.lrp_every)
+        return [i for i, sl in enumerate(slots) if sl.state["refs"].importance and sl.step % every == 0]
+
+    def _start_layer(self, engine, t: Target) -> str:
+        return t.layer if t.is_unit else self._logit_layer(engine)
+
+    def forward_pass(self, engine, slots):
+        """The step's relevance from its own forward pass (:class:`~vital_fast.references.relevance.SharedRelevance`):
+        for each start layer whose due slots are at least half the batch (a sweep over the whole batch
+        costs the same however many rows it explains). None when nothing is due, the composite or family
+        cannot share (ViTs, stock composites), the network runs compiled, or views repeat elements."""
+        from vital_fast.references.relevance import SharedRelevance, shares_forward
+
+        self._shared = None
+        need = self._due(slots)
+        model = engine.loaded.model
+        if (not need or not SHARE_FORWARD or engine.compile_backend is not None or engine.recipe.views.repeat != 1
+                or not shares_forward(model, engine.loaded.family, self.settings.lrp_composite)):
+            return None
+        by_layer: Dict[str, List[int]] = {}
+        for i in need:
+            by_layer.setdefault(self._start_layer(engine, slots[i].target), []).append(i)
+        S = engine.sizes[slots[0].stage]  # the step's side (the engine stacks slots of one side)
+        starts, members = [], []
+        for layer, idx in by_layer.items():
+            if 2 * len(idx) < len(slots):
+                continue
+            chans, locs = unit_starts([slots[i].target for i in idx], S, engine.loaded.input_size, "cpu")
+            rec = [l for l, _ in slots[idx[0]].state["refs"].layers]
+            starts.append((layer, idx, chans, rec, locs))
+            members.append(idx)
+        if not starts:
+            return None
+        sr = SharedRelevance(model, engine.loaded.family, self.settings.lrp_composite, starts)
+        self._shared = (sr, members)
+        return sr
+
     def __call__(self, ctx):
         slots, engine = ctx.slots, ctx.engine
         groups = self._groups_for(ctx)
-        every = max(1, self.settings.lrp_every)
-        need = [i for i, sl in enumerate(slots) if sl.state["refs"].importance and sl.step % every == 0]
+        need = self._due(slots)
+        shared, self._shared = self._shared, None
+        if shared is not None and shared[0].ran:
+            tl = time.perf_counter()
+            for maps, idx in zip(shared[0].maps(len(slots)), shared[1]):
+                for j, i in enumerate(idx):
+                    slots[i].state["rel"] = {l: m[j:j + 1] for l, m in maps.items()}
+            done = {i for idx in shared[1] for i in idx}
+            need = [i for i in need if i not in done]
+            engine.t_lrp += time.perf_counter() - tl
         if need:
             tl = time.perf_counter()
             self._relevance(engine, ctx.view, slots, need)
@@ -116,8 +167,7 @@ class SortMatch(Objective):
 
         by_layer: Dict[str, List[int]] = {}
         for i in need:
-            t = slots[i].target
-            by_layer.setdefault(t.layer if t.is_unit else self._logit_layer(engine), []).append(i)
+            by_layer.setdefault(self._start_layer(engine, slots[i].target), []).append(i)
         for layer, members in by_layer.items():
             idx = torch.tensor(members, device=xt.device)
             xs = xt.detach().index_select(0, idx)
