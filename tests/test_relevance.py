@@ -222,7 +222,7 @@ def test_zplus_direct_convolutions_match_the_general_path(groups, signed, same, 
     fast = rule.relevance(conv, x, rel)
     monkeypatch.setattr(lrp_rules, "_conv2d_geometry", lambda m, x: None)
     general = rule.relevance(conv, x, rel)
-    assert fast.shape == x.shape and fast.is_contiguous()
+    assert fast.shape == x.shape
     torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-7)
 
 

@@ -368,7 +368,7 @@ def _conv2d_zplus(x, rel, params, geometry, has_neg: bool, stabilizer: float) ->
     if pre_pad:
         left, right, top, bottom = pre_pad
         out = out[..., top:out.shape[-2] - bottom, left:out.shape[-1] - right]
-    return out.contiguous()
+    return out  # in the layout the convolution gave (a copy to another one costs as much as a small convolution)
 
 
 class _NormRule(_SweepRule):
