@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_visualize [--models resnet50 efficientnet-lite0] [--size 224] [--steps 3]
                                          [--amp off bf16] [--compile off on] [--kinds class channel]
-                                         [--relevance-forward shared separate] [--no-single] [--no-paper]
+                                         [--relevance-forward shared separate] [--channels-last auto off]
+                                         [--no-single] [--no-paper]
 
 For each model (ResNet-50 with random weights, since pretrained weights cannot be fetched here, and
 efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
@@ -13,7 +14,9 @@ efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
 * vital_fast, B = 1;
 * for class targets, the network alone: a bare forward + backward up to the last matched layer
   (input gradient only, same batch, same precision): the floor a class step can reach;
-* each of these once per ``--amp`` precision (``off`` float32, ``bf16``, ``fp16``), interleaved;
+* each of these once per ``--amp`` precision (``off`` float32, ``bf16``, ``fp16``), interleaved, and once
+  per ``--channels-last`` layout (``Settings.channels_last``: ``auto``, the default, is channels-last for
+  both models here; ``off`` the model's own);
 * the vital_fast rows once per ``--compile`` value (``off`` eager, ``on`` inductor, or a torch dynamo
   backend), interleaved; with a compiled value the table adds the speed-up over the eager row of the same
   batch and precision (``vs eager``, eager s / compiled s) and ``compile s``: the time of the steps
@@ -60,38 +63,47 @@ PHASES: dict = {}  # (batch, amp, compile) -> where the last timed run's step ti
 COMPILE_S: dict = {}  # (batch, amp, compile) -> the largest compile_s seen (the round that compiled)
 
 
-def time_network(loaded, targets, size, steps, amp: str = "off") -> float:
+def time_network(loaded, targets, size, steps, amp: str = "off", layout: str = "auto") -> float:
     """A bare forward + backward of the network up to the last matched layer (input gradient only,
     same batch and precision): the floor a class step can reach. Seconds per target-step."""
     from vital_fast.optim.precision import autocast, resolve_amp
 
+    from vital_fast.models.layout import ChannelsLast, resolve_channels_last
+
     layers = [l for l, _ in default_layers(loaded)]
     dtype = resolve_amp(amp, "cpu")
     x = torch.randn(max(2, len(targets)), 3, size, size)
+    cl = resolve_channels_last(layout, loaded.family, "cpu")
+    conv = ChannelsLast(loaded.model) if cl else None
     times = []
-    for step in range(steps + 1):
-        t0 = time.perf_counter()
-        xr = x.clone().requires_grad_(True)
-        with autocast(dtype, "cpu"), FeatureTaps(loaded.model, layers, stop_after=True) as taps:
-            feats = taps.run(xr)
-        sum(f.float().mean() for f in feats.values()).backward()
-        if step:
-            times.append(time.perf_counter() - t0)
+    try:
+        for step in range(steps + 1):
+            t0 = time.perf_counter()
+            xr = (ChannelsLast.input(x) if cl else x).clone().requires_grad_(True)
+            with autocast(dtype, "cpu"), FeatureTaps(loaded.model, layers, stop_after=True) as taps:
+                feats = taps.run(xr)
+            sum(f.float().mean() for f in feats.values()).backward()
+            if step:
+                times.append(time.perf_counter() - t0)
+    finally:
+        if conv is not None:
+            conv.restore()
     return statistics.median(times) / len(targets)
 
 
 def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: str = "off",
-               relevance: str = "shared") -> float:
+               relevance: str = "shared", layout: str = "auto") -> float:
     import vital_fast.optim.sortmatch as sortmatch
 
     sortmatch.SHARE_FORWARD = relevance == "shared"
     s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1,
-                 amp=amp, compile=compile)
+                 amp=amp, compile=compile, channels_last=layout)
     refs = {t: random_refs(t, n_refs, size) for t in targets}
     marks = []
     res = visualize(loaded, targets, refs, settings=s, size=size, cache=DiskCache(enabled=False),
                     progress=lambda i, n, l: marks.append(time.perf_counter()))
-    key = (len(targets), amp, compile if relevance == "shared" else f"{compile}/separate")
+    key = (len(targets), amp, (compile if relevance == "shared" else f"{compile}/separate")
+           + ("" if layout == "auto" else f"/layout {layout}"))
     PHASES[key] = {k: res.timings.get(k, 0.0) for k in PHASE_KEYS}
     if "compile_s" in res.timings:
         COMPILE_S[key] = max(COMPILE_S.get(key, 0.0), res.timings["compile_s"])
@@ -173,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--relevance-forward", nargs="+", default=["shared"], choices=["shared", "separate"],
                     help="channel rows: relevance from the step's own forward pass (shared, the default) and/or "
                     "from a second hooked forward (separate, the way before); both: interleaved rows")
+    ap.add_argument("--channels-last", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+                    help="Settings.channels_last values to time (e.g. --channels-last off auto: the model's own "
+                    "layout and channels-last, interleaved; the network rows follow)")
     ap.add_argument("--no-single", action="store_true", help="skip the B=1 rows")
     ap.add_argument("--no-paper", action="store_true", help="skip the paper-style loop rows")
     a = ap.parse_args(argv)
@@ -200,27 +215,27 @@ def main(argv=None) -> int:
                 provs["paper-style loop (B=1)"] = lambda: time_paper_loop(loaded, tg[0], a.size, a.steps,
                                                                           a.paper_refs or a.refs)
             meta = {}  # provider -> (batch, amp, compile) of a vital_fast row
-            for amp in a.amp:
-                tag = "" if amp == "off" else f" {amp}"
+            for amp, lay in [(amp, lay) for lay in a.channels_last for amp in a.amp]:
+                tag = ("" if amp == "off" else f" {amp}") + ("" if lay == "auto" else f" layout={lay}")
                 for comp in a.compile:
                     ctag = tag + ("" if comp == "off" else f" compile={comp}")
                     if not a.no_single:
-                        provs[f"vital_fast B=1{ctag}"] = lambda amp=amp, comp=comp: time_vital(
-                            loaded, tg[:1], a.size, a.steps, a.refs, amp, comp)
-                        meta[f"vital_fast B=1{ctag}"] = (1, amp, comp)
-                    provs[f"vital_fast B={a.batch}{ctag}"] = lambda amp=amp, comp=comp: time_vital(
-                        loaded, tg, a.size, a.steps, a.refs, amp, comp)
-                    meta[f"vital_fast B={a.batch}{ctag}"] = (a.batch, amp, comp)
+                        provs[f"vital_fast B=1{ctag}"] = lambda amp=amp, comp=comp, lay=lay: time_vital(
+                            loaded, tg[:1], a.size, a.steps, a.refs, amp, comp, layout=lay)
+                        meta[f"vital_fast B=1{ctag}"] = (1, f"{amp}/{lay}", comp)
+                    provs[f"vital_fast B={a.batch}{ctag}"] = lambda amp=amp, comp=comp, lay=lay: time_vital(
+                        loaded, tg, a.size, a.steps, a.refs, amp, comp, layout=lay)
+                    meta[f"vital_fast B={a.batch}{ctag}"] = (a.batch, f"{amp}/{lay}", comp)
                     if kind == "channel" and "separate" in a.relevance_forward:
                         if "shared" not in a.relevance_forward:
                             del provs[f"vital_fast B={a.batch}{ctag}"], meta[f"vital_fast B={a.batch}{ctag}"]
                         sep = f"vital_fast B={a.batch}{ctag} relevance: separate forward"
-                        provs[sep] = lambda amp=amp, comp=comp: time_vital(loaded, tg, a.size, a.steps, a.refs, amp,
-                                                                           comp, "separate")
-                        meta[sep] = (a.batch, amp, comp + "/separate")
+                        provs[sep] = lambda amp=amp, comp=comp, lay=lay: time_vital(
+                            loaded, tg, a.size, a.steps, a.refs, amp, comp, "separate", lay)
+                        meta[sep] = (a.batch, f"{amp}/{lay}", comp + "/separate")
                 if kind == "class":
-                    provs[f"network fwd+bwd B={a.batch}{tag}"] = lambda amp=amp: time_network(loaded, tg, a.size,
-                                                                                              a.steps, amp)
+                    provs[f"network fwd+bwd B={a.batch}{tag}"] = lambda amp=amp, lay=lay: time_network(
+                        loaded, tg, a.size, a.steps, amp, lay)
             # interleaved rounds: machine noise hits every provider alike; the median per provider
             got = {k: [] for k in provs}
             for _ in range(a.rounds):
@@ -235,7 +250,7 @@ def main(argv=None) -> int:
                 extra = ""
                 if compiled:
                     m = meta.get(prov)
-                    if m is None or m[2].split("/")[0] == "off":
+                    if m is None or m[2].split("/")[0] == "off":  # the meta of a vital_fast row: (batch, amp, compile)
                         extra = " - | - |"
                     else:
                         vs_eager = f"{eager[m[:2]] / v:.2f}x" if m[:2] in eager else "-"
@@ -244,8 +259,9 @@ def main(argv=None) -> int:
                 print(f"| {name} | {kind} | {prov} | {v:.4f} | {vs_paper} | {vs_one} |{extra}", flush=True)
             for (b, amp, comp), ph in sorted(PHASES.items()):
                 tot = sum(ph.values()) or 1.0
-                base, _, how = comp.partition("/")
-                ctag = ("" if base == "off" else f", compile {base}") + (", relevance: separate forward" if how else "")
+                base, *hows = comp.split("/")
+                ctag = ("" if base == "off" else f", compile {base}") + "".join(
+                    f", {h}" if h.startswith("layout") else ", relevance: separate forward" for h in hows)
                 print(f"  where a {kind} step of B={b} ({amp}{ctag}) goes: "
                       + ", ".join(f"{k[:-2]} {100 * v / tot:.0f}%" for k, v in ph.items()), flush=True)
             PHASES.clear()

@@ -635,3 +635,28 @@ def test_shared_forward_errors_and_cleanup(resnet18):
         resnet18(torch.randn(2, 3, 32, 32).requires_grad_(True))
     with pytest.raises(ValueError, match=r"must lie in \[0, 256\)"):
         bad.maps(2)
+
+
+def test_shared_forward_under_autocast_and_channels_last(resnet18):
+    """The rules read a bfloat16 / channels-last forward in float32 and hand relevance back in the inputs'
+    dtype: the maps stay close to the float32 sweep, and the caller's gradient is the autocast one."""
+    from vital_fast.models.layout import ChannelsLast
+
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 64, 64)
+    ch = torch.tensor([3, 7])
+    rec = ["layer1", "layer2"]
+    want = relevance_maps(resnet18, x, "layer3", ch, rec, family="resnet")
+    layout = ChannelsLast(resnet18)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            maps, _, grad = _shared_pass(resnet18, "resnet", ChannelsLast.input(x), [("layer3", [0, 1], ch, rec, None)],
+                                         rec + ["layer3"])
+    finally:
+        layout.restore()
+    for name in rec:
+        got = maps[0][name]
+        assert got.dtype == torch.float32 and got.shape == want[name].shape
+        cos = F.cosine_similarity(got.flatten(1), want[name].flatten(1), dim=1)
+        assert bool((cos > 0.95).all()), (name, cos)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

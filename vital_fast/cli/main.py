@@ -43,6 +43,9 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
                    help="run the network under torch.compile: on (the inductor backend), a torch dynamo backend "
                    "name (aot_eager, eager: debug) or off (default: the preset's, off); the first step pays the "
                    "compile time")
+    p.add_argument("--channels-last", default=None, choices=["auto", "on", "off"],
+                   help="memory layout of the network: channels-last for the known convolutional families (auto, "
+                   "the default), for any model (on), or the model's own (off); values are the same up to rounding")
     p.add_argument("--cache", default=None, help="prototype cache folder (default: ~/.cache/vital_fast)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes decoding candidate images while mining (default: $VITAL_FAST_WORKERS, else the "
@@ -184,6 +187,8 @@ def _settings(args):
               f"relevance (add --channel-relevance or --class-relevance)", file=sys.stderr)
     if getattr(args, "amp", None) is not None:
         s = s.replace(amp=args.amp)
+    if getattr(args, "channels_last", None) is not None:
+        s = s.replace(channels_last=args.channels_last)
     if getattr(args, "compile", None) is not None:
         from vital_fast.models.compiled import resolve_compile
 

@@ -33,6 +33,7 @@ CHOICES = {
     "lrp_composite": ("paper", "epsilon_plus", "epsilon_plus_flat"),
     "amp": ("off", "bf16", "fp16", "auto"),
     "param": ("pixel", "fourier", "maco", "auto"),
+    "channels_last": ("auto", "on", "off"),
 }
 # Lower bounds of numeric fields (a value below breaks the run later, with a less clear message).
 MINIMUM = {

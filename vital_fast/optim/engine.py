@@ -27,6 +27,10 @@ module per set of layers (and whether the logits are read) is cached on the engi
 it; the engine is also a context manager). A step whose objective brings its own hooks
 (``objective.hooks(model)``, e.g. BatchNorm statistics) runs eagerly; relevance runs on the eager model.
 
+**Layout.** With ``settings.channels_last`` (default ``"auto"``: the known convolutional families) the
+network runs channels-last (:mod:`vital_fast.models.layout`): its 4-D weights are converted at the first
+step and given back by :meth:`Engine.close`, and each step's views enter in that layout.
+
 **Shared forward.** An objective may ask to share the step's eager forward pass
 (``objective.forward_pass(engine, slots)``): VITAL's relevance of channel targets (and of class targets
 with ``class_relevance``) then comes from the step's own pass (:class:`~vital_fast.references.relevance.SharedRelevance`)
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from vital_fast.models.compiled import resolve_compile
+from vital_fast.models.layout import ChannelsLast, resolve_channels_last
 from vital_fast.optim.objectives import Objective, StepContext, check_per_element
 from vital_fast.optim.parametrizations import Parametrization
 from vital_fast.optim.precision import FP16_LOSS_SCALE, autocast, precision_name, resolve_amp
@@ -169,6 +174,10 @@ class Engine:
         self.precision = precision_name(self.amp)
         # the torch.compile backend of the network's forward (None: eager); see _forward_compiled
         self.compile_backend = resolve_compile(getattr(self.s, "compile", None))
+        # channels-last layout of the network for the run (vital_fast.models.layout): converted at the first
+        # step, given back by close()
+        self.channels_last = resolve_channels_last(getattr(self.s, "channels_last", None), loaded.family, self.dev)
+        self._layout = None
         self._taps = None  # PersistentTaps while a compiled forward has hooks on the model
         self._compiled: Dict[Tuple[Tuple[str, ...], bool], Any] = {}
         self._compiled_now = False  # the latest compiled forward compiled (a first call or a new shape)
@@ -294,6 +303,10 @@ class Engine:
         dt = self.loaded.dtype
         if dt in (torch.float16, torch.bfloat16) and x.dtype != dt:
             x = x.to(dt)  # a half-precision model: its input in its dtype (the image and the loss stay float32)
+        if self.channels_last:
+            if self._layout is None:
+                self._layout = ChannelsLast(model)
+            x = ChannelsLast.input(x)
         feats: Dict[str, torch.Tensor] = {}
         logits = None
         if self.compile_backend is not None and hooks is None and shared is None and (layers or logits_needed):
@@ -346,12 +359,16 @@ class Engine:
         return tapped_outputs(outs, key[0], key[1])
 
     def close(self) -> None:
-        """Remove the compiled forward's hooks from the model and drop the compiled modules (nothing to do
-        for an eager engine). A later step compiles again."""
+        """Remove the compiled forward's hooks from the model and drop the compiled modules, and give the
+        model its own memory layout back (nothing to do for an eager engine in the model's layout). A later
+        step compiles (and converts) again."""
         taps, self._taps = self._taps, None
         self._compiled.clear()
         if taps is not None:
             taps.close()
+        layout, self._layout = self._layout, None
+        if layout is not None:
+            layout.restore()
 
     def __enter__(self) -> "Engine":
         return self

@@ -51,11 +51,17 @@ class Settings:
     # the network's forward under torch.compile: "off" (eager), "on" (the default backend, inductor) or the
     # name of a torch dynamo backend ("aot_eager", "eager": debug backends); see vital_fast.models.compiled
     compile: str = "off"
+    # the network's memory layout: "auto" (channels-last for the convolutional families vital_fast knows, on
+    # CPU and CUDA: the same values, faster convolutions), "on" (any model) or "off" (as the model comes);
+    # see vital_fast.models.layout
+    channels_last: str = "auto"
     # VITAL's image parametrization: "pixel" (the paper's), "fourier" (the fast preset's), "maco", or "auto"
     # (per target kind: Fourier for class targets, pixels for channels); see vital_fast.optim.methods
     param: str = "pixel"
 
     def __post_init__(self) -> None:
+        if self.channels_last not in ("auto", "on", "off"):
+            raise ValueError(f"unknown channels_last {self.channels_last!r}; valid: auto, off, on")
         if self.compile not in ("off", "on"):  # an unknown backend: one line listing the valid ones, now
             from vital_fast.models.compiled import resolve_compile
 
@@ -66,11 +72,12 @@ class Settings:
         return sum(s for _, s in self.stages)
 
     def to_dict(self) -> Dict[str, Any]:
-        """Every field, except ``amp`` and ``compile`` when "off" and ``param`` when "pixel": runs recorded
-        before those fields existed keep their identity (``Settings(**d)`` gives the same settings back)."""
+        """Every field, except ``amp`` and ``compile`` when "off", ``param`` when "pixel" and ``channels_last``
+        when "auto" (a layout changes no value beyond rounding): runs recorded before those fields existed keep
+        their identity (``Settings(**d)`` gives the same settings back)."""
         d = dataclasses.asdict(self)
         for name, neutral in (("amp", "off"), ("compile", "off"), ("param", "pixel"), ("channel_target_weight", 0.0),
-                              ("channel_relevance", True)):
+                              ("channel_relevance", True), ("channels_last", "auto")):
             if d.get(name) == neutral:
                 del d[name]
         return d

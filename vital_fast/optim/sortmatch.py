@@ -214,13 +214,39 @@ def matching_loss(loaded, groups: Sequence[dict], feats: Dict[str, torch.Tensor]
         for l, w in g["layers"]:
             f = feats[l].index_select(0, idx) if len(idx) < B else feats[l]
             cd = loaded.channel_dim_of(l)
+            protos = full_length_prototypes(g, l, f, cd)
             if rel is None:
-                lv = sort_match_loss(f, g["protos"][l], channel_dim=cd, reduction="none", check_values=False)
+                lv = sort_match_loss(f, protos, channel_dim=cd, reduction="none", check_values=False)
             else:
-                lv = lrp_weight(f, rel[l], g["protos"][l], g["importance"][l],
+                lv = lrp_weight(f, rel[l], protos, g["importance"][l],
                                 channel_dim=cd, reduction="none", check_values=False)
             per_elem = per_elem.index_add(0, idx, w * lv)
     return per_elem
+
+
+# Largest resampled prototype tensor kept with its group (bytes); a larger one is resampled at every step.
+FULL_LENGTH_CACHE_BYTES = 256 * 2 ** 20
+
+
+def full_length_prototypes(g: dict, layer: str, f: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """The group's prototypes of ``layer`` resampled to the features' row length D, kept with the group for
+    the steps that follow (the ops would otherwise resample the same Q quantiles to D points at every step:
+    a sixth of a ResNet-50 class step). The same values the op computes; only kept when the op computes in
+    the prototypes' dtype and the result is at most :data:`FULL_LENGTH_CACHE_BYTES`."""
+    from vital_fast.reference import math_dtype, resample_quantiles
+
+    protos = g["protos"][layer]
+    n, c = f.shape[0], f.shape[channel_dim]
+    D = f.numel() // max(1, n * c)
+    if protos.shape[-1] == D or math_dtype(f.dtype) != protos.dtype:
+        return protos
+    if protos.numel() // max(1, protos.shape[-1]) * D * protos.element_size() > FULL_LENGTH_CACHE_BYTES:
+        return protos
+    cache = g.setdefault("full_length", {})
+    hit = cache.get((layer, D))
+    if hit is None:
+        hit = cache[(layer, D)] = resample_quantiles(protos.detach(), D).contiguous()
+    return hit
 
 
 def build_groups(targets: Sequence[Target], refs: Sequence[Any], dev) -> List[dict]:
