@@ -258,10 +258,15 @@ def test_amp_choices_and_auto(monkeypatch):
     with pytest.raises(ValueError, match="unknown amp 'bf32'; valid: off, bf16, fp16, auto"):
         precision.resolve_amp("bf32", "cpu")
     assert precision.resolve_amp("off", "cpu") is None and precision.resolve_amp(None, "cpu") is None
-    monkeypatch.setattr(precision, "_cpu_has_fast_bf16", lambda: True)
-    assert precision.resolve_amp("auto", "cpu") is torch.bfloat16
-    monkeypatch.setattr(precision, "_cpu_has_fast_bf16", lambda: False)
+    # auto: float32 on every CPU, AMX or not (measured: no end-to-end gain on lite0, see precision.py)
     assert precision.resolve_amp("auto", "cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.resolve_amp("auto", "cuda") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision.resolve_amp("auto", "cuda") is torch.float16
+    from vital_fast.optim import get_preset
+
+    assert get_preset("fast").amp == "auto" and get_preset("paper").amp == "off"
     with pytest.raises(ValueError, match="unknown amp"):
         visualize(load_model(Tiny().eval(), input_size=32, resize_size=32), ["class:1"], method="actmax",
                   settings=small(amp="bf32"), progress=_never)

@@ -37,8 +37,8 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="run seed; each target's seed derives from it (default: 0)")
     p.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--amp", default=None, choices=["off", "bf16", "fp16", "auto"],
-                   help="mixed precision of the network: bf16, fp16, auto (bfloat16 on GPUs and CPUs with AMX) or "
-                   "off (default: the preset's, off); the image, optimizer and losses stay float32")
+                   help="mixed precision of the network: bf16, fp16, auto (bfloat16 on GPUs, float32 on CPUs) or "
+                   "off (default: the preset's: auto for fast, off for paper); the image, optimizer and losses stay float32")
     p.add_argument("--compile", default=None, metavar="off|on|BACKEND",
                    help="run the network under torch.compile: on (the inductor backend), a torch dynamo backend "
                    "name (aot_eager, eager: debug) or off (default: the preset's, off); the first step pays the "

@@ -110,10 +110,14 @@ def _fast() -> Settings:
     # seed 0) the model-observer 2-AFC went from 48 % and 65 % (pixels, relevance, layers before the unit)
     # to 80 % and 93 %; on pixels, short schedules leave the initial noise, and at this budget relevance
     # weighting measured worse than none (README, "Channel quality").
+    # Mixed precision where it is faster at equal quality: amp="auto" is bfloat16 on GPUs and float32 on CPUs,
+    # AMX ones included, where the demo's lite0 ran no faster end to end in bfloat16 and its own top-1 on the
+    # images fell (vital_fast.optim.precision; README, "Mixed precision and memory layout"); the manifest's
+    # `precision` says which ran.
     return Settings(
         stages=[(0.5, 60), (1.0, 90)], lr=0.2, warmup=10, init_std=0.5, n_refs=8, ref_crops=16,
         quantiles=128, lrp_every=1, tv_l2=0.0, l2=0.0, flip=True, scale=0.1, rotate=5.0, param="fourier",
-        channel_relevance=False, channel_target_weight=1.0,
+        channel_relevance=False, channel_target_weight=1.0, amp="auto",
     )
 
 
