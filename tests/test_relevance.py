@@ -548,7 +548,7 @@ def _shared_pass(model, family, x, starts, taps):
     """One forward through SharedRelevance + FeatureTaps: (maps per start, the taps' features, their loss's
     input gradient)."""
     from vital_fast.models import FeatureTaps
-    from vital_fast.references.relevance import SharedRelevance
+    from vital_fast.references.shared_relevance import SharedRelevance
 
     xr = x.clone().requires_grad_(True)
     sr = SharedRelevance(model, family, "paper", starts)
@@ -614,7 +614,7 @@ def test_shared_forward_subsets_directions_neurons_and_one_element_batches(resne
 
 
 def test_shared_forward_errors_and_cleanup(resnet18):
-    from vital_fast.references.relevance import SharedRelevance, shares_forward
+    from vital_fast.references.shared_relevance import SharedRelevance, shares_forward
 
     assert not shares_forward(resnet18, "vit", "paper") and not shares_forward(resnet18, "resnet", "epsilon_plus")
     with pytest.raises(ValueError, match="no shared forward"):

@@ -33,7 +33,7 @@ step and given back by :meth:`Engine.close`, and each step's views enter in that
 
 **Shared forward.** An objective may ask to share the step's eager forward pass
 (``objective.forward_pass(engine, slots)``): VITAL's relevance of channel targets (and of class targets
-with ``class_relevance``) then comes from the step's own pass (:class:`~vital_fast.references.relevance.SharedRelevance`)
+with ``class_relevance``) then comes from the step's own pass (:class:`~vital_fast.references.shared_relevance.SharedRelevance`)
 instead of a second hooked forward; such a step runs eagerly.
 """
 

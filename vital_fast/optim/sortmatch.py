@@ -107,11 +107,11 @@ class SortMatch(Objective):
         return t.layer if t.is_unit else self._logit_layer(engine)
 
     def forward_pass(self, engine, slots):
-        """The step's relevance from its own forward pass (:class:`~vital_fast.references.relevance.SharedRelevance`):
+        """The step's relevance from its own forward pass (:class:`~vital_fast.references.shared_relevance.SharedRelevance`):
         for each start layer whose due slots are at least half the batch (a sweep over the whole batch
         costs the same however many rows it explains). None when nothing is due, the composite or family
         cannot share (ViTs, stock composites), the network runs compiled, or views repeat elements."""
-        from vital_fast.references.relevance import SharedRelevance, shares_forward
+        from vital_fast.references.shared_relevance import SharedRelevance, shares_forward
 
         self._shared = None
         need = self._due(slots)

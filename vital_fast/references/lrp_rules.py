@@ -39,11 +39,8 @@ class _RuleNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rule, module, out, *xs):
-        ctx.rule = rule
-        ctx.module = module
+        _stash(ctx, rule, module, xs)
         ctx.in_shapes = [x.shape for x in xs]
-        if rule.saves_input:
-            ctx.save_for_backward(*xs)
         # a detached alias, not the tensor itself: returning an input as-is makes autograd wrap it
         # as a view, and the in-place activations of torchvision models then refuse to run on it
         return out.detach()
@@ -52,14 +49,26 @@ class _RuleNode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, relevance):
         xs = ctx.saved_tensors if ctx.rule.saves_input else (None,) * len(ctx.in_shapes)
-        rels = ctx.rule.relevances(ctx.module, xs, relevance)
-        for rel, shape in zip(rels, ctx.in_shapes):
-            if rel.shape != shape:
-                raise RuntimeError(
-                    f"{OP}: rule {type(ctx.rule).__name__} on {type(ctx.module).__name__} produced relevance "
-                    f"of shape {tuple(rel.shape)} for an input of shape {tuple(shape)}"
-                )
-        return (None, None, None, *rels)
+        return (None, None, None, *_apply_rule(ctx.rule, ctx.module, xs, relevance, ctx.in_shapes))
+
+
+def _stash(ctx, rule, module, xs) -> None:
+    ctx.rule = rule
+    ctx.module = module
+    if rule.saves_input:
+        ctx.save_for_backward(*xs)
+
+
+def _apply_rule(rule, module, xs, relevance, shapes) -> tuple:
+    """``rule.relevances`` of a module's inputs, each checked against its input's shape."""
+    rels = rule.relevances(module, xs, relevance)
+    for rel, shape in zip(rels, shapes):
+        if rel.shape != shape:
+            raise RuntimeError(
+                f"{OP}: rule {type(rule).__name__} on {type(module).__name__} produced relevance "
+                f"of shape {tuple(rel.shape)} for an input of shape {tuple(shape)}"
+            )
+    return tuple(rels)
 
 
 class _Switch:
@@ -106,13 +115,10 @@ class _DualNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, switch, rule, module, out, *xs):
+        _stash(ctx, rule, module, xs)
         ctx.switch = switch
-        ctx.rule = rule
-        ctx.module = module
         ctx.in_meta = [(x.shape, x.dtype) for x in xs]
-        if rule.saves_input:
-            ctx.save_for_backward(*xs)
-        return out.detach()
+        return out.detach()  # a detached alias (see _RuleNode.forward)
 
     @staticmethod
     @once_differentiable
@@ -124,16 +130,8 @@ class _DualNode(torch.autograd.Function):
         w = getattr(ctx.module, "weight", None)
         dt = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
         xs = tuple(x if x is None or not x.is_floating_point() else _cast_like(x, dt) for x in xs)
-        rels = ctx.rule.relevances(ctx.module, xs, _cast_like(grad, dt))
-        out = []
-        for rel, (shape, dtype) in zip(rels, ctx.in_meta):
-            if rel.shape != shape:
-                raise RuntimeError(
-                    f"{OP}: rule {type(ctx.rule).__name__} on {type(ctx.module).__name__} produced relevance "
-                    f"of shape {tuple(rel.shape)} for an input of shape {tuple(shape)}"
-                )
-            out.append(_cast_like(rel, dtype))
-        return (None, None, None, None, *out)
+        rels = _apply_rule(ctx.rule, ctx.module, xs, _cast_like(grad, dt), [m[0] for m in ctx.in_meta])
+        return (None, None, None, None, *(_cast_like(r, m[1]) for r, m in zip(rels, ctx.in_meta)))
 
 
 class _SweepRule(Hook):

@@ -81,8 +81,6 @@ from vital_fast.references.lrp_canonizers import (
 from vital_fast.references.lrp_transformer import conservative
 from vital_fast.references.lrp_rules import (
     OP,
-    _Switch,
-    dual_mode,
     PAPER_STABILIZER,
     _AbsSplitAddRule,
     _AbsSplitRule,
@@ -102,10 +100,8 @@ __all__ = [
     "ResNetResidualCanonizer",
     "ResidualAdd",
     "SequentialMergeBatchNormExact",
-    "SharedRelevance",
     "reference_relevance",
     "relevance_maps",
-    "shares_forward",
 ]
 
 FAMILIES = ("resnet", "efficientnet_lite", "efficientnet", "densenet", "convnext", "vit", "generic")
@@ -561,138 +557,3 @@ def reference_relevance(
         for name, rel in chunk.items():
             parts.setdefault(name, []).append(rel)
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Relevance from the step's own forward pass
-# ----------------------------------------------------------------------------------------------
-
-
-def shares_forward(model: nn.Module, family: str, composite: str) -> bool:
-    """Whether :class:`SharedRelevance` can serve ``(model, family, composite)``: the paper composite on a
-    family with canonizers (not ``vit``, whose conservative rules change the forward's graph, nor ``generic``,
-    which uses zennit's stock hooks), a model in eval mode."""
-    return composite == "paper" and family not in ("vit", "generic") and not any(m.training for m in model.modules())
-
-
-class SharedRelevance:
-    """:func:`relevance_maps` computed from a forward pass that also serves the caller's own loss.
-
-    Entered around that forward pass (before any :class:`~vital_fast.models.FeatureTaps` of the caller,
-    so that the taps see what the rules re-attach), it registers the paper composite in *dual mode*: every
-    hooked module keeps its own autograd graph and is also tied to its inputs by its rule
-    (:class:`~vital_fast.references.lrp_rules._DualNode`). After the pass, :meth:`maps` runs the relevance
-    sweep of each start over the same graph (kept for the caller's backward); the caller's backward then
-    gets the ordinary gradient. One forward pass instead of two; the maps equal :func:`relevance_maps` of
-    the same input (tests/test_relevance.py). The forward must reach every start layer (tap them).
-
-    Parameters
-    ----------
-    model : nn.Module
-        In eval mode (see :func:`shares_forward`).
-    family, composite : str
-        As for :func:`relevance_maps`; only what :func:`shares_forward` accepts.
-    starts : sequence of (target_layer, members, channels, record_layers, locations)
-        One relevance sweep each: the batch rows it explains (``members``, indices into the forward's
-        unpadded batch), their channels ``(M,)`` (integer) or directions ``(M, C)`` (float), the layers
-        whose relevance it returns, and optional ``(M, 2)`` neuron locations.
-    """
-
-    def __init__(self, model: nn.Module, family: str, composite: str, starts: Sequence[tuple]) -> None:
-        if not shares_forward(model, family, composite):
-            raise ValueError(f"{OP}: no shared forward for family {family!r} with composite {composite!r} "
-                             "(or a model in training mode); use relevance_maps")
-        modules = dict(model.named_modules())
-        self.model, self.family, self.composite = model, family, composite
-        self.starts = []
-        for layer, members, channels, record, locations in starts:
-            for name in [layer, *record]:
-                if name not in modules:
-                    raise ValueError(f"{OP}: model has no layer named {name!r}")
-            self.starts.append((layer, list(members), channels, list(dict.fromkeys(record)), locations))
-        self.layers = list(dict.fromkeys([n for st in self.starts for n in (st[0], *st[3])]))
-        self._modules = {name: modules[name] for name in self.layers}
-        self._switch = _Switch()
-        self._captured: Dict[str, torch.Tensor] = {}
-        self._stack: Optional[contextlib.ExitStack] = None
-        self.ran = False
-
-    def __enter__(self) -> "SharedRelevance":
-        _warn_family(self.model, self.family, self.composite, stacklevel=3)
-        self._captured.clear()
-        self.ran = False
-        stack = contextlib.ExitStack()
-        try:
-            comp = stack.enter_context(_borrow_composite(self.model, self.family, self.composite))
-            with torch.no_grad():
-                comp.register(self.model)
-            # in-place activations would fold a module's own graph into the tensor its rule reads
-            flipped = [m for m in self.model.modules() if getattr(m, "inplace", False) is True]
-            for m in flipped:
-                m.inplace = False
-            stack.callback(_restore_inplace, flipped)
-
-            def capture(name):
-                def hook(module, args, output):
-                    if isinstance(output, torch.Tensor):
-                        self._captured[name] = output
-                return hook
-
-            for name, mod in self._modules.items():  # after the composite: they see the re-attached outputs
-                stack.callback(mod.register_forward_hook(capture(name)).remove)
-            stack.enter_context(dual_mode(self._switch))
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-        self.ran = exc[0] is None and all(st[0] in self._captured for st in self.starts)
-
-    def maps(self, n: int) -> List[Dict[str, torch.Tensor]]:
-        """Per start, layer -> relevance ``(M, ...)`` of its members (float32, detached), from the forward
-        pass just run over ``n`` unpadded rows. The graph is kept for the caller's backward."""
-        if not self.ran:
-            raise RuntimeError(f"{OP}: SharedRelevance.maps before a completed forward pass through every start layer")
-        out = []
-        try:
-            for layer, members, channels, record, locations in self.starts:
-                act = self._captured[layer]
-                rows = act.shape[0]
-                cd = act.dim() - 1 if (self.family == "vit" and act.dim() == 3) else 1
-                C = act.shape[cd]
-                idx = torch.tensor(members, device=act.device)
-                ch = channels.to(act.device)
-                if ch.dtype.is_floating_point:
-                    if ch.shape[-1] != C:
-                        raise ValueError(f"{OP}: directions have {ch.shape[-1]} values but target layer {layer!r} "
-                                         f"{tuple(act.shape)} has {C} channels")
-                    rows_w = ch.to(act.dtype)
-                else:
-                    if ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= C):
-                        raise ValueError(f"{OP}: 'channels' must lie in [0, {C}) for target layer {layer!r} "
-                                         f"{tuple(act.shape)}, got values in [{int(ch.min())}, {int(ch.max())}]")
-                    rows_w = F.one_hot(ch.long(), C).to(act.dtype)
-                weight = torch.zeros(rows, C, dtype=act.dtype, device=act.device).index_copy_(0, idx, rows_w)
-                locs = None
-                if locations is not None:
-                    locs = torch.full((rows, 2), -1, dtype=torch.long)
-                    locs[idx.cpu()] = locations.to("cpu", torch.long)
-                self._switch.lrp = True
-                try:
-                    got = _backward(act, weight, self._captured, record, layer, self.family, locs, retain_graph=True)
-                finally:
-                    self._switch.lrp = False
-                out.append({name: got[name].index_select(0, idx) for name in record})
-        finally:
-            self._captured.clear()
-        return out
-
-
-def _restore_inplace(modules) -> None:
-    for m in modules:
-        m.inplace = True
