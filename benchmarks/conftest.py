@@ -23,9 +23,14 @@ def _threads():
     torch.set_num_threads(old)
 
 
-def record(benchmark, shape, dtype, nbytes: int, provider: str) -> None:
+# every op benchmark runs on the CPU, and on the GPU too when there is one (closures synchronized there)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def record(benchmark, shape, dtype, nbytes: int, provider: str, device: str = "cpu") -> None:
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or platform.machine()
     benchmark.extra_info.update({
         "shape": list(shape), "dtype": str(dtype), "provider": provider,
-        "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": name, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "triton": TRITON_VERSION, "bytes": nbytes,
     })

@@ -59,7 +59,8 @@ import vital_fast  # noqa: E402
 from vital_fast import _backend, _ext  # noqa: E402
 from vital_fast import reference as R  # noqa: E402
 from vital_fast.bench import (PAPER_K, RESNET50_SHAPES, fused_bytes, interleaved_times,  # noqa: E402
-                             make_inputs)
+                             make_inputs, make_sync)
+from vital_fast.bench import copy_bandwidth_gbs as bench_copy_bandwidth_gbs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("sort_match", "lrp_weight")
@@ -170,12 +171,6 @@ class Estimate:
 
     def add(self, size: float, wall_s: float) -> None:
         self.last = (size, wall_s)
-
-
-def make_sync(device: str) -> Callable[[], None]:
-    if torch.device(device).type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
 
 
 def log(msg: str) -> None:
@@ -347,20 +342,8 @@ def section_op_checks(cfg: Config, budget: Budget, sec: Dict[str, Any]) -> None:
 
 
 def copy_bandwidth_gbs(device: str, nbytes: int, rounds: int = 5) -> float:
-    """Copy into an existing buffer on ``device``, counting read + write, in GB/s."""
-    sync = make_sync(device)
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    sync()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    del src, dst
-    return 2 * nbytes / best / 1e9
+    """Copy into an existing buffer on ``device``, counting read + write, in GB/s (vital_fast.bench's)."""
+    return bench_copy_bandwidth_gbs(nbytes, rounds, device=device)
 
 
 KERNEL_PROVIDERS = ("triton (fused)", "torch.sort + autograd", "paper-style")

@@ -6,7 +6,10 @@ by a second argsort), and the fused vital_fast op; timed interleaved in one proc
 rounds; with the fused op's effective GB/s against this machine's copy bandwidth measured in the
 same run.
 
-    python -m benchmarks.table [--quick] [--threads 2] [--batches 1 16] [--json out.json]
+    python -m benchmarks.table [--quick] [--threads 2] [--batches 1 16] [--device cpu|cuda] [--json out.json]
+
+With ``--device cuda`` the same rows run on the GPU (the fused op is the Triton kernel there), every
+closure synchronized; the copy bandwidth is the GPU's.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or a CUDA device (cuda, cuda:1): synchronized timings")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
     rounds = a.rounds or (3 if a.quick else 7)
-    res = run(a.batches, a.threads, rounds)
+    try:
+        res = run(a.batches, a.threads, rounds, device=a.device)
+    except (RuntimeError, ValueError) as exc:  # no CUDA, a bad device string
+        p.error(f"--device {a.device}: {exc}")
     if a.json:
         with open(a.json, "w", encoding="utf-8") as fh:
             json.dump(res, fh, indent=2)

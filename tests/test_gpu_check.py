@@ -124,3 +124,28 @@ def test_without_cuda_and_without_dry_run_exits_2(tmp_path):
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "--dry-run" in res.stderr
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_kernel_table_takes_a_device_and_refuses_cuda_without_one(capsys):
+    """`vital-fast bench` / `python -m benchmarks.table` on the CPU (tiny shape) and with --device cuda on a
+    machine without CUDA: a one-line usage error, exit 2, before any timing."""
+    import io
+
+    import torch
+
+    from vital_fast.bench import make_sync, run
+    from vital_fast.cli.main import main
+
+    out = io.StringIO()
+    res = run([1], 1, 1, shapes=[(4, 6, 6)], out=out, device="cpu")
+    assert res["device"] == "cpu" and {r["provider"] for r in res["rows"]} == {"reference", "paper-style", "vital_fast"}
+    assert "| (1, 4, 6, 6) | vital_fast |" in out.getvalue()
+    make_sync("cpu")()  # a no-op on the CPU
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["bench", "--device", "cuda", "--quick", "--batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "CUDA is not available" in err
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.table", "--device", "cuda", "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "CUDA is not available" in proc.stderr

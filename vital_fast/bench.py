@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import platform
 import sys
@@ -22,29 +22,48 @@ RESNET50_SHAPES = [(64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14),
 PAPER_K = 10  # reference images the paper-style baseline re-sorts inside the loss at every call
 
 
-def make_inputs(B: int, C: int, H: int, W: int, seed: int = 0, k: int = PAPER_K):
+def make_sync(device="cpu") -> Callable[[], None]:
+    """What a timed closure calls last: ``torch.cuda.synchronize`` on a CUDA device (so the time after it is
+    device time, not launch time), nothing on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def make_inputs(B: int, C: int, H: int, W: int, seed: int = 0, k: int = PAPER_K, device="cpu"):
+    """Features ``(B, C, H, W)``, ``k`` reference images' features and their prototype, on ``device`` (drawn on
+    the CPU from ``seed``, so every device gets the same values)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, C, H, W, generator=g)
     refs = torch.randn(k, C, H, W, generator=g) * 1.3 + 0.2
+    x, refs = x.to(device), refs.to(device)
     proto = vital_fast.sorted_prototype(refs)
     return x, refs, proto
 
 
-def providers(x: torch.Tensor, refs: torch.Tensor, proto: torch.Tensor) -> Dict[str, Callable[[], None]]:
-    """Forward + backward closures: the pure-torch reference, the paper-style baseline, the fused op."""
+def providers(x: torch.Tensor, refs: torch.Tensor, proto: torch.Tensor,
+              sync: Optional[Callable[[], None]] = None) -> Dict[str, Callable[[], None]]:
+    """Forward + backward closures: the pure-torch reference, the paper-style baseline, the fused op (the
+    backend of ``x``'s device: C++ on the CPU, Triton on CUDA); each ends with ``sync`` (default: the
+    device's, :func:`make_sync`)."""
+    sync = make_sync(x.device) if sync is None else sync
     xr = x.clone().requires_grad_(True)
 
     def reference() -> None:
         xr.grad = None
         R.sort_match_reference(xr, proto).backward()
+        sync()
 
     def paper_style() -> None:
         xr.grad = None
         R.paper_style_sort_match_loss(xr, refs).backward()
+        sync()
 
     def fused() -> None:
         xr.grad = None
         vital_fast.sort_match_loss(xr, proto, check_values=False).backward()
+        sync()
 
     return {"reference": reference, "paper-style": paper_style, "vital_fast": fused}
 
@@ -54,17 +73,22 @@ def fused_bytes(x: torch.Tensor) -> int:
     return 4 * x.numel() * x.element_size()
 
 
-def copy_bandwidth_gbs(nbytes: int = 256 << 20, rounds: int = 5) -> float:
-    """Memory copy bandwidth into an existing buffer, counting read + write, in GB/s."""
-    src = torch.ones(nbytes // 4)
+def copy_bandwidth_gbs(nbytes: int = 256 << 20, rounds: int = 5, device="cpu") -> float:
+    """Memory copy bandwidth into an existing buffer on ``device``, counting read + write, in GB/s (best of
+    ``rounds``, synchronized on CUDA)."""
+    sync = make_sync(device)
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
+    sync()
+    best = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()
         dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / min(times) / 1e9
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * nbytes / best / 1e9
 
 
 def interleaved_times(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> Dict[str, List[float]]:
@@ -85,12 +109,23 @@ def median(xs: List[float]) -> float:
     return statistics.median(xs)
 
 
-def run(batches, threads: int, rounds: int, shapes=RESNET50_SHAPES, out=sys.stdout):
+def run(batches, threads: int, rounds: int, shapes=RESNET50_SHAPES, out=sys.stdout, device="cpu"):
+    """The kernel table on ``device`` (``"cpu"``, or a CUDA device: every closure synchronized)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device}: the kernel table runs on cpu or cuda")
     torch.set_num_threads(threads)
     backends = vital_fast.available_backends()
-    fused_backend = "cpp" if backends["cpp"]["available"] else "reference (C++ extension not built)"
-    bw = copy_bandwidth_gbs()
-    print(f"vital_fast {vital_fast.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        fused_backend = "triton" if backends["triton"]["available"] else "reference (Triton not available)"
+    else:
+        name = platform.processor() or platform.machine()
+        fused_backend = "cpp" if backends["cpp"]["available"] else "reference (C++ extension not built)"
+    bw = copy_bandwidth_gbs(device=dev)
+    print(f"vital_fast {vital_fast.__version__}, torch {torch.__version__}, {name}, "
           f"{threads} threads; fused op backend: {fused_backend}", file=out)
     print(f"memory copy bandwidth (read + write): {bw:.1f} GB/s; {rounds} interleaved rounds, median", file=out)
     print("", file=out)
@@ -100,7 +135,7 @@ def run(batches, threads: int, rounds: int, shapes=RESNET50_SHAPES, out=sys.stdo
     rows = []
     for B in batches:
         for C, H, W in shapes:
-            x, refs, proto = make_inputs(B, C, H, W)
+            x, refs, proto = make_inputs(B, C, H, W, device=dev)
             times = interleaved_times(providers(x, refs, proto), rounds=rounds)
             med = {k: median(v) for k, v in times.items()}
             gbs = fused_bytes(x) / med["vital_fast"] / 1e9
@@ -112,4 +147,4 @@ def run(batches, threads: int, rounds: int, shapes=RESNET50_SHAPES, out=sys.stdo
                 rows.append({"shape": [B, C, H, W], "provider": name, "ms": 1e3 * med[name],
                              "speedup_of_vital_fast": speed, "gbs": gbs if name == "vital_fast" else None})
             del x, refs, proto
-    return {"copy_gbs": bw, "threads": threads, "rounds": rounds, "rows": rows}
+    return {"copy_gbs": bw, "threads": threads, "rounds": rounds, "device": str(dev), "rows": rows}

@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer rounds")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    b.add_argument("--device", default="cpu", help="cpu or a CUDA device (cuda, cuda:1): synchronized timings")
     return p
 
 
@@ -481,7 +482,10 @@ def cmd_compare(args) -> int:
 def cmd_bench(args) -> int:
     from vital_fast.bench import run
 
-    run(args.batches, args.threads, 3 if args.quick else 7)
+    try:
+        run(args.batches, args.threads, 3 if args.quick else 7, device=args.device)
+    except (RuntimeError, ValueError) as exc:  # no CUDA, a bad device string
+        raise UsageError(f"--device {args.device}: {exc}") from None
     return EXIT_OK
 
 
