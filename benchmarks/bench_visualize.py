@@ -3,6 +3,7 @@
     python -m benchmarks.bench_visualize [--models resnet50 efficientnet-lite0] [--size 224] [--steps 3]
                                          [--amp off bf16] [--compile off on] [--kinds class channel]
                                          [--relevance-forward shared separate] [--channels-last auto off]
+                                         [--prototype-resample stage step]
                                          [--no-single] [--no-paper]
 
 For each model (ResNet-50 with random weights, since pretrained weights cannot be fetched here, and
@@ -92,10 +93,12 @@ def time_network(loaded, targets, size, steps, amp: str = "off", layout: str = "
 
 
 def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: str = "off",
-               relevance: str = "shared", layout: str = "auto") -> float:
+               relevance: str = "shared", layout: str = "auto", resample: str = "stage") -> float:
     import vital_fast.optim.sortmatch as sortmatch
 
     sortmatch.SHARE_FORWARD = relevance == "shared"
+    # "step": the prototypes resampled to the features' row length inside the op at every step (the way before)
+    sortmatch.FULL_LENGTH_CACHE_BYTES = 256 * 2 ** 20 if resample == "stage" else 0
     s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1,
                  amp=amp, compile=compile, channels_last=layout)
     refs = {t: random_refs(t, n_refs, size) for t in targets}
@@ -103,7 +106,7 @@ def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: 
     res = visualize(loaded, targets, refs, settings=s, size=size, cache=DiskCache(enabled=False),
                     progress=lambda i, n, l: marks.append(time.perf_counter()))
     key = (len(targets), amp, (compile if relevance == "shared" else f"{compile}/separate")
-           + ("" if layout == "auto" else f"/layout {layout}"))
+           + ("" if layout == "auto" else f"/layout {layout}") + ("" if resample == "stage" else "/resample step"))
     PHASES[key] = {k: res.timings.get(k, 0.0) for k in PHASE_KEYS}
     if "compile_s" in res.timings:
         COMPILE_S[key] = max(COMPILE_S.get(key, 0.0), res.timings["compile_s"])
@@ -188,6 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--channels-last", nargs="+", default=["auto"], choices=["auto", "on", "off"],
                     help="Settings.channels_last values to time (e.g. --channels-last off auto: the model's own "
                     "layout and channels-last, interleaved; the network rows follow)")
+    ap.add_argument("--prototype-resample", nargs="+", default=["stage"], choices=["stage", "step"],
+                    help="B=8 rows: prototypes resampled to each layer's row length once per stage (the default) "
+                    "and/or inside the op at every step (step, the way before); both: interleaved rows")
     ap.add_argument("--no-single", action="store_true", help="skip the B=1 rows")
     ap.add_argument("--no-paper", action="store_true", help="skip the paper-style loop rows")
     a = ap.parse_args(argv)
@@ -226,6 +232,13 @@ def main(argv=None) -> int:
                     provs[f"vital_fast B={a.batch}{ctag}"] = lambda amp=amp, comp=comp, lay=lay: time_vital(
                         loaded, tg, a.size, a.steps, a.refs, amp, comp, layout=lay)
                     meta[f"vital_fast B={a.batch}{ctag}"] = (a.batch, f"{amp}/{lay}", comp)
+                    if "step" in a.prototype_resample:
+                        if "stage" not in a.prototype_resample:
+                            del provs[f"vital_fast B={a.batch}{ctag}"], meta[f"vital_fast B={a.batch}{ctag}"]
+                        rs = f"vital_fast B={a.batch}{ctag} prototypes resampled every step"
+                        provs[rs] = lambda amp=amp, comp=comp, lay=lay: time_vital(
+                            loaded, tg, a.size, a.steps, a.refs, amp, comp, layout=lay, resample="step")
+                        meta[rs] = (a.batch, f"{amp}/{lay}", comp + "/resample step")
                     if kind == "channel" and "separate" in a.relevance_forward:
                         if "shared" not in a.relevance_forward:
                             del provs[f"vital_fast B={a.batch}{ctag}"], meta[f"vital_fast B={a.batch}{ctag}"]
@@ -261,7 +274,7 @@ def main(argv=None) -> int:
                 tot = sum(ph.values()) or 1.0
                 base, *hows = comp.split("/")
                 ctag = ("" if base == "off" else f", compile {base}") + "".join(
-                    f", {h}" if h.startswith("layout") else ", relevance: separate forward" for h in hows)
+                    f", {h}" if h.startswith(("layout", "resample")) else ", relevance: separate forward" for h in hows)
                 print(f"  where a {kind} step of B={b} ({amp}{ctag}) goes: "
                       + ", ".join(f"{k[:-2]} {100 * v / tot:.0f}%" for k, v in ph.items()), flush=True)
             PHASES.clear()

@@ -1,13 +1,42 @@
-"""Shared test helpers: run an op and its float64 reference, return losses and gradients."""
+"""Shared test helpers: run an op and its float64 reference, return losses and gradients; a tiny network."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch import nn
 
 import vital_fast
 from vital_fast import reference as R
+
+
+class TinyNet(nn.Module):
+    """Two convolutions and a linear head: the engine's tests' network (family ``generic``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean((2, 3)))
+
+
+def tiny_loaded():
+    """:class:`TinyNet` (seed 0, eval mode) loaded at 32 px."""
+    from vital_fast.models import load_model
+
+    torch.manual_seed(0)
+    return load_model(TinyNet().eval(), input_size=32, resize_size=32)
+
+
+def tiny_refs() -> torch.Tensor:
+    """Three random 36 px reference images (seed 1)."""
+    return torch.rand(3, 3, 36, 36, generator=torch.Generator().manual_seed(1))
 
 
 def run_op(op, backend, x, ref, weight=None, rel=None, channel_dim=1, upstream=None):

@@ -13,38 +13,24 @@ import contextlib
 
 import pytest
 import torch
-from torch import nn
 
-from vital_fast.models import load_model
 from vital_fast.optim import Objective, Settings, visualize
 from vital_fast.references.cache import DiskCache
+
+from _util import tiny_loaded, tiny_refs
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:relevance_maps. family 'generic' has no canonizer")]
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.act1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
-        self.act2 = nn.ReLU()
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean((2, 3)))
-
-
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    return load_model(Tiny().eval(), input_size=32, resize_size=32)
+    return tiny_loaded()
 
 
 @pytest.fixture(scope="module")
 def refs():
-    return torch.rand(3, 3, 36, 36, generator=torch.Generator().manual_seed(1))
+    return tiny_refs()
 
 
 TARGETS = ["class:1", "channel:conv2:3"]

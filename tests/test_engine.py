@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from vital_fast.models import load_model
 from vital_fast.optim import (METHODS, ActMax, ImagePriors, Objective, Settings, build_recipe, objective,
@@ -21,30 +20,17 @@ from vital_fast.optim.objectives import L2, StepContext, TotalVariation
 from vital_fast.optim.parametrizations import Fourier, get_parametrization
 from vital_fast.references.cache import DiskCache
 
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.act1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
-        self.act2 = nn.ReLU()
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean((2, 3)))
+from _util import TinyNet, tiny_loaded, tiny_refs
 
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    return load_model(Tiny().eval(), input_size=32, resize_size=32)
+    return tiny_loaded()
 
 
 @pytest.fixture(scope="module")
 def refs():
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(3, 3, 36, 36, generator=g)
+    return tiny_refs()
 
 
 def small(**kw):
@@ -268,7 +254,7 @@ def test_amp_choices_and_auto(monkeypatch):
 
     assert get_preset("fast").amp == "auto" and get_preset("paper").amp == "off"
     with pytest.raises(ValueError, match="unknown amp"):
-        visualize(load_model(Tiny().eval(), input_size=32, resize_size=32), ["class:1"], method="actmax",
+        visualize(load_model(TinyNet().eval(), input_size=32, resize_size=32), ["class:1"], method="actmax",
                   settings=small(amp="bf32"), progress=_never)
 
 

@@ -38,7 +38,7 @@ class SortMatch(Objective):
         self.cache = cache
         self._logit: Optional[str] = None
         self._groups: Dict[int, Tuple[tuple, list]] = {}
-        self._shared = None  # (SharedRelevance, its slot indices per start) of the step now running
+        self._shared = None  # the SharedRelevance of the step now running (its starts name their slots)
 
     def setup(self, engine, targets):
         from vital_fast.models import default_layers, resolve_layer
@@ -103,8 +103,19 @@ class SortMatch(Objective):
         every = max(1, self.settings.lrp_every)
         return [i for i, sl in enumerate(slots) if sl.state["refs"].importance and sl.step % every == 0]
 
-    def _start_layer(self, engine, t: Target) -> str:
-        return t.layer if t.is_unit else self._logit_layer(engine)
+    def _by_start(self, engine, slots, idx: Sequence[int]) -> Dict[str, List[int]]:
+        """The slots ``idx`` grouped by the layer their relevance starts from (a unit's layer, or the logits)."""
+        out: Dict[str, List[int]] = {}
+        for i in idx:
+            t = slots[i].target
+            out.setdefault(t.layer if t.is_unit else self._logit_layer(engine), []).append(i)
+        return out
+
+    @staticmethod
+    def _keep(slots, members: Sequence[int], maps: Dict[str, torch.Tensor]) -> None:
+        """Row j of each map is the relevance of slot ``members[j]``."""
+        for j, i in enumerate(members):
+            slots[i].state["rel"] = {l: m[j:j + 1] for l, m in maps.items()}
 
     def forward_pass(self, engine, slots):
         """The step's relevance from its own forward pass (:class:`~vital_fast.references.shared_relevance.SharedRelevance`):
@@ -119,35 +130,30 @@ class SortMatch(Objective):
         if (not need or not SHARE_FORWARD or engine.compile_backend is not None or engine.recipe.views.repeat != 1
                 or not shares_forward(model, engine.loaded.family, self.settings.lrp_composite)):
             return None
-        by_layer: Dict[str, List[int]] = {}
-        for i in need:
-            by_layer.setdefault(self._start_layer(engine, slots[i].target), []).append(i)
         S = engine.sizes[slots[0].stage]  # the step's side (the engine stacks slots of one side)
-        starts, members = [], []
-        for layer, idx in by_layer.items():
+        starts = []
+        for layer, idx in self._by_start(engine, slots, need).items():
             if 2 * len(idx) < len(slots):
                 continue
             chans, locs = unit_starts([slots[i].target for i in idx], S, engine.loaded.input_size, "cpu")
             rec = [l for l, _ in slots[idx[0]].state["refs"].layers]
             starts.append((layer, idx, chans, rec, locs))
-            members.append(idx)
         if not starts:
             return None
-        sr = SharedRelevance(model, engine.loaded.family, self.settings.lrp_composite, starts)
-        self._shared = (sr, members)
-        return sr
+        self._shared = SharedRelevance(model, engine.loaded.family, self.settings.lrp_composite, starts)
+        return self._shared
 
     def __call__(self, ctx):
         slots, engine = ctx.slots, ctx.engine
         groups = self._groups_for(ctx)
         need = self._due(slots)
         shared, self._shared = self._shared, None
-        if shared is not None and shared[0].ran:
+        if shared is not None and shared.ran:
             tl = time.perf_counter()
-            for maps, idx in zip(shared[0].maps(len(slots)), shared[1]):
-                for j, i in enumerate(idx):
-                    slots[i].state["rel"] = {l: m[j:j + 1] for l, m in maps.items()}
-            done = {i for idx in shared[1] for i in idx}
+            done = set()
+            for maps, (_, idx, *_rest) in zip(shared.maps(len(slots)), shared.starts):
+                self._keep(slots, idx, maps)
+                done.update(idx)
             need = [i for i in need if i not in done]
             engine.t_lrp += time.perf_counter() - tl
         if need:
@@ -165,19 +171,15 @@ class SortMatch(Objective):
         """Relevance of the transformed synthetic images for the slots due a refresh, per start layer."""
         from vital_fast.references.relevance import relevance_maps
 
-        by_layer: Dict[str, List[int]] = {}
-        for i in need:
-            by_layer.setdefault(self._start_layer(engine, slots[i].target), []).append(i)
-        for layer, members in by_layer.items():
+        for layer, members in self._by_start(engine, slots, need).items():
             idx = torch.tensor(members, device=xt.device)
             xs = xt.detach().index_select(0, idx)
             ts = [slots[i].target for i in members]
             chans, locs = unit_starts(ts, xt.shape[-1], engine.loaded.input_size, xt.device)
             rec = [l for l, _ in slots[members[0]].state["refs"].layers]
-            maps = relevance_maps(engine.loaded.model, xs, layer, chans, rec, family=engine.loaded.family,
-                                  composite=self.settings.lrp_composite, locations=locs)
-            for j, i in enumerate(members):
-                slots[i].state["rel"] = {l: maps[l][j:j + 1] for l in rec}
+            self._keep(slots, members, relevance_maps(engine.loaded.model, xs, layer, chans, rec,
+                                                      family=engine.loaded.family,
+                                                      composite=self.settings.lrp_composite, locations=locs))
 
 
 def unit_starts(targets: Sequence[Target], size: int, final: int, dev):

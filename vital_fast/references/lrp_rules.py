@@ -324,7 +324,7 @@ def _conv2d_geometry(module: nn.Module, x: torch.Tensor):
             return None
         if isinstance(pad, nn.ZeroPad2d):
             pre_pad = tuple(int(p) for p in pad.padding)
-        elif list(pad.parameters()) or type(pad).__name__ not in ("Identity",):
+        elif type(pad).__name__ != "Identity":
             return None
     if isinstance(module.padding, str):
         return None
