@@ -4,6 +4,7 @@ fingerprint and never left half-written by an interrupted pass."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import warnings
@@ -268,6 +269,10 @@ def test_in_memory_set_keeps_content_key(tmp_path):
     one = mine_topk(m, "conv2", ImageSet(imgs, list("abcde"), [tensor_hash(i) for i in imgs]), None, 2, 32, cache)
     two = mine_topk(m, "conv2", ImageSet(imgs, list("vwxyz"), [tensor_hash(i) for i in imgs]), None, 2, 32, cache)
     assert cache.hits == 1 and torch.equal(one.index, two.index)
+    # The same weights under another normalization are another scorer: mined again, not served stale.
+    other = dataclasses.replace(m, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    mine_topk(other, "conv2", ImageSet(imgs, list("abcde"), [tensor_hash(i) for i in imgs]), None, 2, 32, cache)
+    assert cache.hits == 1 and cache.misses == 2
 
 
 def test_progress_reports_rate(folder, capsys):

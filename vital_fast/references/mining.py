@@ -246,14 +246,14 @@ def mine_topk(
     if ident is None:
         val = compute()
     else:
+        # "norm": the same weights under another mean/std (or preprocess) score other images highest.
         parts = {"model": loaded.fingerprint, "layer": layer, **ident, "size": size,
-                 "resize": loaded.resize_size / loaded.input_size, "k": k, "entry": "running-topk"}
+                 "resize": loaded.resize_size / loaded.input_size, "norm": loaded.norm_key, "k": k,
+                 "entry": "running-topk"}
         if units is not None:
             parts["units"] = units.digest
         if loaded.interpolation != "bilinear":
             parts["interpolation"] = loaded.interpolation
-        if loaded.preprocess is not None:
-            parts["norm"] = loaded.norm_key
         val = cache.get_or_compute("mine", parts, compute, validate)
     score_all, index_all, loc_all = val["score"], val["index"], val["loc"]  # (C, kk), (C, kk), (C, kk, 2)
     n_ch = score_all.shape[0]
