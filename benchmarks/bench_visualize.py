@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_visualize [--models resnet50 efficientnet-lite0] [--size 224] [--steps 3]
                                          [--amp off bf16] [--compile off on] [--kinds class channel]
-                                         [--relevance-forward shared separate] [--channels-last auto off]
+                                         [--relevance-forward shared separate shared-fp32]
+                                         [--channels-last auto off]
                                          [--prototype-resample stage step]
                                          [--no-single] [--no-paper]
 
@@ -11,7 +12,8 @@ efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
 
 * vital_fast, B = 8 targets in one pass, class targets and channel targets (relevance every step, from
   the step's own forward pass; ``--relevance-forward shared separate`` adds the way before, a second
-  hooked forward, interleaved);
+  hooked forward, interleaved; ``shared-fp32`` the shared forward with its LRP rules in float32 under
+  ``--amp bf16``, where they otherwise run in bfloat16);
 * vital_fast, B = 1;
 * for class targets, the network alone: a bare forward + backward up to the last matched layer
   (input gradient only, same batch, same precision): the floor a class step can reach;
@@ -51,6 +53,9 @@ from vital_fast.references.images import ImageSet, tensor_hash
 from vital_fast.references.relevance import relevance_maps
 
 CHANNEL_LAYER = {"resnet": "layer3", "efficientnet_lite": "_blocks.10"}
+# --relevance-forward values: how a channel step's relevance is computed, as the table names it
+RELEVANCE_HOW = {"shared": "shared forward", "separate": "separate forward",
+                 "shared-fp32": "shared forward, float32 rules"}
 
 
 def random_refs(key: str, n: int, size: int) -> ImageSet:
@@ -96,7 +101,8 @@ def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: 
                relevance: str = "shared", layout: str = "auto", resample: str = "stage") -> float:
     import vital_fast.optim.sortmatch as sortmatch
 
-    sortmatch.SHARE_FORWARD = relevance == "shared"
+    sortmatch.SHARE_FORWARD = relevance.startswith("shared")
+    sortmatch.RULES_IN_BF16 = relevance != "shared-fp32"
     # "step": the prototypes resampled to the features' row length inside the op at every step (the way before)
     sortmatch.FULL_LENGTH_CACHE_BYTES = 256 * 2 ** 20 if resample == "stage" else 0
     s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1,
@@ -105,7 +111,7 @@ def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: 
     marks = []
     res = visualize(loaded, targets, refs, settings=s, size=size, cache=DiskCache(enabled=False),
                     progress=lambda i, n, l: marks.append(time.perf_counter()))
-    key = (len(targets), amp, (compile if relevance == "shared" else f"{compile}/separate")
+    key = (len(targets), amp, (compile if relevance == "shared" else f"{compile}/{relevance}")
            + ("" if layout == "auto" else f"/layout {layout}") + ("" if resample == "stage" else "/resample step"))
     PHASES[key] = {k: res.timings.get(k, 0.0) for k in PHASE_KEYS}
     if "compile_s" in res.timings:
@@ -185,9 +191,10 @@ def main(argv=None) -> int:
                     "interleaved); adds the speed-up over eager and the compile time")
     ap.add_argument("--kinds", nargs="+", default=["class", "channel"], choices=["class", "channel"],
                     help="target kinds to time (default: both)")
-    ap.add_argument("--relevance-forward", nargs="+", default=["shared"], choices=["shared", "separate"],
+    ap.add_argument("--relevance-forward", nargs="+", default=["shared"], choices=list(RELEVANCE_HOW),
                     help="channel rows: relevance from the step's own forward pass (shared, the default) and/or "
-                    "from a second hooked forward (separate, the way before); both: interleaved rows")
+                    "from a second hooked forward (separate, the way before) and/or the shared forward with "
+                    "float32 rules under bf16 (shared-fp32); several: interleaved rows")
     ap.add_argument("--channels-last", nargs="+", default=["auto"], choices=["auto", "on", "off"],
                     help="Settings.channels_last values to time (e.g. --channels-last off auto: the model's own "
                     "layout and channels-last, interleaved; the network rows follow)")
@@ -239,13 +246,15 @@ def main(argv=None) -> int:
                         provs[rs] = lambda amp=amp, comp=comp, lay=lay: time_vital(
                             loaded, tg, a.size, a.steps, a.refs, amp, comp, layout=lay, resample="step")
                         meta[rs] = (a.batch, f"{amp}/{lay}", comp + "/resample step")
-                    if kind == "channel" and "separate" in a.relevance_forward:
-                        if "shared" not in a.relevance_forward:
-                            del provs[f"vital_fast B={a.batch}{ctag}"], meta[f"vital_fast B={a.batch}{ctag}"]
-                        sep = f"vital_fast B={a.batch}{ctag} relevance: separate forward"
-                        provs[sep] = lambda amp=amp, comp=comp, lay=lay: time_vital(
-                            loaded, tg, a.size, a.steps, a.refs, amp, comp, "separate", lay)
-                        meta[sep] = (a.batch, f"{amp}/{lay}", comp + "/separate")
+                    if kind == "channel" and "shared" not in a.relevance_forward:
+                        del provs[f"vital_fast B={a.batch}{ctag}"], meta[f"vital_fast B={a.batch}{ctag}"]
+                    for how in a.relevance_forward if kind == "channel" else ():
+                        if how == "shared":
+                            continue
+                        sep = f"vital_fast B={a.batch}{ctag} relevance: {RELEVANCE_HOW[how]}"
+                        provs[sep] = lambda amp=amp, comp=comp, lay=lay, how=how: time_vital(
+                            loaded, tg, a.size, a.steps, a.refs, amp, comp, how, lay)
+                        meta[sep] = (a.batch, f"{amp}/{lay}", f"{comp}/{how}")
                 if kind == "class":
                     provs[f"network fwd+bwd B={a.batch}{tag}"] = lambda amp=amp, lay=lay: time_network(
                         loaded, tg, a.size, a.steps, amp, lay)
@@ -274,7 +283,7 @@ def main(argv=None) -> int:
                 tot = sum(ph.values()) or 1.0
                 base, *hows = comp.split("/")
                 ctag = ("" if base == "off" else f", compile {base}") + "".join(
-                    f", {h}" if h.startswith(("layout", "resample")) else ", relevance: separate forward" for h in hows)
+                    f", {h}" if h.startswith(("layout", "resample")) else f", relevance: {RELEVANCE_HOW[h]}" for h in hows)
                 print(f"  where a {kind} step of B={b} ({amp}{ctag}) goes: "
                       + ", ".join(f"{k[:-2]} {100 * v / tot:.0f}%" for k, v in ph.items()), flush=True)
             PHASES.clear()

@@ -544,14 +544,14 @@ def test_vit_token_layout_smoke():
 # ---------------------------------------------------------------------------------------------
 
 
-def _shared_pass(model, family, x, starts, taps):
+def _shared_pass(model, family, x, starts, taps, rule_dtype=None):
     """One forward through SharedRelevance + FeatureTaps: (maps per start, the taps' features, their loss's
     input gradient)."""
     from vital_fast.models import FeatureTaps
     from vital_fast.references.shared_relevance import SharedRelevance
 
     xr = x.clone().requires_grad_(True)
-    sr = SharedRelevance(model, family, "paper", starts)
+    sr = SharedRelevance(model, family, "paper", starts, rule_dtype=rule_dtype)
     with sr:
         feats = FeatureTaps(model, taps, stop_after=True).run(xr)
     maps = sr.maps(x.shape[0])
@@ -637,10 +637,45 @@ def test_shared_forward_errors_and_cleanup(resnet18):
         bad.maps(2)
 
 
-def test_shared_forward_under_autocast_and_channels_last(resnet18):
-    """The rules read a bfloat16 / channels-last forward in float32 and hand relevance back in the inputs'
-    dtype: the maps stay close to the float32 sweep, and the caller's gradient is the autocast one."""
+def test_shared_forward_module_called_twice_does_not_serve(resnet18):
+    """A start layer whose module runs more than once (BasicBlock's ReLU) is explained at its first call by
+    relevance_maps; the step's forward goes on past it, so the shared pass reports that it did not serve."""
+    from vital_fast.models import FeatureTaps
+    from vital_fast.references.shared_relevance import SharedRelevance
+
+    x = torch.randn(2, 3, 64, 64)
+    sr = SharedRelevance(resnet18, "resnet", "paper", [("layer1.0.relu", [0, 1], torch.tensor([3, 5]), ["conv1"], None)])
+    with sr:
+        FeatureTaps(resnet18, ["layer1.0.relu", "conv1", "layer2"], stop_after=True).run(x.requires_grad_(True))
+    assert not sr.ran
+    with pytest.raises(RuntimeError, match="exactly once"):
+        sr.maps(2)
+
+
+def test_shared_forward_keeps_outputs_that_a_later_in_place_op_overwrites():
+    """torchvision's DenseNet applies ``F.relu(..., inplace=True)`` to ``features.norm5``'s output in its
+    forward: the shared pass keeps that output as the layer gave it, as relevance_maps does."""
+    torch.manual_seed(0)
+    m = _frozen(torchvision.models.densenet121())
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.bias.normal_(0, 0.5)  # norm5 then has negative outputs for the ReLU to overwrite
+    x = torch.randn(2, 3, 64, 64)
+    ch, rec = torch.tensor([3, 5]), ["features.denseblock4", "features.norm5"]
+    want = relevance_maps(m, x, "classifier", ch, rec, family="densenet")
+    maps, _, _ = _shared_pass(m, "densenet", x, [("classifier", [0, 1], ch, rec, None)], rec + ["classifier"])
+    for name in rec:
+        torch.testing.assert_close(maps[0][name], want[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule_dtype", [None, torch.bfloat16])
+def test_shared_forward_under_autocast_and_channels_last(resnet18, rule_dtype):
+    """The rules read a bfloat16 / channels-last forward in float32 (or, with ``rule_dtype=bfloat16``,
+    compute in bfloat16) and hand relevance back in the inputs' dtype: the maps stay close to the float32
+    sweep, and the caller's gradient is the autocast one."""
     from vital_fast.models.layout import ChannelsLast
+    from vital_fast.references import lrp_rules
 
     torch.manual_seed(4)
     x = torch.randn(2, 3, 64, 64)
@@ -651,7 +686,7 @@ def test_shared_forward_under_autocast_and_channels_last(resnet18):
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             maps, _, grad = _shared_pass(resnet18, "resnet", ChannelsLast.input(x), [("layer3", [0, 1], ch, rec, None)],
-                                         rec + ["layer3"])
+                                         rec + ["layer3"], rule_dtype=rule_dtype)
     finally:
         layout.restore()
     for name in rec:
@@ -660,3 +695,9 @@ def test_shared_forward_under_autocast_and_channels_last(resnet18):
         cos = F.cosine_similarity(got.flatten(1), want[name].flatten(1), dim=1)
         assert bool((cos > 0.95).all()), (name, cos)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    conv = resnet18.layer2[0].conv1
+    cached = lrp_rules._PARAM_CACHE.get(conv, {})
+    if rule_dtype is not None:  # bfloat16 rules cast each convolution's clamped weights once
+        assert cached[torch.bfloat16].pos.dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="rule_dtype must be None or torch.bfloat16"):
+            _shared_pass(resnet18, "resnet", x, [("layer3", [0, 1], ch, rec, None)], rec, rule_dtype=torch.float16)

@@ -17,6 +17,9 @@ __all__ = ["SHARE_FORWARD", "SortMatch", "build_groups", "matching_loss"]
 # Relevance from the step's own forward pass (SharedRelevance) where it can serve, instead of a second
 # hooked forward; the maps are the same. Off: the second forward (benchmarks compare both).
 SHARE_FORWARD = True
+# Under bfloat16 autocast (Settings.amp) the shared forward's LRP rules compute in bfloat16 too; off: in
+# float32, reading the bfloat16 forward (the casts then cost about as much as the rules).
+RULES_IN_BF16 = True
 
 
 class SortMatch(Objective):
@@ -140,7 +143,8 @@ class SortMatch(Objective):
             starts.append((layer, idx, chans, rec, locs))
         if not starts:
             return None
-        self._shared = SharedRelevance(model, engine.loaded.family, self.settings.lrp_composite, starts)
+        low = torch.bfloat16 if RULES_IN_BF16 and engine.amp is torch.bfloat16 else None
+        self._shared = SharedRelevance(model, engine.loaded.family, self.settings.lrp_composite, starts, rule_dtype=low)
         return self._shared
 
     def __call__(self, ctx):

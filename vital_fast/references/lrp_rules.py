@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +72,15 @@ def _apply_rule(rule, module, xs, relevance, shapes) -> tuple:
 
 
 class _Switch:
-    """Which backward a :class:`_DualNode` runs: the rule (``lrp``) or the module's own gradient."""
+    """Which backward a :class:`_DualNode` runs: the rule (``lrp``) or the module's own gradient; and
+    ``dtype``, a reduced precision (bfloat16) in which rules whose inputs have it compute (None: the
+    module's parameter dtype, float32 for parameter-free modules)."""
 
-    __slots__ = ("lrp",)
+    __slots__ = ("lrp", "dtype")
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: Optional[torch.dtype] = None) -> None:
         self.lrp = False
+        self.dtype = dtype
 
 
 # The switch of the forward pass now recording dual nodes in this thread (None: the rules' own sweep).
@@ -110,7 +113,8 @@ class _DualNode(torch.autograd.Function):
     rule's relevance goes to the inputs, nothing into the module's graph); otherwise the ordinary gradient
     (everything into the module's graph, nothing through the rule). Rules compute in the module's parameter
     dtype (float32 for parameter-free modules): inputs of another precision (an autocast forward) are cast
-    for the rule and the relevance cast back.
+    for the rule and the relevance cast back; unless the switch names that precision (``switch.dtype``),
+    when a rule whose floating inputs all have it computes in it (z+ with its clamped weights cast once).
     """
 
     @staticmethod
@@ -129,6 +133,9 @@ class _DualNode(torch.autograd.Function):
         xs = ctx.saved_tensors if ctx.rule.saves_input else (None,) * n
         w = getattr(ctx.module, "weight", None)
         dt = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
+        low = ctx.switch.dtype
+        if low is not None and all(m[1] == low for m in ctx.in_meta if m[1].is_floating_point):
+            dt = low
         xs = tuple(x if x is None or not x.is_floating_point() else _cast_like(x, dt) for x in xs)
         rels = _apply_rule(ctx.rule, ctx.module, xs, _cast_like(grad, dt), [m[0] for m in ctx.in_meta])
         return (None, None, None, None, *(_cast_like(r, m[1]) for r, m in zip(rels, ctx.in_meta)))
@@ -222,7 +229,8 @@ def _swapped_params(module: nn.Module, **tensors):
 
 
 class _ClampedParams:
-    """z+ parameter views of one module: w+ (and lazily w-, b+), reused while the weights are unchanged.
+    """z+ parameter views of one module in one dtype: w+ (and lazily w-, b+), reused while the weights are
+    unchanged; a dtype other than the weight's (bfloat16 rules of a float32 model) casts them once.
 
     Valid while the weight's storage, version counter, dtype and device are the same (an in-place
     update bumps the version; ``.data =`` or ``.to()`` changes the storage). The cache keeps a
@@ -230,16 +238,17 @@ class _ClampedParams:
     the same address while the entry lives.
     """
 
-    __slots__ = ("source", "version", "bias_key", "pos", "neg", "bias_pos", "both")
+    __slots__ = ("source", "version", "bias_key", "cast", "pos", "neg", "bias_pos", "both")
 
-    def __init__(self, weight, bias):
+    def __init__(self, weight, bias, dtype):
         self.source = weight.detach()
         self.version = weight._version
         self.bias_key = None if bias is None else (bias.data_ptr(), bias._version)
-        self.pos = self.source.clamp(min=0)
+        self.cast = _cast_like(self.source, dtype)
+        self.pos = self.cast.clamp(min=0)
         self.neg = None
         self.both = None
-        self.bias_pos = None if bias is None else bias.detach().clamp(min=0)
+        self.bias_pos = None if bias is None else _cast_like(bias.detach(), dtype).clamp(min=0)
 
     def valid_for(self, weight, bias):
         return (
@@ -252,7 +261,7 @@ class _ClampedParams:
 
     def negative(self):
         if self.neg is None:
-            self.neg = self.source.clamp(max=0)
+            self.neg = self.cast.clamp(max=0)
         return self.neg
 
     def joined(self):
@@ -262,21 +271,31 @@ class _ClampedParams:
         return self.both
 
 
-_PARAM_CACHE: "weakref.WeakKeyDictionary[nn.Module, _ClampedParams]" = weakref.WeakKeyDictionary()
+_PARAM_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[torch.dtype, _ClampedParams]]" = weakref.WeakKeyDictionary()
 # Trades memory (one clamped copy of each convolution's weight, two for convolutions that see
-# negative inputs) for not re-clamping every weight on every call.
+# negative inputs; per dtype the rules run in) for not re-clamping every weight on every call.
 CACHE_CLAMPED_WEIGHTS = True
 
 
-def _clamped_params(module: nn.Module) -> _ClampedParams:
+def forget_clamped_params(model: nn.Module) -> None:
+    """Drop the cached z+ weights of ``model``'s modules (e.g. copies of weights it no longer has)."""
+    for m in model.modules():
+        _PARAM_CACHE.pop(m, None)
+
+
+def _clamped_params(module: nn.Module, dtype: torch.dtype) -> _ClampedParams:
+    """The z+ views of ``module``'s parameters in ``dtype`` (the dtype of the input the rule reads)."""
     weight = module.weight
     bias = getattr(module, "bias", None)
-    entry = _PARAM_CACHE.get(module) if CACHE_CLAMPED_WEIGHTS else None
+    per_dtype = _PARAM_CACHE.get(module) if CACHE_CLAMPED_WEIGHTS else None
+    entry = None if per_dtype is None else per_dtype.get(dtype)
     if entry is None or not entry.valid_for(weight, bias):
         with torch.no_grad():
-            entry = _ClampedParams(weight, bias)
+            entry = _ClampedParams(weight, bias, dtype)
         if CACHE_CLAMPED_WEIGHTS:
-            _PARAM_CACHE[module] = entry
+            if per_dtype is None or not all(e.valid_for(weight, bias) for e in per_dtype.values()):
+                per_dtype = _PARAM_CACHE[module] = {}  # stale entries of other dtypes go with the old weight
+            per_dtype[dtype] = entry
     return entry
 
 
@@ -289,7 +308,7 @@ class _ZPlusRule(_SweepRule):
     """
 
     def relevance(self, module, x, rel):
-        params = _clamped_params(module)
+        params = _clamped_params(module, x.dtype)
         has_neg = bool(x.min() < 0)
         geometry = _conv2d_geometry(module, x)
         if geometry is not None:

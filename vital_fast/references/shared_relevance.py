@@ -36,7 +36,9 @@ class SharedRelevance:
     (:class:`~vital_fast.references.lrp_rules._DualNode`). After the pass, :meth:`maps` runs the relevance
     sweep of each start over the same graph (kept for the caller's backward); the caller's backward then
     gets the ordinary gradient. One forward pass instead of two; the maps equal :func:`relevance_maps` of
-    the same input (tests/test_relevance.py). The forward must reach every start layer (tap them).
+    the same input (tests/test_relevance.py). The forward must reach every start layer (tap them); a
+    pass that called one of the start or record layers more than once (a shared ReLU) leaves ``ran`` False,
+    since :func:`relevance_maps` explains such a module at the call before the start's first.
 
     Parameters
     ----------
@@ -48,9 +50,15 @@ class SharedRelevance:
         One relevance sweep each: the batch rows it explains (``members``, indices into the forward's
         unpadded batch), their channels ``(M,)`` (integer) or directions ``(M, C)`` (float), the layers
         whose relevance it returns, and optional ``(M, 2)`` neuron locations.
+    rule_dtype : torch.dtype or None
+        ``torch.bfloat16``: under a bfloat16 autocast forward, the rules of modules whose inputs are
+        bfloat16 compute in bfloat16: the maps stay as close to the float32 sweep as float32 rules over the
+        same bfloat16 forward do (tests/test_relevance.py), at a fraction of their cost. None (default):
+        rules compute in each module's parameter dtype, reading a reduced-precision forward in float32.
     """
 
-    def __init__(self, model: nn.Module, family: str, composite: str, starts: Sequence[tuple]) -> None:
+    def __init__(self, model: nn.Module, family: str, composite: str, starts: Sequence[tuple],
+                 rule_dtype: Optional[torch.dtype] = None) -> None:
         if not shares_forward(model, family, composite):
             raise ValueError(f"{OP}: no shared forward for family {family!r} with composite {composite!r} "
                              "(or a model in training mode); use relevance_maps")
@@ -64,14 +72,18 @@ class SharedRelevance:
             self.starts.append((layer, list(members), channels, list(dict.fromkeys(record)), locations))
         self.layers = list(dict.fromkeys([n for st in self.starts for n in (st[0], *st[3])]))
         self._modules = {name: modules[name] for name in self.layers}
-        self._switch = _Switch()
+        if rule_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"{OP}: rule_dtype must be None or torch.bfloat16, got {rule_dtype}")
+        self._switch = _Switch(rule_dtype)
         self._captured: Dict[str, torch.Tensor] = {}
+        self._calls: Dict[str, int] = {}
         self._stack: Optional[contextlib.ExitStack] = None
         self.ran = False
 
     def __enter__(self) -> "SharedRelevance":
         _warn_family(self.model, self.family, self.composite, stacklevel=3)
         self._captured.clear()
+        self._calls.clear()
         self.ran = False
         stack = contextlib.ExitStack()
         try:
@@ -86,8 +98,12 @@ class SharedRelevance:
 
             def capture(name):
                 def hook(module, args, output):
+                    self._calls[name] = self._calls.get(name, 0) + 1
                     if isinstance(output, torch.Tensor):
                         self._captured[name] = output
+                        # later layers get a copy: an in-place op downstream (``out += identity``, an
+                        # in-place ReLU in a model's forward) would rebind this tensor's values and grad_fn
+                        return output.clone()
                 return hook
 
             for name, mod in self._modules.items():  # after the composite: they see the re-attached outputs
@@ -103,13 +119,17 @@ class SharedRelevance:
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
-        self.ran = exc[0] is None and all(st[0] in self._captured for st in self.starts)
+        # a module called more than once (a shared ReLU) is explained at one call by relevance_maps; here the
+        # forward goes on past it, so such a pass does not serve (the caller falls back to relevance_maps)
+        self.ran = (exc[0] is None and all(st[0] in self._captured for st in self.starts)
+                    and all(self._calls.get(name, 0) == 1 for name in self.layers))
 
     def maps(self, n: int) -> List[Dict[str, torch.Tensor]]:
         """Per start, layer -> relevance ``(M, ...)`` of its members (float32, detached), from the forward
         pass just run over ``n`` unpadded rows. The graph is kept for the caller's backward."""
         if not self.ran:
-            raise RuntimeError(f"{OP}: SharedRelevance.maps before a completed forward pass through every start layer")
+            raise RuntimeError(f"{OP}: SharedRelevance.maps before a completed forward pass that called every start "
+                               "and record layer exactly once (check .ran; else use relevance_maps)")
         out = []
         try:
             for layer, members, channels, record, locations in self.starts:
