@@ -174,8 +174,8 @@ class Engine:
         self.precision = precision_name(self.amp)
         # the torch.compile backend of the network's forward (None: eager); see _forward_compiled
         self.compile_backend = resolve_compile(getattr(self.s, "compile", None))
-        # channels-last layout of the network for the run (vital_fast.models.layout): converted at the first
-        # step, given back by close()
+        # channels-last layout of the network for the run (vital_fast.models.layout): converted before the
+        # first slot's references (so that every slot's are computed in one layout), given back by close()
         self.channels_last = resolve_channels_last(getattr(self.s, "channels_last", None), loaded.family, self.dev)
         self._layout = None
         self._taps = None  # PersistentTaps while a compiled forward has hooks on the model
@@ -206,7 +206,12 @@ class Engine:
         """The (layer, weight) pairs the objective reads for ``t`` (recorded with its result)."""
         return self.recipe.objective.plan(self, t)
 
+    def _convert_layout(self) -> None:
+        if self.channels_last and self._layout is None:
+            self._layout = ChannelsLast(self.loaded.model)
+
     def new_slot(self, t: Target) -> Slot:
+        self._convert_layout()
         slot = Slot(t, t.seed(self.seed))
         slot.param = self.recipe.param_of(t)
         t0 = time.perf_counter()
@@ -304,8 +309,7 @@ class Engine:
         if dt in (torch.float16, torch.bfloat16) and x.dtype != dt:
             x = x.to(dt)  # a half-precision model: its input in its dtype (the image and the loss stay float32)
         if self.channels_last:
-            if self._layout is None:
-                self._layout = ChannelsLast(model)
+            self._convert_layout()
             x = ChannelsLast.input(x)
         feats: Dict[str, torch.Tensor] = {}
         logits = None
@@ -369,6 +373,9 @@ class Engine:
         layout, self._layout = self._layout, None
         if layout is not None:
             layout.restore()
+            from vital_fast.references.lrp_rules import forget_clamped_params
+
+            forget_clamped_params(self.loaded.model)  # the z+ rules' copies of the channels-last weights
 
     def __enter__(self) -> "Engine":
         return self
