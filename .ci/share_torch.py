@@ -9,31 +9,34 @@ cost about 5.5 GB and ran a CI machine out of disk.
 """
 
 import os
-import re
 import sys
 from importlib import metadata
 
 
-def _name(req):
-    """The distribution a requirement string names, or None when only an extra asks for it."""
-    if "extra ==" in req or "extra==" in req:
-        return None
-    return re.split(r"[ ;<>=!~\[(]", req.strip(), maxsplit=1)[0]
-
-
 def closure(roots):
-    seen, todo = {}, list(roots)
+    """The distributions ``roots`` need, following each requirement's extras (torch asks for
+    ``cuda-toolkit[cublas,...]``, whose dependencies are all behind extras) and markers."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found, visited, todo = {}, set(), [(r, frozenset()) for r in roots]
     while todo:
-        key = todo.pop().lower().replace("_", "-")
-        if key in seen or key in ("pip", "setuptools", "wheel"):
-            continue  # the clean venv has its own
-        try:
-            dist = metadata.distribution(key)
-        except metadata.PackageNotFoundError:
-            continue  # a marker-excluded requirement (another platform) is simply not there
-        seen[key] = dist
-        todo.extend(n for n in map(_name, dist.requires or []) if n)
-    return seen.values()
+        name, extras = todo.pop()
+        key = canonicalize_name(name)
+        if key in ("pip", "setuptools", "wheel") or (key, extras) in visited:
+            continue  # the clean venv has its own installers
+        visited.add((key, extras))
+        if key not in found:
+            try:
+                found[key] = metadata.distribution(key)
+            except metadata.PackageNotFoundError:
+                continue  # a marker-excluded requirement (another platform) is simply not there
+        for text in found[key].requires or []:
+            req = Requirement(text)
+            envs = [{"extra": e} for e in sorted(extras)] or [{"extra": ""}]
+            if req.marker is None or any(req.marker.evaluate(env) for env in envs):
+                todo.append((req.name, frozenset(req.extras)))
+    return found.values()
 
 
 def main(farm, pth):
