@@ -73,3 +73,26 @@ def test_stock_composites_keep_the_second_forward(lm, refs, monkeypatch):
     _, n_shared = _run(lm, refs, tg, True, monkeypatch, lrp_composite="epsilon_plus_flat")
     _, n_separate = _run(lm, refs, tg, False, monkeypatch, lrp_composite="epsilon_plus_flat")
     assert n_shared == n_separate
+
+
+def test_a_start_module_that_runs_twice_tries_sharing_once_then_takes_the_second_forward(lm, refs, monkeypatch):
+    """BasicBlock's ReLU runs twice per forward: its first step's shared pass does not serve (relevance_maps
+    explains the first call), and later steps do not try again."""
+    from vital_fast.references import shared_relevance
+
+    built = []
+    real = shared_relevance.SharedRelevance.__init__
+
+    def counting(self, *a, **k):
+        built.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(shared_relevance.SharedRelevance, "__init__", counting)
+    # the layer3 target takes the forward past the ReLU's second call (its own start is a minority: separate)
+    tg = ["channel:layer2.0.relu:1", "channel:layer2.0.relu:5", "channel:layer3:2"]
+    shared, n_shared = _run(lm, refs, tg, True, monkeypatch)
+    assert len(built) == 1
+    separate, n_separate = _run(lm, refs, tg, False, monkeypatch)
+    assert n_shared == n_separate  # the failed attempt cost no forward of its own
+    for a, b in zip(shared.images, separate.images):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)

@@ -42,6 +42,7 @@ class SortMatch(Objective):
         self._logit: Optional[str] = None
         self._groups: Dict[int, Tuple[tuple, list]] = {}
         self._shared = None  # the SharedRelevance of the step now running (its starts name their slots)
+        self._unshared: set = set()  # layers whose module runs more than once: their starts never share
 
     def setup(self, engine, targets):
         from vital_fast.models import default_layers, resolve_layer
@@ -136,10 +137,10 @@ class SortMatch(Objective):
         S = engine.sizes[slots[0].stage]  # the step's side (the engine stacks slots of one side)
         starts = []
         for layer, idx in self._by_start(engine, slots, need).items():
-            if 2 * len(idx) < len(slots):
+            rec = [l for l, _ in slots[idx[0]].state["refs"].layers]
+            if 2 * len(idx) < len(slots) or self._unshared.intersection([layer, *rec]):
                 continue
             chans, locs = unit_starts([slots[i].target for i in idx], S, engine.loaded.input_size, "cpu")
-            rec = [l for l, _ in slots[idx[0]].state["refs"].layers]
             starts.append((layer, idx, chans, rec, locs))
         if not starts:
             return None
@@ -152,6 +153,8 @@ class SortMatch(Objective):
         groups = self._groups_for(ctx)
         need = self._due(slots)
         shared, self._shared = self._shared, None
+        if shared is not None and shared.repeated:
+            self._unshared.update(shared.repeated)  # later steps go straight to the second forward
         if shared is not None and shared.ran:
             tl = time.perf_counter()
             done = set()

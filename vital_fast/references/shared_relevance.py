@@ -79,12 +79,14 @@ class SharedRelevance:
         self._calls: Dict[str, int] = {}
         self._stack: Optional[contextlib.ExitStack] = None
         self.ran = False
+        self.repeated: List[str] = []  # start / record layers whose module the last pass called more than once
 
     def __enter__(self) -> "SharedRelevance":
         _warn_family(self.model, self.family, self.composite, stacklevel=3)
         self._captured.clear()
         self._calls.clear()
         self.ran = False
+        self.repeated = []
         stack = contextlib.ExitStack()
         try:
             comp = stack.enter_context(_borrow_composite(self.model, self.family, self.composite))
@@ -121,8 +123,8 @@ class SharedRelevance:
             stack.close()
         # a module called more than once (a shared ReLU) is explained at one call by relevance_maps; here the
         # forward goes on past it, so such a pass does not serve (the caller falls back to relevance_maps)
-        self.ran = (exc[0] is None and all(st[0] in self._captured for st in self.starts)
-                    and all(self._calls.get(name, 0) == 1 for name in self.layers))
+        self.repeated = [name for name in self.layers if self._calls.get(name, 0) > 1]
+        self.ran = (exc[0] is None and all(st[0] in self._captured for st in self.starts) and not self.repeated)
 
     def maps(self, n: int) -> List[Dict[str, torch.Tensor]]:
         """Per start, layer -> relevance ``(M, ...)`` of its members (float32, detached), from the forward
