@@ -221,7 +221,7 @@ def main(argv=None) -> int:
             acts, vis_all, secs = [], [], []
             for seed in a.seeds:
                 key = hashlib.sha256(json.dumps([a.model, layer, chans, method, sorted(s.to_dict().items()), vsize, seed,
-                                                 len(pool), a.k] + ([rules] if rules != "bfloat16" else []),
+                                                 len(pool), a.k] + ([rules] if s.amp == "bf16" else []),
                                                 default=str).encode()).hexdigest()[:12]
                 path = os.path.join(a.out, f"{layer}-{vname}-s{seed}-{key}.pt")
                 if os.path.isfile(path):
