@@ -2,8 +2,8 @@
 
 Convolutions on CPUs (oneDNN) and on NVIDIA GPUs run faster on channels-last (NHWC) tensors. On this
 project's CPU (Intel Xeon with AMX, 2 threads, 224 px, B = 8), a forward + backward to the last matched
-layer measured 1.05x (ResNet-50) and 1.17x (efficientnet-lite0) faster in float32, and 1.42x and 1.29x in
-bfloat16 (README, "Speed"). The values are the same up to rounding.
+layer measured 1.14x (ResNet-50) and 1.16x (efficientnet-lite0) faster in float32, and 1.37x and 1.26x in
+bfloat16 (README, "Mixed precision and memory layout"). The values are the same up to rounding.
 
 ``"auto"`` takes channels-last for the convolutional families vital_fast knows (``resnet``,
 ``efficientnet_lite``, ``efficientnet``, ``densenet``, ``convnext``) on CPU and CUDA devices; a ``generic``

@@ -28,8 +28,9 @@ it; the engine is also a context manager). A step whose objective brings its own
 (``objective.hooks(model)``, e.g. BatchNorm statistics) runs eagerly; relevance runs on the eager model.
 
 **Layout.** With ``settings.channels_last`` (default ``"auto"``: the known convolutional families) the
-network runs channels-last (:mod:`vital_fast.models.layout`): its 4-D weights are converted at the first
-step and given back by :meth:`Engine.close`, and each step's views enter in that layout.
+network runs channels-last (:mod:`vital_fast.models.layout`): its 4-D weights are converted before the
+first slot's references are computed and given back by :meth:`Engine.close`, and each step's views enter
+in that layout.
 
 **Shared forward.** An objective may ask to share the step's eager forward pass
 (``objective.forward_pass(engine, slots)``): VITAL's relevance of channel targets (and of class targets

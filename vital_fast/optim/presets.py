@@ -60,8 +60,10 @@ class Settings:
     param: str = "pixel"
 
     def __post_init__(self) -> None:
-        if self.channels_last not in ("auto", "on", "off"):
-            raise ValueError(f"unknown channels_last {self.channels_last!r}; valid: auto, off, on")
+        if self.channels_last not in ("auto", "on", "off"):  # the one message that lists the valid values
+            from vital_fast.models.layout import resolve_channels_last
+
+            resolve_channels_last(self.channels_last, "generic", "cpu")
         if self.compile not in ("off", "on"):  # an unknown backend: one line listing the valid ones, now
             from vital_fast.models.compiled import resolve_compile
 
