@@ -156,7 +156,8 @@ def test_target_independent_of_batch_slot_and_neighbours(tmp_path, images, cache
     sweep and a single-target ``visualize`` with the same seed, bit for bit (oneDNN off)."""
     m = tiny_loaded()
     cache = DiskCache(str(cache_dir))
-    s = small_settings(stages=[(0.5, 3), (1.0, 21)])
+    # the early-stopping test runs every loss_every of a target's own steps, whatever its neighbours do
+    s = small_settings(stages=[(0.5, 3), (1.0, 21)], loss_every=2)
     kw = dict(settings=s, seed=3, cache=cache, class_layers=LAYERS, exact=True, early_stop=0.05,
               early_stop_window=3)
     big = run_sweep(m, str(images), str(tmp_path / "big"), layer="conv3", channels="0-6", classes=[1], batch=3, **kw)

@@ -5,15 +5,25 @@ an :class:`~vital_fast.optim.objectives.Objective`, the random :class:`~vital_fa
 each step takes, the optimizer and its learning-rate schedule); the :class:`Engine` owns the loop.
 
 **Slots.** Each target occupies a slot with its own state: parameters and buffers, its own
-optimizer (so its own moments and step count), its own seeded generator (initialization and every
+optimizer moments and step count, its own seeded generator (initialization and every
 random view), its stage of the multi-resolution schedule, its step, its transparency accumulator
 and its loss record. Every :meth:`Engine.tick` stacks the occupied slots (one stack per resolution
 when slots sit in different stages), renders them, takes their views, runs the network once,
-evaluates the objective (one loss per element), backpropagates the sum, and steps each slot's
-optimizer. Per-slot arithmetic never mixes slots, so a target's result does not depend on its
-neighbours or its slot (up to the convolutions' rounding, which differs with the batch size in
-oneDNN). A finished slot can be refilled with the next target (sweeps) or the batch can stay
-fixed (:meth:`Engine.run`, what ``visualize`` does).
+evaluates the objective (one loss per element), backpropagates the sum, and updates every slot of
+the stack at once (:mod:`vital_fast.optim.update`: one multi-tensor Adam/NAdam step with each slot's
+own learning rate and step count; the transparency accumulation and the projection likewise), so the
+ops of a step do not grow with the batch. Per-slot arithmetic never mixes slots, so a target's result
+does not depend on its neighbours or its slot (up to the convolutions' rounding, which differs with the
+batch size in oneDNN). A finished slot can be refilled with the next target (sweeps) or the batch can
+stay fixed (:meth:`Engine.run`, what ``visualize`` does).
+
+**No device reads per step.** The losses stay on the device and are read in one transfer every
+``settings.loss_every`` steps (:meth:`Engine.flush`; also when a slot finishes or changes stage, and at
+the end): a GPU step then never waits for the device. The per-step loss record is complete after a
+read. Progress callbacks run at reads. The early-stopping test runs at a slot's own check points, every
+``loss_every`` of its steps (the engine reads the losses when a slot in its last stage reaches one), so
+that a target's result depends on its own losses only, never on when its neighbours made the engine read. Under ``amp="fp16"`` the loss scale is dynamic and on the device too
+(:class:`~vital_fast.optim.precision.LossScale`).
 
 **Stages.** ``settings.stages`` gives ``(scale, steps)`` pairs. When a slot enters a stage the
 objective prepares it (VITAL recomputes the references' prototypes at the stage's resolution); a
@@ -52,17 +62,18 @@ from vital_fast.models.compiled import resolve_compile
 from vital_fast.models.layout import ChannelsLast, resolve_channels_last
 from vital_fast.optim.objectives import Objective, StepContext, check_per_element
 from vital_fast.optim.parametrizations import Parametrization
-from vital_fast.optim.precision import FP16_LOSS_SCALE, autocast, precision_name, resolve_amp
+from vital_fast.optim.precision import LossScale, autocast, precision_name, resolve_amp
 from vital_fast.optim.presets import Settings
 from vital_fast.optim.regularizers import lr_factor
 from vital_fast.optim.result import ProgressFn
 from vital_fast.optim.targets import Target
 from vital_fast.optim.transforms import Views
+from vital_fast.optim.update import OPTIMIZERS, SlotMoments, multi_step
 from vital_fast.references.images import ImageSet
 
 __all__ = ["Engine", "Recipe", "Slot"]
 
-_OPTIMIZERS = {"adam": torch.optim.Adam, "nadam": torch.optim.NAdam}
+LOSS_EVERY = 10  # Settings.loss_every's default: steps between two reads of the loss record
 
 
 @dataclass
@@ -88,8 +99,8 @@ class Recipe:
     kind_param: Dict[str, Parametrization] = field(default_factory=dict)  # target kind -> its own parametrization
 
     def __post_init__(self) -> None:
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(sorted(_OPTIMIZERS))}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: constant, cosine")
 
@@ -108,10 +119,12 @@ class Recipe:
         return p.lr, ("constant" if not p.per_stage else self.schedule)
 
     def make_optimizer(self, params: List[torch.Tensor], lr: Optional[float] = None) -> torch.optim.Optimizer:
+        """A ``torch.optim`` optimizer with the recipe's settings (for callers' own loops; the engine updates
+        every slot at once with :func:`vital_fast.optim.update.multi_step`, the same arithmetic)."""
         lr = self.lr if lr is None else lr
         if self.optimizer == "adam":
             return torch.optim.Adam(params, lr=lr, betas=tuple(self.betas), eps=self.eps)
-        return torch.optim.NAdam(params, lr=lr)
+        return torch.optim.NAdam(params, lr=lr, betas=tuple(self.betas), eps=self.eps)
 
 
 class Slot:
@@ -129,13 +142,14 @@ class Slot:
         self.step = 0                # step within the stage
         self.global_step = 0         # steps taken in all
         self.param: Optional[Parametrization] = None
-        self.p: Optional[torch.Tensor] = None
+        self.p: Optional[torch.Tensor] = None   # the parameters (no grad: each step stacks them into a leaf)
         self.buffers: Dict[str, torch.Tensor] = {}
-        self.opt: Optional[torch.optim.Optimizer] = None
+        self.moments: Optional[SlotMoments] = None
         self.alpha: Optional[torch.Tensor] = None
         self.refset: ImageSet = ImageSet()
         self.state: Dict[str, Any] = {}   # the objective's per-slot state (references, relevance)
-        self.losses: List[float] = []
+        self.losses: List[float] = []   # complete up to the engine's latest read (Engine.flush)
+        self.pending = 0                # steps whose losses are still on the device
         self.t0 = time.perf_counter()
         self.stopped_early = False
         self.done = False
@@ -189,6 +203,13 @@ class Engine:
         self.early_stop = early_stop
         self.window = int(early_stop_window or max(5, self.total_steps // 10))
         self.t_refs = self.t_lrp = self.t_opt = 0.0
+        self.loss_every = int(getattr(self.s, "loss_every", LOSS_EVERY))
+        if self.loss_every < 1:
+            raise ValueError(f"loss_every must be >= 1 (steps between reads of the loss record), got {self.loss_every}")
+        self._pending: List[Tuple[List[Slot], torch.Tensor]] = []  # losses not yet read, on the device
+        self.reads = 0
+        self.scaler = LossScale(self.dev) if self.amp is torch.float16 else None
+        self.loss_scale: Dict[str, float] = {}  # float16: the scale and the skipped steps at the latest read
         self.ticks = 0
         self.slot_steps = 0
         # where a step's time goes (CPU wall time; on a GPU, without synchronization, launch time):
@@ -234,18 +255,21 @@ class Engine:
     def _enter_stage(self, slot: Slot, p: torch.Tensor) -> None:
         with torch.no_grad():
             slot.param.project(p, self.loaded)
-        slot.p = p.detach().requires_grad_(True)
-        slot.opt = self.recipe.make_optimizer([slot.p], self.recipe.lr_of(slot.param)[0])
+        slot.p = p.detach()
+        slot.moments = SlotMoments(slot.p)
         slot.step = 0
 
-    def _advance(self, slot: Slot) -> None:
+    def _advance(self, slot: Slot) -> bool:
+        """Count the slot's step; True when it finished, changed stage or reached an early-stopping check point
+        (the engine then reads the losses)."""
         slot.step += 1
         slot.global_step += 1
         last = slot.stage == len(self.sizes) - 1
         if slot.step >= self.stage_steps[slot.stage]:
             if last:
                 slot.done = True
-                return
+                return True
+            self.flush()  # the stage's losses read before the next stage's references are prepared
             slot.stage += 1
             S = self.sizes[slot.stage]
             self.recipe.objective.enter_stage(self, slot)
@@ -254,14 +278,59 @@ class Engine:
                 self._enter_stage(slot, slot.param.resize(slot.p.detach(), S, self.loaded))
             else:
                 slot.step = 0
-            return
+            return True
+        return self._check_point(slot)
+
+    def _check_point(self, slot: Slot) -> bool:
+        """The slot is at one of its early-stopping check points (every ``loss_every`` of its steps, in its
+        last stage, once it has two windows of losses there)."""
         w = self.window
-        if self.early_stop is not None and last and len(slot.losses) >= 2 * w and slot.step >= 2 * w:
-            prev = sum(slot.losses[-2 * w:-w]) / w
-            cur = sum(slot.losses[-w:]) / w
-            if prev - cur <= self.early_stop * abs(prev):
-                slot.done = True
-                slot.stopped_early = True
+        return (self.early_stop is not None and not slot.done and slot.stage == len(self.sizes) - 1
+                and slot.step >= 2 * w and slot.global_step % self.loss_every == 0)
+
+    def _early_stop(self, slot: Slot) -> None:
+        """The early-stopping test of a slot at a check point, on its losses up to there (read: no pending)."""
+        w = self.window
+        if not self._check_point(slot) or slot.pending or len(slot.losses) < 2 * w:
+            return
+        prev = sum(slot.losses[-2 * w:-w]) / w
+        cur = sum(slot.losses[-w:]) / w
+        if prev - cur <= self.early_stop * abs(prev):
+            slot.done = True
+            slot.stopped_early = True
+
+    def flush(self) -> bool:
+        """Read every loss still on the device in one transfer (and float16's loss scale with them), append
+        them to their slots' records and run the early-stopping test; False when there was nothing to read.
+
+        Raises
+        ------
+        FloatingPointError
+            float16's loss scale fell below its floor: every step overflowed (use bf16 or float32).
+        """
+        if not self._pending:
+            return False
+        pending, self._pending = self._pending, []
+        parts = [t for _, t in pending] + ([self.scaler.record()] if self.scaler is not None else [])
+        vals = torch.cat(parts).cpu().tolist()
+        self.reads += 1
+        i = 0
+        for slots, _ in pending:
+            for sl in slots:
+                sl.losses.append(vals[i])
+                sl.pending -= 1
+                i += 1
+        if self.scaler is not None:
+            scale, skipped = vals[i], vals[i + 1]
+            self.loss_scale = {"scale": scale, "skipped_steps": int(skipped)}
+            if scale < LossScale.FLOOR:
+                raise FloatingPointError(
+                    f"amp fp16: the loss scale fell to {scale:.3g} ({int(skipped)} steps skipped): the gradients "
+                    f"overflow float16 at every scale; run with amp bf16 (--amp bf16) or float32 (--amp off)")
+        for slots, _ in pending:
+            for sl in slots:
+                self._early_stop(sl)
+        return True
 
     def _lr(self, slot: Slot) -> float:
         r = self.recipe
@@ -274,22 +343,26 @@ class Engine:
 
     # --- one optimization step of every occupied slot ------------------------------------------
 
-    def tick(self, slots: Sequence[Slot]) -> torch.Tensor:
-        """One step of every slot in ``slots``; returns their losses ``(len(slots),)``."""
+    def tick(self, slots: Sequence[Slot]) -> bool:
+        """One step of every slot in ``slots``. Their losses stay on the device until the next read
+        (:meth:`flush`: every ``settings.loss_every`` ticks, and when a slot finishes or changes stage);
+        returns True when this tick read them."""
         groups: Dict[Tuple[int, int], List[int]] = {}  # (side, parametrization) -> slots stacked together
         order = {id(p): j for j, p in enumerate(self.recipe.parametrizations())}
         for i, sl in enumerate(slots):
             groups.setdefault((self.sizes[sl.stage], order.get(id(sl.param), len(order))), []).append(i)
-        losses = torch.zeros(len(slots))
         t0 = time.perf_counter()
         refs0 = self.t_refs
+        reads0 = self.reads
+        ended = False
         for key in sorted(groups):
-            members = groups[key]
-            losses[members] = self._step_group(key[0], [slots[i] for i in members])
-        self.t_opt += time.perf_counter() - t0 - (self.t_refs - refs0)
+            ended |= self._step_group(key[0], [slots[i] for i in groups[key]])
         self.ticks += 1
         self.slot_steps += len(slots)
-        return losses
+        if ended or self.ticks % self.loss_every == 0:
+            self.flush()
+        self.t_opt += time.perf_counter() - t0 - (self.t_refs - refs0)
+        return self.reads != reads0
 
     def _forward(self, view: torch.Tensor, slots: Sequence[Slot]):
         """One network pass over ``view`` (under autocast with ``Settings.amp``): the tapped features
@@ -384,10 +457,12 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _step_group(self, S: int, slots: Sequence[Slot]) -> torch.Tensor:
+    def _step_group(self, S: int, slots: Sequence[Slot]) -> bool:
+        """One step of a stack of slots at side ``S``; True when one of them finished or changed stage."""
         r, B = self.recipe, len(slots)
         t0 = time.perf_counter()
-        p = torch.cat([sl.p for sl in slots]) if B > 1 else slots[0].p
+        # the stacked parameters are the step's leaf: one gradient tensor, split into per-slot views
+        p = (torch.cat([sl.p for sl in slots]) if B > 1 else slots[0].p.detach()).requires_grad_(True)
         bufs = {k: torch.cat([sl.buffers[k] for sl in slots]) for k in slots[0].buffers}
         param = slots[0].param
         img = param.render(p, bufs, self.loaded)
@@ -414,28 +489,36 @@ class Engine:
         ctx = StepContext(self, slots, image, view, r.views.repeat, feats, logits, S)
         total = check_per_element(r.objective(ctx), B, r.objective.name)
         t3 = time.perf_counter()
-        scale = FP16_LOSS_SCALE if self.amp is torch.float16 else 1.0
-        (total.sum() * scale if scale != 1.0 else total.sum()).backward()
+        scaler = self.scaler
+        (total.sum() * scaler.scale if scaler is not None else total.sum()).backward()
         t4 = time.perf_counter()
         grad = (p if img is p else img).grad
         if grad is None:
             raise ValueError(f"objective {r.objective.name} does not depend on the image (no gradient reached it)")
         grad = grad.detach()
-        if scale != 1.0:
-            grad = torch.nan_to_num(grad / scale, nan=0.0, posinf=0.0, neginf=0.0)
-            for sl in slots:
-                sl.p.grad = torch.nan_to_num(sl.p.grad / scale, nan=0.0, posinf=0.0, neginf=0.0)
-        tot = total.detach().float().cpu()
+        ok = None
+        if scaler is not None:  # unscale; a step that overflowed is skipped on the device (ok == 0)
+            ok = scaler.unscale([p.grad] if img is p else [p.grad, grad])
+        self._pending.append((list(slots), total.detach().float()))
+        for sl in slots:
+            sl.pending += 1
         with torch.no_grad():
-            for i, sl in enumerate(slots):
-                a = grad[i:i + 1].abs().sum(1, keepdim=True)
-                sl.alpha = a if sl.alpha is None else sl.alpha.add_(a)
-                for pg in sl.opt.param_groups:
-                    pg["lr"] = self._lr(sl)
-                sl.opt.step()
-                sl.opt.zero_grad(set_to_none=True)
-                param.project(sl.p, self.loaded)
-                sl.losses.append(float(tot[i]))
+            a = grad.abs().sum(1, keepdim=True)
+            if ok is not None:
+                a.mul_(ok)
+            parts = stack_rows(a, B)
+            alphas = [sl.alpha for sl in slots if sl.alpha is not None]
+            if len(alphas) == B:
+                torch._foreach_add_(alphas, parts)
+            else:  # a slot's first step
+                for sl, part in zip(slots, parts):
+                    sl.alpha = part.clone() if sl.alpha is None else sl.alpha.add_(part)
+            ps = [sl.p for sl in slots]
+            multi_step(r.optimizer, ps, stack_rows(p.grad, B), [sl.moments for sl in slots],
+                       [self._lr(sl) for sl in slots], r.betas, r.eps, ok)
+            param.project_many(ps, self.loaded)
+            if scaler is not None:
+                scaler.update(ok)
         ph = self.phases
         ph["views_s"] += t1 - t0
         ph["forward_s"] += t2 - t1
@@ -444,9 +527,10 @@ class Engine:
         ph["update_s"] += time.perf_counter() - t4
         if self._compiled_now:
             self.t_compile += time.perf_counter() - t0
+        ended = False
         for sl in slots:  # stage changes prepare references (LRP): outside no_grad
-            self._advance(sl)
-        return tot
+            ended |= self._advance(sl)
+        return ended
 
     # --- fixed batches and results -------------------------------------------------------------
 
@@ -456,9 +540,9 @@ class Engine:
         try:
             slots = [self.new_slot(t) for t in targets]
             for step in range(self.total_steps):
-                losses = self.tick(slots)
-                if progress is not None:
-                    progress(step + 1, self.total_steps, losses)
+                if self.tick(slots) and progress is not None:  # at each read of the losses
+                    progress(step + 1, self.total_steps, torch.tensor([sl.losses[-1] for sl in slots]))
+            self.flush()
             return slots
         finally:
             self.close()
@@ -480,11 +564,17 @@ class Engine:
         ``optimize_s`` includes."""
         steps = self.total_steps
         out = {"total_s": time.perf_counter() - t_start, "references_s": self.t_refs, "optimize_s": self.t_opt,
+               "loss_reads": self.reads,
                "relevance_s": self.t_lrp, "steps": steps, "s_per_step": self.t_opt / max(1, self.ticks),
                "s_per_target_step": self.t_opt / max(1, self.slot_steps), **self.phases}
         if self.compile_backend is not None:
             out["compile_s"] = self.t_compile
         return out
+
+
+def stack_rows(t: torch.Tensor, n: int) -> List[torch.Tensor]:
+    """The ``n`` one-element rows of a stacked ``(n, ...)`` tensor, as views (one op)."""
+    return list(t.split(1)) if n > 1 else [t]
 
 
 def _compiled_frames() -> int:

@@ -24,7 +24,7 @@ any method can run on any parametrization: ``visualize(..., param="fourier")``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,13 @@ class Parametrization:
     def project(self, p: torch.Tensor, loaded) -> None:
         """Keep parameters valid after a step (in place, no grad)."""
 
+    def project_many(self, ps: List[torch.Tensor], loaded) -> None:
+        """:meth:`project` of every slot's parameters of a step (the engine's call); override it with
+        multi-tensor ops where :meth:`project` does something, so that a step's ops do not grow with the batch."""
+        if type(self).project is not Parametrization.project:
+            for p in ps:
+                self.project(p, loaded)
+
     def resize(self, p: torch.Tensor, size: int, loaded) -> torch.Tensor:
         """A slot's parameters at a new stage's side."""
         return p
@@ -152,6 +159,12 @@ class Pixel(Parametrization):
     def project(self, p, loaded):
         lo, hi = self.bounds(loaded, p.device)
         p.copy_(torch.max(torch.min(p, hi), lo))
+
+    def project_many(self, ps, loaded):
+        if ps:
+            lo, hi = self.bounds(loaded, ps[0].device)
+            torch._foreach_minimum_(ps, [hi] * len(ps))
+            torch._foreach_maximum_(ps, [lo] * len(ps))
 
     def resize(self, p, size, loaded):
         if p.shape[-1] == size:

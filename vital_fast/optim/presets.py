@@ -58,8 +58,14 @@ class Settings:
     # VITAL's image parametrization: "pixel" (the paper's), "fourier" (the fast preset's), "maco", or "auto"
     # (per target kind: Fourier for class targets, pixels for channels); see vital_fast.optim.methods
     param: str = "pixel"
+    # steps between two reads of the loss record from the device (progress, early stopping and the record's
+    # completeness follow it; images do not): a GPU step never waits for the device in between
+    loss_every: int = 10
 
     def __post_init__(self) -> None:
+        if isinstance(self.loss_every, bool) or not isinstance(self.loss_every, int) or self.loss_every < 1:
+            raise ValueError(f"loss_every must be a whole number >= 1 (steps between reads of the loss record), "
+                             f"got {self.loss_every!r}")
         if self.channels_last not in ("auto", "on", "off"):  # the one message that lists the valid values
             from vital_fast.models.layout import resolve_channels_last
 
@@ -74,12 +80,12 @@ class Settings:
         return sum(s for _, s in self.stages)
 
     def to_dict(self) -> Dict[str, Any]:
-        """Every field, except ``amp`` and ``compile`` when "off", ``param`` when "pixel" and ``channels_last``
-        when "auto" (a layout changes no value beyond rounding): runs recorded before those fields existed keep
+        """Every field, except ``amp`` and ``compile`` when "off", ``param`` when "pixel", ``channels_last``
+        when "auto" (a layout changes no value beyond rounding) and ``loss_every`` when 10: runs recorded before those fields existed keep
         their identity (``Settings(**d)`` gives the same settings back)."""
         d = dataclasses.asdict(self)
         for name, neutral in (("amp", "off"), ("compile", "off"), ("param", "pixel"), ("channel_target_weight", 0.0),
-                              ("channel_relevance", True), ("channels_last", "auto")):
+                              ("channel_relevance", True), ("channels_last", "auto"), ("loss_every", 10)):
             if d.get(name) == neutral:
                 del d[name]
         return d
