@@ -55,6 +55,9 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: skip finished targets")
     p.add_argument("--lrp-every", type=int, default=None, metavar="K",
                    help="relevance of the synthetic image every K steps (default: the preset's, 1)")
+    p.add_argument("--loss-every", type=int, default=None, metavar="K",
+                   help="read the losses from the device every K steps (progress and early stopping follow it; the "
+                   "images do not; default: 10)")
     p.add_argument("--class-relevance", action="store_true",
                    help="weight class targets' features by LRP relevance from the class logit (off: the paper)")
     p.add_argument("--channel-relevance", action="store_true",
@@ -179,6 +182,10 @@ def _settings(args):
         if args.lrp_every < 1:
             raise UsageError(f"--lrp-every must be >= 1, got {args.lrp_every}")
         s = s.replace(lrp_every=args.lrp_every)
+    if getattr(args, "loss_every", None) is not None:
+        if args.loss_every < 1:
+            raise UsageError(f"--loss-every must be >= 1, got {args.loss_every}")
+        s = s.replace(loss_every=args.loss_every)
     if getattr(args, "class_relevance", False):
         s = s.replace(class_relevance=True)
     if getattr(args, "channel_relevance", False):
@@ -516,6 +523,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if verbose:
             traceback.print_exc()
         return EXIT_USAGE
+    except FloatingPointError as exc:  # float16's loss scale collapsed: a run that cannot go on, said in one line
+        print(f"vital-fast: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("vital-fast: interrupted; finished targets are saved (use --resume to continue)", file=sys.stderr)
         return 130

@@ -32,6 +32,7 @@ class VisualizationResult:
     method: str = "vital"         # the recipe that ran ("vital", a baseline, "vital+fourier", "custom:...")
     param: Dict[str, object] = field(default_factory=dict)  # the parametrization and its options
     precision: str = "float32"    # what the network ran in (Settings.amp resolved on the device)
+    loss_scale: Dict[str, float] = field(default_factory=dict)  # float16: final loss scale and skipped steps
 
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]

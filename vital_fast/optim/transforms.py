@@ -12,15 +12,19 @@ import torch
 
 
 def draw_jitter(gens: List[torch.Generator], max_shift: int, flip: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per element: vertical and horizontal shifts in [-max_shift, max_shift] and a flip bit."""
-    dy, dx, fl = [], [], []
-    for g in gens:
-        s = torch.randint(-max_shift, max_shift + 1, (2,), generator=g) if max_shift > 0 else torch.zeros(2, dtype=torch.long)
-        f = torch.randint(0, 2, (1,), generator=g) if flip else torch.zeros(1, dtype=torch.long)
-        dy.append(s[0])
-        dx.append(s[1])
-        fl.append(f[0])
-    return torch.stack(dy), torch.stack(dx), torch.stack(fl).bool()
+    """Per element: vertical and horizontal shifts in [-max_shift, max_shift] and a flip bit (one draw of each
+    kind per generator, then one stack: the ops of a step grow by two per element, not by five)."""
+    n = len(gens)
+    if max_shift > 0 or flip:
+        shifts, flips = [], []
+        for g in gens:
+            if max_shift > 0:
+                shifts.append(torch.randint(-max_shift, max_shift + 1, (2,), generator=g))
+            if flip:
+                flips.append(torch.randint(0, 2, (1,), generator=g))
+    s = torch.stack(shifts) if max_shift > 0 else torch.zeros(n, 2, dtype=torch.long)
+    f = torch.cat(flips) if flip else torch.zeros(n, dtype=torch.long)
+    return s[:, 0], s[:, 1], f.bool()
 
 
 def roll_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -37,12 +41,8 @@ def roll_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
 
 def draw_affine(gens: List[torch.Generator], scale: float, degrees: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per element: a scale factor in [1 - scale, 1 + scale] and an angle in [-degrees, degrees]."""
-    s, a = [], []
-    for g in gens:
-        u = torch.rand(2, generator=g, dtype=torch.float64)
-        s.append(1.0 + scale * (2 * u[0] - 1))
-        a.append(degrees * (2 * u[1] - 1))
-    return torch.stack(s), torch.stack(a)
+    u = torch.stack([torch.rand(2, generator=g, dtype=torch.float64) for g in gens])
+    return 1.0 + scale * (2 * u[:, 0] - 1), degrees * (2 * u[:, 1] - 1)
 
 
 def scale_rotate(x: torch.Tensor, scale: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

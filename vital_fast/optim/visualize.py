@@ -163,7 +163,7 @@ def _visualize(model, targets, references, preset, settings, seed, size, device,
     timings = engine.timings(t_start)
     return VisualizationResult(targets, images, transparency, losses, recipe.settings, [sl.seed for sl in slots],
                                ref_sets, layer_plan, timings, loaded.name, loaded.fingerprint, recipe.method,
-                               _describe(recipe, targets), engine.precision)
+                               _describe(recipe, targets), engine.precision, dict(engine.loss_scale))
 
 
 def _describe(recipe: Recipe, targets: Sequence[Target]) -> dict:

@@ -389,6 +389,8 @@ def _write_result(out: str, engine: _Engine, sl: _Slot, sweep_id: str, rank: int
     metrics = {"primary": final, "final_loss": final,
                "initial_loss": sl.losses[0] if sl.losses else None, "steps": len(sl.losses)}
     metrics.update(sl.extra)
+    if engine.loss_scale:  # float16: the engine's loss scale and skipped steps when this target finished
+        metrics["loss_scale"] = dict(engine.loss_scale)
     rec = {
         "key": t.key, "kind": t.kind, "index": t.index, "layer": t.layer, "slug": t.slug, "label": t.label(names),
         **t.record(),
