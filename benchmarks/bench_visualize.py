@@ -6,6 +6,7 @@
                                          [--channels-last auto off]
                                          [--prototype-resample stage step]
                                          [--no-single] [--no-paper]
+    python -m benchmarks.bench_visualize --overhead [--batches 1 8 64] [--steps 20] [--rounds 3]
 
 For each model (ResNet-50 with random weights, since pretrained weights cannot be fetched here, and
 efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
@@ -32,6 +33,13 @@ efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
   through at every step, and relevance rebuilt every step on a deep copy of the model.
 
 Only the optimization steps are timed (reference preparation is excluded for every row).
+
+``--overhead`` prints only the engine's own overhead instead: a three-layer CNN at 32 px (random weights,
+100 classes), where the network costs almost nothing, VITAL's ``fast`` preset with class targets at
+B = 1, 8 and 64: seconds per step of the engine (timed between two reads of the loss record, as a run
+goes) against the bare network's forward + backward at the same batch, their ratio, and the aten ops,
+the ops on device tensors (kernel launches on a GPU) and the device reads per steady-state step
+(:mod:`vital_fast.counting`). On a GPU this row decides throughput for small models.
 """
 
 from __future__ import annotations
@@ -105,8 +113,9 @@ def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: 
     sortmatch.RULES_IN_BF16 = relevance != "shared-fp32"
     # "step": the prototypes resampled to the features' row length inside the op at every step (the way before)
     sortmatch.FULL_LENGTH_CACHE_BYTES = 256 * 2 ** 20 if resample == "stage" else 0
+    # loss_every=1: a progress mark (and a loss read, free on the CPU) after every step, to time the steps after the first
     s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1,
-                 amp=amp, compile=compile, channels_last=layout)
+                 amp=amp, compile=compile, channels_last=layout, loss_every=1)
     refs = {t: random_refs(t, n_refs, size) for t in targets}
     marks = []
     res = visualize(loaded, targets, refs, settings=s, size=size, cache=DiskCache(enabled=False),
@@ -174,6 +183,103 @@ def time_paper_loop(loaded, target: str, size: int, steps: int, n_refs: int) -> 
             p.requires_grad_(False)
 
 
+class OverheadNet(torch.nn.Module):
+    """Three convolutions and a 100-class head: a network that costs almost nothing at 32 px."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.conv3 = torch.nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(32, 100)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+OVERHEAD_LAYERS = [("conv1", 1.0), ("conv2", 1.0), ("conv3", 1.0)]
+
+
+def overhead_measure(batches, steps: int, rounds: int, device: str = "cpu", sync=lambda: None):
+    """The engine's overhead over the bare network (see the module docstring) on ``device``: one dict a batch
+    size (``B``, ``engine_s``, ``network_s``, ``ratio``, ``ops``, ``device_ops``, ``reads`` per step);
+    ``sync`` ends each timed stretch (``torch.cuda.synchronize`` on a GPU)."""
+    from vital_fast.counting import steady_state_counts
+    from vital_fast.optim import get_preset
+
+    torch.manual_seed(0)
+    loaded = load_model(OverheadNet().eval(), input_size=32, resize_size=32, device=device)
+    cache = DiskCache(enabled=False)
+
+    def settings(n):
+        return get_preset("fast").replace(stages=[(1.0, n)], n_refs=4, ref_crops=0)
+
+    def targets(B):
+        if B > 100:
+            raise ValueError(f"overhead rows: at most 100 class targets, got B = {B}")
+        tg = [f"class:{i}" for i in range(B)]
+        return tg, {t: random_refs(t, 4, 32) for t in tg}
+
+    def engine_step(B):
+        tg, refs = targets(B)
+        marks = []
+
+        def mark(i, n, losses):
+            sync()
+            marks.append((i, time.perf_counter()))
+
+        # reads (and marks) at steps `every`, 2 `every` and the end: timed from the first read to the end,
+        # with the default loss_every when steps >= 20
+        every = min(10, max(1, steps // 2))
+        visualize(loaded, tg, refs, settings=settings(2 * every + 1).replace(loss_every=every), size=32, cache=cache,
+                  class_layers=OVERHEAD_LAYERS, progress=mark)
+        (i0, t0), (i1, t1) = marks[0], marks[-1]
+        return (t1 - t0) / (i1 - i0)
+
+    def network_step(B):
+        x = torch.rand(B, 3, 32, 32, device=device, requires_grad=True)
+        for p in loaded.model.parameters():
+            p.requires_grad_(False)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x.grad = None
+            loaded.model(x).sum().backward()
+        sync()
+        return (time.perf_counter() - t0) / steps
+
+    got = {(B, k): [] for B in batches for k in ("engine", "network")}
+    for _ in range(rounds):  # interleaved
+        for B in batches:
+            got[(B, "engine")].append(engine_step(B))
+            got[(B, "network")].append(network_step(B))
+    rows = []
+    for B in batches:
+        tg, refs = targets(B)
+        c = steady_state_counts(lambda n: visualize(loaded, tg, refs, settings=settings(n), size=32, cache=cache,
+                                                    class_layers=OVERHEAD_LAYERS, progress=False), 10, [loaded.model])
+        e, n = statistics.median(got[(B, "engine")]), statistics.median(got[(B, "network")])
+        rows.append({"B": B, "engine_s": e, "network_s": n, "ratio": e / n, "ops": c["ops"],
+                     "device_ops": c["device_ops"], "reads": c["reads"]})
+    return rows
+
+
+def overhead_rows(batches, steps: int, rounds: int) -> None:
+    """:func:`overhead_measure` on the CPU, as a markdown table."""
+    rows = overhead_measure(batches, steps, rounds)
+    print(f"overhead: 3-layer CNN, 32 px, fast preset, class targets, {steps} timed steps, median of {rounds} "
+          f"interleaved rounds, {torch.get_num_threads()} threads")
+    print("| B | engine s/step | network fwd+bwd s/step | engine / network | aten ops/step | device ops/step "
+          "| device reads/step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['B']} | {r['engine_s']:.5f} | {r['network_s']:.5f} | {r['ratio']:.1f}x | {r['ops']:.0f} | "
+              f"{r['device_ops']:.0f} | {r['reads']:.2f} |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["torchvision:resnet50", "efficientnet-lite0"])
@@ -203,7 +309,14 @@ def main(argv=None) -> int:
                     "and/or inside the op at every step (step, the way before); both: interleaved rows")
     ap.add_argument("--no-single", action="store_true", help="skip the B=1 rows")
     ap.add_argument("--no-paper", action="store_true", help="skip the paper-style loop rows")
+    ap.add_argument("--overhead", action="store_true",
+                    help="only the engine's overhead on a tiny CNN at 32 px (--batches, --steps, --rounds)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64], help="--overhead: batch sizes")
     a = ap.parse_args(argv)
+    if a.overhead:
+        torch.set_num_threads(a.threads)
+        overhead_rows(a.batches, max(a.steps, 10), a.rounds)
+        return 0
     from vital_fast.models.compiled import resolve_compile
 
     for c in a.compile:

@@ -16,9 +16,15 @@ check goes on):
 3. ``e2e``: seconds per target-step of ``vital_fast.optim.visualize`` (ResNet-50, random weights,
    224 px; class and ``layer3`` channel targets; B = 1, 8, 32; float32 and bf16 autocast) and of a
    loop written like the paper's code (B = 1, float32), synchronized at every step.
-4. ``projections``: the fast preset (150 steps) for all 1,000 ImageNet classes and for every channel
+4. ``step``: what a step costs the device beyond the network: aten ops, ops on device tensors (kernel
+   launches) and device reads per steady-state step of ``visualize`` (the model above, class targets,
+   B = 2 and 8: the reads must stay at 0.1, one every ``loss_every`` = 10 steps); the engine's overhead on a
+   three-layer CNN at 32 px against its bare forward + backward (B = 1, 8, 64; ``bench_visualize
+   --overhead``); and float32, bfloat16 and float16 (dynamic loss scale) on the card: seconds per step and
+   the loss after ``precision_steps`` steps of the fast preset (float16 must come within 1.5x of float32).
+5. ``projections``: the fast preset (150 steps) for all 1,000 ImageNet classes and for every channel
    of ``layer3``, from the time per target-step at the largest B measured.
-5. ``op_tests``: the Triton cases of ``tests/test_sort_match.py`` and ``tests/test_lrp_weight.py``
+6. ``op_tests``: the Triton cases of ``tests/test_sort_match.py`` and ``tests/test_lrp_weight.py``
    under pytest (in a subprocess, on CUDA tensors), with whatever budget is left.
 
 Writes ``DIR/gpu_check.json`` (device, versions, config, every row) and ``DIR/gpu_check.md`` (the
@@ -92,6 +98,8 @@ class Config:
     e2e_amps: Tuple[str, ...]
     e2e_steps: int                              # timed steps (one more runs first, untimed)
     e2e_refs: int                               # reference images per target for visualize
+    step_batches: Tuple[int, ...]               # the overhead row's batch sizes (tiny CNN)
+    precision_steps: int                        # steps of the precision rows
     paper_refs: int                             # reference images in the paper-style loop (paper: 50)
     pytest_k: str
     threads: Optional[int]                      # torch CPU threads (None: torch's default)
@@ -109,9 +117,9 @@ def real_config() -> Config:
         copy_bytes=256 << 20,
         model="torchvision:resnet50", size=224, channel_layer="layer3",
         e2e_batches=(1, 8, 32), e2e_amps=("off", "bf16"), e2e_steps=3,
-        e2e_refs=8, paper_refs=50,
+        e2e_refs=8, paper_refs=50, step_batches=(1, 8, 64), precision_steps=30,
         pytest_k="triton", threads=None,
-        est={"op_checks": 20, "kernel_table": 30, "e2e": 60, "projections": 0, "op_tests": 30,
+        est={"op_checks": 20, "kernel_table": 30, "e2e": 60, "step": 30, "projections": 0, "op_tests": 30,
              "op_case": 2.0, "kernel_row": 2.0, "e2e_row": 8.0},
     )
 
@@ -125,12 +133,12 @@ def dry_config() -> Config:
         copy_bytes=16 << 20,
         model="torchvision:resnet18", size=32, channel_layer="layer3",
         e2e_batches=(1, 2), e2e_amps=("off", "bf16"), e2e_steps=1,
-        e2e_refs=2, paper_refs=2,
+        e2e_refs=2, paper_refs=2, step_batches=(1, 2), precision_steps=3,
         pytest_k="triton and test_matches_reference and 2x3x7x7",
         # One thread: on a shared CPU, OpenMP threads that wait for a busy core slow the tiny ops
         # down tenfold (the end-to-end section: 4 s with one thread, 25-45 s with two).
         threads=1,
-        est={"op_checks": 1, "kernel_table": 1, "e2e": 2, "projections": 0, "op_tests": 2,
+        est={"op_checks": 1, "kernel_table": 1, "e2e": 2, "step": 2, "projections": 0, "op_tests": 2,
              "op_case": 0.05, "kernel_row": 0.1, "e2e_row": 0.5},
     )
 
@@ -449,21 +457,25 @@ def time_visualize(loaded, kind: str, B: int, amp: str, cfg: Config, sync) -> Di
     from vital_fast.references.cache import DiskCache
 
     tg = targets_for(kind, B, cfg.channel_layer)
-    s = get_preset(FAST_PRESET).replace(stages=[(1.0, cfg.e2e_steps + 1)], warmup=1, ref_crops=0,
-                                        n_refs=cfg.e2e_refs, amp=amp)
+    # the losses are read (and progress called) at steps `every`, 2 `every` and the end: timed from the first read
+    # to the end (every + 1 steps), the steps between running as in a real run, without a device read
+    every = max(1, cfg.e2e_steps // 2)
+    s = get_preset(FAST_PRESET).replace(stages=[(1.0, 2 * every + 1)], warmup=1, ref_crops=0,
+                                        n_refs=cfg.e2e_refs, amp=amp, loss_every=every)
     refs = {t: random_refs(t, cfg.e2e_refs, cfg.size) for t in tg}
-    marks: List[float] = []
+    marks: List[Tuple[int, float]] = []
 
     def progress(i, n, losses) -> None:
         sync()
-        marks.append(time.perf_counter())
+        marks.append((i, time.perf_counter()))
 
     sync()
     res = visualize(loaded, tg, refs, settings=s, size=cfg.size, cache=DiskCache(enabled=False),
                     progress=progress)
-    step_s = (marks[-1] - marks[0]) / (len(marks) - 1)
+    (i0, t0), (i1, t1) = marks[0], marks[-1]
+    step_s = (t1 - t0) / max(1, i1 - i0)
     return {"s_per_target_step": step_s / B, "s_per_step": step_s, "precision": res.precision,
-            "references_s": res.timings.get("references_s"), "timed_steps": len(marks) - 1}
+            "references_s": res.timings.get("references_s"), "timed_steps": i1 - i0}
 
 
 def time_paper_loop(loaded, kind: str, cfg: Config, sync) -> Dict[str, Any]:
@@ -597,7 +609,67 @@ def section_e2e(cfg: Config, budget: Budget, sec: Dict[str, Any]) -> None:
             os.environ["VITAL_FAST_BACKEND"] = old_env
 
 
-# --- 4. projections ----------------------------------------------------------------------------
+# --- 4. the step beyond the network ----------------------------------------------------------
+
+
+def section_step(cfg: Config, budget: Budget, sec: Dict[str, Any]) -> None:
+    from benchmarks.bench_visualize import overhead_measure
+    from vital_fast.counting import steady_state_counts
+    from vital_fast.models import load_model
+    from vital_fast.optim import get_preset, visualize
+    from vital_fast.references.cache import DiskCache
+
+    sync = make_sync(cfg.device)
+    weights = "random" if cfg.model.startswith("torchvision:") else "pretrained"
+    loaded = load_model(cfg.model, weights=weights, device=cfg.device)
+    cache = DiskCache(enabled=False)
+    sec["counts"], sec["overhead"], sec["precision"] = [], [], []
+    for B in (2, 8):
+        if budget.why_not(cfg.est["e2e_row"]) is not None:
+            break
+        tg = targets_for("class", B, cfg.channel_layer)
+        refs = {t: random_refs(t, cfg.e2e_refs, cfg.size) for t in tg}
+
+        def run(n):
+            s = get_preset(FAST_PRESET).replace(stages=[(1.0, n)], ref_crops=0, n_refs=cfg.e2e_refs)
+            visualize(loaded, tg, refs, settings=s, size=cfg.size, cache=cache, progress=False)
+
+        c = steady_state_counts(run, 10, [loaded.model])
+        sec["counts"].append({"model": cfg.model, "target": "class", "B": B, **c})
+    if budget.why_not(cfg.est["e2e_row"] * 2) is None:
+        sec["overhead"] = overhead_measure(cfg.step_batches, 10 if cfg.mode == "cuda" else 2,
+                                           3 if cfg.mode == "cuda" else 1, cfg.device, sync)
+    tg = targets_for("class", 2, cfg.channel_layer)
+    refs = {t: random_refs(t, cfg.e2e_refs, cfg.size) for t in tg}
+    for amp in ("off", "bf16", "fp16"):
+        if budget.why_not(cfg.est["e2e_row"]) is not None:
+            break
+        marks: List[Tuple[int, float]] = []
+
+        def mark(i, n, losses) -> None:
+            sync()
+            marks.append((i, time.perf_counter()))
+
+        row: Dict[str, Any] = {"amp": amp}
+        try:
+            s = get_preset(FAST_PRESET).replace(stages=[(1.0, cfg.precision_steps)], ref_crops=0,
+                                                n_refs=cfg.e2e_refs, amp=amp,
+                                                loss_every=min(10, max(1, cfg.precision_steps // 3)))
+            res = visualize(loaded, tg, refs, settings=s, size=cfg.size, cache=cache, progress=mark)
+            (i0, t0), (i1, t1) = marks[0], marks[-1]
+            row.update(status="ok", precision=res.precision, final_loss=float(res.losses[:, -1].mean()),
+                       s_per_step=(t1 - t0) / max(1, i1 - i0), loss_scale=res.loss_scale)
+        except Exception as exc:  # noqa: BLE001 - a dtype the card cannot run: recorded, not fatal
+            row.update(status="error", reason=error_text(exc))
+        sec["precision"].append(row)
+    base = next((r for r in sec["precision"] if r["amp"] == "off" and r["status"] == "ok"), None)
+    for r in sec["precision"]:
+        if base and r["status"] == "ok":
+            r["loss_vs_float32"] = r["final_loss"] / base["final_loss"]
+    sec["status"] = "ok" if sec["counts"] and sec["precision"] else "partial"
+
+
+# --- 5. projections ----------------------------------------------------------------------------
 
 
 def section_projections(cfg: Config, budget: Budget, sec: Dict[str, Any], e2e: Dict[str, Any]) -> None:
@@ -754,7 +826,7 @@ def _section_head(lines: List[str], title: str, sec: Optional[Dict[str, Any]]) -
     if sec.get("wall_s") is not None:
         note += f"; {sec['wall_s']:.1f} s"
     lines.append(note)
-    return bool(sec.get("rows")) or title.startswith("Op tests")
+    return bool(sec.get("rows") or sec.get("counts")) or title.startswith("Op tests")
 
 
 def _table(lines: List[str], head: Sequence[str], right: Sequence[int],
@@ -813,6 +885,26 @@ def markdown(report: Dict[str, Any]) -> str:
                 "status"]
         _table(lines, head, [2, 5, 6], rows)
 
+    sec = secs.get("step")
+    if _section_head(lines, "The step beyond the network", sec):
+        lines += ["", "Per steady-state step of visualize (class targets, fast preset): every aten op, the ops on "
+                      "device tensors (kernel launches), and device reads (one every loss_every = 10 steps: 0.1)"]
+        _table(lines, ["model", "B", "aten ops", "device ops", "device reads"], [1, 2, 3, 4],
+               [[r["model"], str(r["B"]), f"{r['ops']:.0f}", f"{r['device_ops']:.0f}", f"{r['reads']:.2f}"]
+                for r in sec.get("counts", [])])
+        lines += ["", "The engine's overhead: a 3-layer CNN at 32 px, engine step against the bare network's "
+                      "forward + backward (synchronized)"]
+        _table(lines, ["B", "engine s/step", "network s/step", "engine / network", "device ops", "reads"],
+               [0, 1, 2, 3, 4, 5],
+               [[str(r["B"]), _g(r["engine_s"]), _g(r["network_s"]), f"{r['ratio']:.1f}x", f"{r['device_ops']:.0f}",
+                 f"{r['reads']:.2f}"] for r in sec.get("overhead", [])])
+        lines += ["", "Precision on this device (B = 2 class targets, fast preset): seconds per step and the loss "
+                      "reached; float16 with the dynamic loss scale"]
+        _table(lines, ["amp", "precision", "s/step", "final loss", "vs float32", "loss scale", "status"], [2, 3, 4],
+               [[r["amp"], r.get("precision", ""), _g(r.get("s_per_step")), _g(r.get("final_loss")),
+                 _f(r.get("loss_vs_float32"), ".2f"), str(r.get("loss_scale") or ""), _status(r)]
+                for r in sec.get("precision", [])])
+
     sec = secs.get("projections")
     if _section_head(lines, f"Projections: the {FAST_PRESET} preset", sec):
         lines += ["", sec.get("assumptions", "")]
@@ -845,7 +937,7 @@ def write_outputs(report: Dict[str, Any], out: Path, budget: Budget) -> str:
     return md
 
 
-SECTIONS = ("op_checks", "kernel_table", "e2e", "projections", "op_tests")
+SECTIONS = ("op_checks", "kernel_table", "e2e", "step", "projections", "op_tests")
 
 
 def run_check(cfg: Config, out: Path, budget_s: float) -> int:
@@ -860,6 +952,7 @@ def run_check(cfg: Config, out: Path, budget_s: float) -> int:
         "op_checks": lambda sec: section_op_checks(cfg, budget, sec),
         "kernel_table": lambda sec: section_kernel_table(cfg, budget, sec),
         "e2e": lambda sec: section_e2e(cfg, budget, sec),
+        "step": lambda sec: section_step(cfg, budget, sec),
         "projections": lambda sec: section_projections(cfg, budget, sec, report["sections"].get("e2e", {})),
         "op_tests": lambda sec: section_op_tests(cfg, budget, sec),
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"op_checks", "kernel_table", "e2e", "projections", "op_tests"}
+SECTIONS = {"op_checks", "kernel_table", "e2e", "step", "projections", "op_tests"}
 
 
 def _run(args, timeout=600, env=None):
@@ -70,12 +70,20 @@ def test_dry_run_json_has_every_section(dry_run):
     assert {r["what"] for r in proj} == {"all ImageNet classes", "layer3 sweep"}
     assert all(r["status"] == "ok" and r["projected_s"] > 0 for r in proj)
     assert {r["targets"] for r in proj} == {1000, 256}  # resnet18's layer3 has 256 channels
+    step = secs["step"]
+    assert step["status"] == "ok", step
+    assert [r["B"] for r in step["counts"]] == [2, 8] and all(r["reads"] <= 0.1 for r in step["counts"])
+    assert [r["B"] for r in step["overhead"]] == [1, 2] and all(r["ratio"] > 0 for r in step["overhead"])
+    prec = {r["amp"]: r for r in step["precision"]}
+    assert set(prec) == {"off", "bf16", "fp16"} and all(r["status"] == "ok" for r in prec.values()), prec
+    assert prec["fp16"]["precision"] == "float16" and prec["fp16"]["loss_scale"]["scale"] > 0
 
 
 def test_dry_run_markdown_has_tables_and_is_printed(dry_run):
     res, out = dry_run
     md = (out / "gpu_check.md").read_text()
-    for head in ("## Op checks", "## Kernel table", "## End to end", "## Projections", "## Op tests"):
+    for head in ("## Op checks", "## Kernel table", "## End to end", "## The step beyond the network", "## Projections",
+                 "## Op tests"):
         assert head in md
     assert "| op | shape (B, C, H, W) |" in md and "|---|" in md
     assert "| shape (B, C, H, W) | provider | fwd+bwd ms |" in md

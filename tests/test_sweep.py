@@ -364,3 +364,22 @@ def test_wnid_class_folders_resolved_per_images_folder(tmp_path, monkeypatch):
         refs[name] = out.manifest["targets"][0]["references"]
     assert refs == {"a": [str(tmp_path / "a" / "n002" / "a.png")], "b": [str(tmp_path / "b" / "n102" / "b.png")]}
     assert "VITAL_FAST_WNIDS" not in os.environ
+
+
+@pytest.mark.parametrize("batch", [2, 8])
+def test_sweep_steady_state_reads_the_device_once_every_ten_steps(tmp_path, images, cache_dir, batch):
+    """A sweep's step, like visualize's, leaves its losses on the device and reads them every
+    ``loss_every`` (10) steps; finished targets' writes cancel between the two runs compared."""
+    from vital_fast.counting import steady_state_counts
+
+    m = tiny_loaded()
+    cache = DiskCache(str(cache_dir))
+    runs = []
+
+    def run(n):
+        runs.append(n)
+        run_sweep(m, str(images), str(tmp_path / f"s{len(runs)}"), layer="conv3", channels=f"0-{batch - 1}",
+                  settings=small_settings(stages=[(1.0, n)]), seed=1, cache=cache, class_layers=LAYERS, batch=batch)
+
+    c = steady_state_counts(run, 20, [m.model])
+    assert c["reads"] <= 0.1, c

@@ -3,7 +3,8 @@
 ``progress=True`` shows a tqdm bar (``tqdm.auto``: the notebook widget in Jupyter, text elsewhere,
 on stderr) with the mean loss of the batch. tqdm is optional: without it, ``progress=True`` prints
 a plain line to stderr at every tenth of the steps (and at the end). ``False`` or ``None`` shows
-nothing; a callable is called as ``progress(step, total_steps, losses)`` after every step.
+nothing; a callable is called as ``progress(step, total_steps, losses)`` at every read of the losses from the
+device: every ``Settings.loss_every`` steps (10 by default), when a stage ends and at the end.
 """
 
 from __future__ import annotations

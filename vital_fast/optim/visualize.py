@@ -76,8 +76,9 @@ def visualize(
     progress : bool or callable, optional
         ``True``: a tqdm progress bar on stderr (``tqdm.auto``: the notebook widget in Jupyter) when
         tqdm is installed, else a plain stderr line at every tenth of the steps; ``False`` or
-        ``None``: nothing; a callable: called as ``progress(step, total_steps, losses)`` after
-        every step.
+        ``None``: nothing; a callable: called as ``progress(step, total_steps, losses)`` at every
+        read of the losses (every ``settings.loss_every`` steps, 10 by default, at stage ends and at
+        the end; ``losses`` are that step's, on the CPU).
     method : str
         A registered method (:data:`vital_fast.optim.methods.METHODS`): ``"vital"`` (this method),
         or a baseline, ``"actmax"``, ``"fourier"``, ``"maco"``, ``"bnstats"``
