@@ -7,6 +7,7 @@
                                          [--prototype-resample stage step]
                                          [--no-single] [--no-paper]
     python -m benchmarks.bench_visualize --overhead [--batches 1 8 64] [--steps 20] [--rounds 3]
+    python -m benchmarks.bench_visualize --counts [--models efficientnet-lite0] [--size 64] [--batches 2 8]
 
 For each model (ResNet-50 with random weights, since pretrained weights cannot be fetched here, and
 efficientnet-lite0 with its ImageNet weights), in one process, interleaved:
@@ -40,6 +41,9 @@ B = 1, 8 and 64: seconds per step of the engine (timed between two reads of the 
 goes) against the bare network's forward + backward at the same batch, their ratio, and the aten ops,
 the ops on device tensors (kernel launches on a GPU) and the device reads per steady-state step
 (:mod:`vital_fast.counting`). On a GPU this row decides throughput for small models.
+
+``--counts`` prints only the ops and device reads per steady-state step of ``visualize`` for each of
+``--models`` at ``--size``, class and channel targets, the ``fast`` preset, at each of ``--batches``.
 """
 
 from __future__ import annotations
@@ -280,6 +284,32 @@ def overhead_rows(batches, steps: int, rounds: int) -> None:
               f"{r['device_ops']:.0f} | {r['reads']:.2f} |", flush=True)
 
 
+def count_rows(models, size: int, batches, kinds) -> None:
+    """Aten ops, ops on device tensors and device reads per steady-state step (one 20-step and one 40-step
+    run after a warm-up), as a markdown table."""
+    from vital_fast.counting import steady_state_counts
+    from vital_fast.optim import get_preset
+
+    print(f"per steady-state step of visualize, fast preset, {size} px")
+    print("| model | target kind | B | aten ops | device ops | device reads |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in models:
+        loaded = load_model(name, weights="random" if name.startswith(("torchvision:", "timm:")) else "pretrained")
+        layer = CHANNEL_LAYER.get(loaded.family, default_layers(loaded)[-2][0])
+        for kind in kinds:
+            for B in batches:
+                tg = [f"class:{i * 7}" if kind == "class" else f"channel:{layer}:{i}" for i in range(B)]
+                refs = {t: random_refs(t, 3, size) for t in tg}
+
+                def run(n):
+                    s = get_preset("fast").replace(stages=[(1.0, n)], n_refs=3, ref_crops=0)
+                    visualize(loaded, tg, refs, settings=s, size=size, cache=DiskCache(enabled=False), progress=False)
+
+                c = steady_state_counts(run, 20, [loaded.model])
+                print(f"| {name} | {kind} | {B} | {c['ops']:.0f} | {c['device_ops']:.0f} | {c['reads']:.2f} |",
+                      flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["torchvision:resnet50", "efficientnet-lite0"])
@@ -311,11 +341,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-paper", action="store_true", help="skip the paper-style loop rows")
     ap.add_argument("--overhead", action="store_true",
                     help="only the engine's overhead on a tiny CNN at 32 px (--batches, --steps, --rounds)")
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64], help="--overhead: batch sizes")
+    ap.add_argument("--batches", nargs="+", type=int, default=None,
+                    help="--overhead: batch sizes (default 1 8 64); --counts: (default 2 8)")
+    ap.add_argument("--counts", action="store_true",
+                    help="only the ops and device reads per steady-state step (--models, --size, --kinds, --batches)")
     a = ap.parse_args(argv)
+    if a.counts:
+        torch.set_num_threads(a.threads)
+        count_rows(a.models, a.size, a.batches or [2, 8], a.kinds)
+        return 0
     if a.overhead:
         torch.set_num_threads(a.threads)
-        overhead_rows(a.batches, max(a.steps, 10), a.rounds)
+        overhead_rows(a.batches or [1, 8, 64], max(a.steps, 10), a.rounds)
         return 0
     from vital_fast.models.compiled import resolve_compile
 
