@@ -29,7 +29,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["StepCounter", "engine_tensors"]
+__all__ = ["StepCounter", "engine_tensors", "reads_are_free", "steady_state_counts"]
+
+_COUNTING = 0  # StepCounters active
+
+
+def reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs nothing: a CPU tensor, and no :class:`StepCounter`
+    active. Code that reads a value only to save work (e.g. to skip a branch) does so only then; while a
+    counter runs, CPU tensors take the path a GPU takes, so that the count is the GPU's."""
+    return t.device.type == "cpu" and _COUNTING == 0
 
 _SCALAR_READ = torch.ops.aten._local_scalar_dense.default
 
@@ -69,7 +78,7 @@ class StepCounter(TorchDispatchMode):
     """Counts aten ops (``ops``) and device reads (``reads``) while active; see the module docstring.
 
     ``sources``: tensors, modules or containers of them that live on the device. ``read_sites`` lists the
-    reads' op names (for a failing test's message).
+    reads (the op, and the innermost line of vital_fast that made it: for a failing test's message).
     """
 
     def __init__(self, sources: Iterable[Any] = ()) -> None:
@@ -95,8 +104,12 @@ class StepCounter(TorchDispatchMode):
         return isinstance(t, torch.Tensor) and t in self._dev
 
     def _read(self, what: str) -> None:
+        import traceback
+
         self.reads += 1
-        self.read_sites.append(what)
+        here = next((f"{f.filename.split('vital_fast/')[-1]}:{f.lineno}" for f in reversed(traceback.extract_stack())
+                     if "vital_fast" in f.filename and not f.filename.endswith("counting.py")), "?")
+        self.read_sites.append(f"{what} @ {here}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -137,9 +150,13 @@ class StepCounter(TorchDispatchMode):
 
         for name in ("cpu", "tolist", "numpy", "to"):
             wrap(name)
+        global _COUNTING
+        _COUNTING += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
+        global _COUNTING
+        _COUNTING -= 1
         try:
             return super().__exit__(*exc)
         finally:

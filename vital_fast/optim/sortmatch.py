@@ -169,7 +169,7 @@ class SortMatch(Objective):
             engine.t_lrp += time.perf_counter() - tl
 
         def relevance(gi, g):
-            members = g["index"].tolist()
+            members = g["rows"]  # host-side indices: no device read
             return {l: torch.cat([slots[i].state["rel"][l] for i in members]) for l, _ in g["layers"]}
 
         return matching_loss(engine.loaded, groups, ctx.features, relevance, len(slots), ctx.view.device)
@@ -271,7 +271,8 @@ def build_groups(targets: Sequence[Target], refs: Sequence[Any], dev) -> List[di
     out = []
     for g in groups.values():
         members = g["members"]
-        g["index"] = torch.tensor([i for i, _, _ in members], device=dev)
+        g["rows"] = [i for i, _, _ in members]
+        g["index"] = torch.tensor(g["rows"], device=dev)
         g["channels"] = torch.tensor([t.index for _, t, _ in members], device=dev)
         g["protos"] = {}
         g["importance"] = {}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, stabilize
+from vital_fast.counting import reads_are_free
 
 # Errors raised inside a rule's backward name the call that runs the sweep.
 OP = "relevance_maps"
@@ -302,14 +303,16 @@ def _clamped_params(module: nn.Module, dtype: torch.dtype) -> _ClampedParams:
 class _ZPlusRule(_SweepRule):
     """z+ (alpha=1, beta=0) exactly as zennit's ``ZPlus``: z = x+ w+ + b+ + x- w-, R_i = x_i c_i.
 
-    The x- branch is skipped when the input has no negative entries (after a ReLU): the result is
-    the same, the work half. z is non-negative, so zennit's stabilizer ``z + eps·sign(z)`` (sign(0)
+    The x- branch is skipped when the input has no negative entries (after a ReLU) and a CPU can see
+    that for free: the result is the same up to rounding, the work half. z is non-negative, so zennit's stabilizer ``z + eps·sign(z)`` (sign(0)
     taken as +1) is exactly ``z + eps``.
     """
 
     def relevance(self, module, x, rel):
         params = _clamped_params(module, x.dtype)
-        has_neg = bool(x.min() < 0)
+        # skipping the x- branch of a non-negative input saves half the work, but deciding it reads the device:
+        # only where that read is free (CPU); elsewhere both branches run (the x- one adds exact zeros then)
+        has_neg = bool(x.min() < 0) if reads_are_free(x) else True
         geometry = _conv2d_geometry(module, x)
         if geometry is not None:
             return _conv2d_zplus(x, rel, params, geometry, has_neg, self.stabilizer)

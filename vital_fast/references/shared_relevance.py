@@ -140,6 +140,10 @@ class SharedRelevance:
                 cd = act.dim() - 1 if (self.family == "vit" and act.dim() == 3) else 1
                 C = act.shape[cd]
                 idx = torch.tensor(members, device=act.device)
+                if not channels.dtype.is_floating_point and channels.device.type == "cpu" and channels.numel() and (
+                        int(channels.min()) < 0 or int(channels.max()) >= C):  # checked on the host, before the copy
+                    raise ValueError(f"{OP}: 'channels' must lie in [0, {C}) for target layer {layer!r} "
+                                     f"{tuple(act.shape)}, got values in [{int(channels.min())}, {int(channels.max())}]")
                 ch = channels.to(act.device)
                 if ch.dtype.is_floating_point:
                     if ch.shape[-1] != C:
@@ -147,9 +151,6 @@ class SharedRelevance:
                                          f"{tuple(act.shape)} has {C} channels")
                     rows_w = ch.to(act.dtype)
                 else:
-                    if ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= C):
-                        raise ValueError(f"{OP}: 'channels' must lie in [0, {C}) for target layer {layer!r} "
-                                         f"{tuple(act.shape)}, got values in [{int(ch.min())}, {int(ch.max())}]")
                     rows_w = F.one_hot(ch.long(), C).to(act.dtype)
                 weight = torch.zeros(rows, C, dtype=act.dtype, device=act.device).index_copy_(0, idx, rows_w)
                 locs = None
