@@ -12,8 +12,8 @@ import vital_fast
 
 def test_all_snapshot():
     assert sorted(vital_fast.__all__) == sorted([
-        "LRPWeightFunction", "SortMatchLoss", "SortMatchLossFunction", "__version__",
-        "available_backends", "channel_importance", "lrp_weight", "sort_match_loss",
+        "LRPWeight", "LRPWeightFunction", "SortMatchLoss", "SortMatchLossFunction", "__version__",
+        "available_backends", "channel_importance", "lrp_weight", "set_debug", "sort_match_loss",
         "sorted_prototype",
         # the newcomer's entry points (loaded on first use)
         "visualize", "load_model", "save_result", "Settings", "Target", "Objective", "Parametrization",

@@ -11,19 +11,22 @@ The names a newcomer reaches first::
 (:class:`Parametrization`: ``"pixel"``, ``"fourier"``, ``"maco"``), or the caller's own
 :class:`Objective` (objectives compose: ``a + 0.1 * b``); :class:`Settings` and :class:`Target`
 describe the run. The fused ops (:func:`sort_match_loss` and :class:`SortMatchLoss`,
-:func:`lrp_weight`, :func:`sorted_prototype`) are drop-in losses for other tools, with the backends
-behind them in :func:`available_backends`. Importing this package loads nothing compiled; the
+:func:`lrp_weight` and :class:`LRPWeight`, :func:`sorted_prototype`) are drop-in losses for other tools,
+PyTorch operators (``torch.ops.vital_fast.*``) that work under ``torch.compile``, ``torch.func`` and
+``torch.export``, with the backends behind them in :func:`available_backends`. Importing this package loads nothing compiled; the
 optimizer, models and results modules load on first use.
 """
 
 from vital_fast._backend import available_backends
 from vital_fast._version import __version__
 from vital_fast.ops import (
+    LRPWeight,
     LRPWeightFunction,
     SortMatchLoss,
     SortMatchLossFunction,
     channel_importance,
     lrp_weight,
+    set_debug,
     sort_match_loss,
     sorted_prototype,
 )
@@ -55,6 +58,7 @@ def __dir__():
 
 
 __all__ = [
+    "LRPWeight",
     "LRPWeightFunction",
     "Objective",
     "Parametrization",
@@ -68,6 +72,7 @@ __all__ = [
     "load_model",
     "lrp_weight",
     "save_result",
+    "set_debug",
     "sort_match_loss",
     "sorted_prototype",
     "visualize",

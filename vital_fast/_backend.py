@@ -8,7 +8,8 @@ Three backends sit behind every op:
   tensors when ``TRITON_INTERPRET=1`` is set in the environment).
 
 ``resolve`` is the only place that decides. ``backend=`` on a call, or the ``VITAL_FAST_BACKEND``
-environment variable, forces one; a forced backend that is missing raises, it never falls back.
+environment variable, forces one; a forced backend that is missing raises, it never falls back. Under
+``torch.compile`` the choice is made once, when the function is traced (a constant of the graph).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def requested_backend(requested: Optional[str], op: str = "vital_fast") -> str:
     return req
 
 
+@torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, requested: Optional[str] = None) -> str:
     """Pick the backend for one call of ``op`` on tensors living on ``device``.
 

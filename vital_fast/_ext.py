@@ -45,6 +45,9 @@ def load_cpp() -> Tuple[Optional[Any], Optional[str]]:
         # import_module, not `from vital_fast import _C`: a missing module is then a
         # ModuleNotFoundError, told apart below from one that exists but does not load.
         _C = importlib.import_module("vital_fast._C")  # importing registers the ops
+        from vital_fast.ops.library import register_cpp
+
+        register_cpp()  # their autograd and vmap rules
     except Exception as exc:  # ImportError, OSError (undefined symbol), ...
         why = f"vital_fast._C did not import: {type(exc).__name__}: {exc}"
         if isinstance(exc, ModuleNotFoundError):  # not built (or blocked), as opposed to broken

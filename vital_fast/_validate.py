@@ -1,16 +1,61 @@
 """Argument checks for the public ops: metadata first, values only when asked.
 
 Messages follow one template: ``"<op>: '<arg>' must <expectation>, got <actual>"``.
-Dtype problems raise ``TypeError``; rank, shape and device problems raise ``ValueError``.
+Dtype problems raise ``TypeError``; rank, shape and device problems raise ``ValueError``. Metadata checks
+run at trace time too (``torch.compile``, ``torch.func``, ``torch.export``), with the same messages.
+
+Value checks (NaN/Inf, an unsorted reference) read the values. :func:`want_values` decides whether a call
+makes them: ``check_values=True`` always, ``False`` never, ``None`` (the ops' default) only where a read is
+free and possible, eager CPU tensors, or everywhere with the debug flag (:func:`set_debug`, or
+``VITAL_FAST_DEBUG=1`` in the environment). Where a host read is impossible or would stall a device (a
+traced or transformed call, a CUDA tensor), the checks run as device-side asserts
+(``torch._assert_async``, no host read; the message still names the op and the input).
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_DEBUG = os.environ.get("VITAL_FAST_DEBUG", "0") not in ("", "0")
+
+
+def set_debug(on: bool = True) -> None:
+    """Turn the ops' value checks on everywhere (GPU tensors, compiled and transformed calls), as device-side
+    asserts where a host read is not possible; off by default (``VITAL_FAST_DEBUG=1`` turns it on)."""
+    global _DEBUG
+    _DEBUG = bool(on)
+
+
+def debug() -> bool:
+    return _DEBUG
+
+
+def tracing(x: torch.Tensor) -> bool:
+    """A call being traced or transformed: under ``torch.compile``/export, inside ``torch.func``, or on a fake
+    or meta tensor. Values cannot be read on the host there."""
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(x):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def want_values(check_values, x: torch.Tensor) -> str:
+    """``"read"`` (host checks raising ValueError), ``"assert"`` (device-side asserts) or ``"off"``."""
+    if check_values is False or (check_values is None and not _DEBUG and (x.device.type != "cpu" or tracing(x))):
+        return "off"
+    return "assert" if tracing(x) or x.device.type != "cpu" else "read"
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -59,6 +104,18 @@ def check_finite(x: torch.Tensor, name: str, op: str) -> None:
             f"{op}: '{name}' must be finite, got {n_nan} NaN and {n_inf} Inf values "
             f"(pass check_values=False to skip this check)"
         )
+
+
+def assert_finite(x: torch.Tensor, name: str, op: str) -> None:
+    """A device-side assert that ``x`` is finite: no host read; it fires when the device runs it."""
+    torch._assert_async(torch.isfinite(x.detach()).all(),
+                        f"{op}: '{name}' must be finite, got NaN or Inf values (the debug check; VITAL_FAST_DEBUG)")
+
+
+def assert_sorted(ref: torch.Tensor, name: str, op: str) -> None:
+    if ref.shape[-1] > 1:
+        torch._assert_async((ref[..., 1:] >= ref[..., :-1]).all(),
+                            f"{op}: '{name}' must be sorted ascending along its last dimension (the debug check)")
 
 
 def check_sorted(ref: torch.Tensor, name: str, op: str) -> None:

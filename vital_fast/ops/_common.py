@@ -54,7 +54,7 @@ def prepare(
     weight: Optional[torch.Tensor],
     channel_dim: int,
     reduction: str,
-    check_values: bool,
+    check_values: Optional[bool],
     relevance: Optional[torch.Tensor] = None,
     features_name: str = "features",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
@@ -104,14 +104,17 @@ def prepare(
                 f"{op}: 'weight' must have shape (C,) = ({C},) or (B, C) = ({B}, {C}), "
                 f"got {tuple(weight.shape)}"
             )
-    if check_values:
-        _validate.check_finite(features, features_name, op)
-        _validate.check_finite(reference, "reference", op)
-        _validate.check_sorted(reference, "reference", op)
+    how = _validate.want_values(check_values, features)
+    if how != "off":
+        finite, ordered = ((_validate.check_finite, _validate.check_sorted) if how == "read"
+                           else (_validate.assert_finite, _validate.assert_sorted))
+        finite(features, features_name, op)
+        finite(reference, "reference", op)
+        ordered(reference, "reference", op)
         if rel is not None:
-            _validate.check_finite(relevance, "relevance", op)
+            finite(relevance, "relevance", op)
         if weight is not None:
-            _validate.check_finite(weight, "weight", op)
+            finite(weight, "weight", op)
     ref = reference.detach().to(math_dtype(features.dtype))
     ref = resample_quantiles(ref, D)
     if ref.dim() == 2:

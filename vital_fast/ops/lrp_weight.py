@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from vital_fast import _backend
 from vital_fast.ops._common import RowLossFunction, launchers, prepare
+from vital_fast.ops.library import row_losses
 from vital_fast.reference import normalize_relevance, reduce_row_losses, sort_match_rows_reference
 
 OP = "lrp_weight"
@@ -37,7 +38,7 @@ def lrp_weight(
     channel_dim: int = 1,
     reduction: str = "mean",
     backend: Optional[str] = None,
-    check_values: bool = True,
+    check_values: Optional[bool] = None,
 ) -> torch.Tensor:
     """Relevance-weighted sort-matching loss for channel targets, fused.
 
@@ -92,5 +93,38 @@ def lrp_weight(
         y = x.to(ref.dtype) * normalize_relevance(rel.to(ref.dtype))
         loss = sort_match_rows_reference(y, ref)
     else:
-        loss = LRPWeightFunction.apply(x, rel, ref, backend)
+        loss = row_losses("lrp_weight", backend, x, ref, rel)
     return reduce_row_losses(loss, weight, reduction)
+
+
+class LRPWeight(torch.nn.Module):
+    """:func:`lrp_weight` against a fixed reference (and channel importance), as a module: called with the
+    activations and their relevance.
+
+    Example
+    -------
+    >>> import torch, vital_fast
+    >>> crit = vital_fast.LRPWeight(torch.sort(torch.randn(3, 16)).values)
+    >>> crit(torch.randn(2, 3, 4, 4), torch.rand(2, 3, 4, 4)).shape
+    torch.Size([])
+    """
+
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        *,
+        channel_dim: int = 1,
+        reduction: str = "mean",
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("reference", reference.detach())
+        self.register_buffer("weight", None if weight is None else weight.detach())
+        self.channel_dim = channel_dim
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, activations: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        return lrp_weight(activations, relevance, self.reference, self.weight, channel_dim=self.channel_dim,
+                          reduction=self.reduction, backend=self.backend)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from vital_fast import _validate
-from vital_fast.reference import channel_importance_reference, sorted_prototype_reference
+from vital_fast.reference import channel_importance_reference
 
 
 def sorted_prototype(
@@ -59,10 +59,10 @@ def sorted_prototype(
         raise ValueError(f"{op}: 'q' must be a positive int or None, got {q!r}")
     if features.shape[0] == 0:
         raise ValueError(f"{op}: 'features' holds no images (K = 0), shape {tuple(features.shape)}")
-    with torch.no_grad():
-        return sorted_prototype_reference(
-            features.detach(), q, relevance=relevance, channel_dim=channel_dim
-        )
+    from vital_fast.ops.library import sorted_prototype_op  # torch.ops.vital_fast.sorted_prototype
+
+    return sorted_prototype_op(features.detach(), q, None if relevance is None else relevance.detach(),
+                               channel_dim)
 
 
 def channel_importance(relevance: torch.Tensor, *, channel_dim: int = 1) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from vital_fast import _backend
 from vital_fast.ops._common import RowLossFunction, launchers, prepare
+from vital_fast.ops.library import row_losses
 from vital_fast.reference import reduce_row_losses, sort_match_rows_reference
 
 OP = "sort_match_loss"
@@ -36,7 +37,7 @@ def sort_match_loss(
     channel_dim: int = 1,
     reduction: str = "mean",
     backend: Optional[str] = None,
-    check_values: bool = True,
+    check_values: Optional[bool] = None,
 ) -> torch.Tensor:
     """Per-channel sort-matching loss: the squared 1-D Wasserstein-2 distance per channel.
 
@@ -63,8 +64,11 @@ def sort_match_loss(
         element, the mean over its channels, shape ``(B,)``. ``"sum"``: the sum of those.
     backend : {"reference", "cpp", "triton"}, optional
         Force a backend; by default chosen from the device (``VITAL_FAST_BACKEND`` overrides).
-    check_values : bool
-        Check that inputs are finite and the reference sorted (reads the values; turn off for speed).
+    check_values : bool, optional
+        Check that inputs are finite and the reference sorted. ``None`` (default): on eager CPU tensors
+        (a ValueError), and elsewhere (CUDA, ``torch.compile``, ``torch.func``) only with the debug flag
+        (``vital_fast.set_debug()`` or ``VITAL_FAST_DEBUG=1``), as device-side asserts that read nothing
+        back to the host; ``True``: always; ``False``: never.
 
     Returns
     -------
@@ -76,7 +80,8 @@ def sort_match_loss(
     TypeError
         Non-tensor or non-float arguments.
     ValueError
-        Shapes that do not match, tensors on different devices, NaN or Inf, an unsorted reference.
+        Shapes that do not match, tensors on different devices, NaN or Inf, an unsorted reference (the
+        same messages at trace time under ``torch.compile``; value checks as described above).
 
     Example
     -------
@@ -92,8 +97,8 @@ def sort_match_loss(
     backend = _backend.resolve(OP, x.device, backend)
     if backend == "reference":
         loss = sort_match_rows_reference(x.to(ref.dtype), ref)
-    else:
-        loss = SortMatchLossFunction.apply(x, ref, backend)
+    else:  # torch.ops.vital_fast.sort_match_fwd[_triton], its autograd registered (vital_fast.ops.library)
+        loss = row_losses("sort_match", backend, x, ref)
     return reduce_row_losses(loss, weight, reduction)
 
 

@@ -172,6 +172,8 @@ class SortMatch(Objective):
             members = g["rows"]  # host-side indices: no device read
             return {l: torch.cat([slots[i].state["rel"][l] for i in members]) for l, _ in g["layers"]}
 
+        if engine.compile_backend is not None:  # --compile: the loss compiled too (no graph break: vital_fast.ops.library)
+            return compiled_matching_loss(engine, groups, ctx.features, relevance, len(slots), ctx.view.device)
         return matching_loss(engine.loaded, groups, ctx.features, relevance, len(slots), ctx.view.device)
 
     def _relevance(self, engine, xt: torch.Tensor, slots, need: Sequence[int]) -> None:
@@ -231,6 +233,51 @@ def matching_loss(loaded, groups: Sequence[dict], feats: Dict[str, torch.Tensor]
                                 channel_dim=cd, reduction="none", check_values=False)
             per_elem = per_elem.index_add(0, idx, w * lv)
     return per_elem
+
+
+def _plain_losses(fs: List[torch.Tensor], protos: List[torch.Tensor], idxs: List[Optional[torch.Tensor]],
+                  cds: Tuple[int, ...], ws: Tuple[float, ...], B: int) -> torch.Tensor:
+    """The sort-matching part of :func:`matching_loss` (groups without relevance) as one pure function of
+    tensors, the one ``--compile`` compiles (``fullgraph=True``: the op is a library operator)."""
+    per_elem = torch.zeros(B, device=fs[0].device)
+    for f, p, idx, cd, w in zip(fs, protos, idxs, cds, ws):
+        lv = sort_match_loss(f if idx is None else f.index_select(0, idx), p, channel_dim=cd, reduction="none",
+                             check_values=False)
+        per_elem = per_elem + (w * lv if idx is None else torch.zeros_like(per_elem).index_add(0, idx, w * lv))
+    return per_elem
+
+
+def compiled_matching_loss(engine, groups: Sequence[dict], feats: Dict[str, torch.Tensor],
+                           relevance: Callable[[int, dict], Dict[str, torch.Tensor]], B: int, dev) -> torch.Tensor:
+    """:func:`matching_loss` with its plain sort-matching terms through ``torch.compile`` (the engine's
+    backend, cached on the engine); relevance-weighted groups stay eager."""
+    loaded = engine.loaded
+    fs, protos, idxs, cds, ws = [], [], [], [], []
+    rest = []
+    for g in groups:
+        if g["importance"]:
+            rest.append(g)
+            continue
+        idx = g["index"] if len(g["rows"]) < B else None
+        for l, w in g["layers"]:
+            f = feats[l]
+            cd = loaded.channel_dim_of(l)
+            fs.append(f)
+            protos.append(full_length_prototypes(g, l, f, cd))
+            idxs.append(idx)
+            cds.append(cd)
+            ws.append(float(w))
+    out = torch.zeros(B, device=dev)
+    if fs:
+        fn = engine._compiled.get("matching_loss")
+        if fn is None:
+            # not fullgraph: a run's stages and a sweep's batch sizes recompile it (automatic dynamic shapes), and
+            # past dynamo's recompile limit it must fall back to eager rather than fail
+            fn = engine._compiled["matching_loss"] = torch.compile(_plain_losses, backend=engine.compile_backend)
+        out = fn(fs, protos, idxs, tuple(cds), tuple(ws), B)
+    if rest:
+        out = out + matching_loss(loaded, rest, feats, relevance, B, dev)
+    return out
 
 
 # Largest resampled prototype tensor kept with its group (bytes); a larger one is resampled at every step.
