@@ -54,6 +54,9 @@ EXTRAS_REQUIRE = {
     "test": ["pytest", "pytest-benchmark", "scipy", "tqdm"],
 }
 EXTRAS_REQUIRE["all"] = sorted({req for reqs in EXTRAS_REQUIRE.values() for req in reqs})
+# Other tools that the loss plugs into (examples/, tests/test_clients.py); not in "all": Lucent pins kornia 0.4.1 and
+# brings IPython. Horama 0.3.0 imports einops without declaring it.
+EXTRAS_REQUIRE["clients"] = ["torch-lucent==0.1.8", "horama==0.3.0", "einops"]
 
 
 def read_version() -> str:
