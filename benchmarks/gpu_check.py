@@ -11,7 +11,7 @@ check goes on):
    against the pure-torch reference in float64 (losses and gradients; shared and per-element
    references, channels-last, float16 / bfloat16, the long-row ``torch.sort`` path).
 2. ``kernel_table``: forward + backward at the ResNet-50 layer shapes at B = 1, 16, 64: the Triton
-   fused op, ``torch.sort`` + autograd (the reference) and the paper-style loss, each call closed
+   fused op, the same under ``torch.compile(fullgraph=True)`` (inductor), ``torch.sort`` + autograd (the reference) and the paper-style loss, each call closed
    by ``torch.cuda.synchronize``; GB/s of the fused op against the device's copy bandwidth.
 3. ``e2e``: seconds per target-step of ``vital_fast.optim.visualize`` (ResNet-50, random weights,
    224 px; class and ``layer3`` channel targets; B = 1, 8, 32; float32 and bf16 autocast) and of a
@@ -354,7 +354,7 @@ def copy_bandwidth_gbs(device: str, nbytes: int, rounds: int = 5) -> float:
     return bench_copy_bandwidth_gbs(nbytes, rounds, device=device)
 
 
-KERNEL_PROVIDERS = ("triton (fused)", "torch.sort + autograd", "paper-style")
+KERNEL_PROVIDERS = ("triton (fused)", "triton compiled", "torch.sort + autograd", "paper-style")
 
 
 def kernel_providers(x, refs, proto, sync, with_triton: bool) -> Dict[str, Callable[[], None]]:
@@ -377,6 +377,18 @@ def kernel_providers(x, refs, proto, sync, with_triton: bool) -> Dict[str, Calla
         sync()
 
     fns = {"triton (fused)": fused} if with_triton else {}
+    if with_triton:  # the loss under torch.compile(fullgraph=True): the Triton operators inside an inductor graph
+        torch._dynamo.reset()
+        backend = "inductor" if x.device.type == "cuda" else "aot_eager"
+        cf = torch.compile(lambda t: vital_fast.sort_match_loss(t, proto, check_values=False, backend="triton"),
+                           fullgraph=True, backend=backend, dynamic=False)
+
+        def fused_compiled() -> None:
+            xr.grad = None
+            cf(xr).backward()
+            sync()
+
+        fns["triton compiled"] = fused_compiled
     fns.update({"torch.sort + autograd": torch_sort, "paper-style": paper_style})
     return fns
 

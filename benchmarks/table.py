@@ -7,6 +7,10 @@ rounds; with the fused op's effective GB/s against this machine's copy bandwidth
 same run.
 
     python -m benchmarks.table [--quick] [--threads 2] [--batches 1 16] [--device cpu|cuda] [--json out.json]
+                               [--compiled inductor|aot_eager]
+
+``--compiled BACKEND`` adds a row: the fused op's forward and backward under ``torch.compile(fullgraph=True)``
+with that dynamo backend (its speed-up column is compiled time / eager time: below 1, compiled is faster).
 
 With ``--device cuda`` the same rows run on the GPU (the fused op is the Triton kernel there), every
 closure synchronized; the copy bandwidth is the GPU's.
@@ -29,10 +33,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or a CUDA device (cuda, cuda:1): synchronized timings")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--compiled", default=None, metavar="BACKEND",
+                   help="also time the fused op under torch.compile(fullgraph=True) with this dynamo backend")
     a = p.parse_args(argv)
     rounds = a.rounds or (3 if a.quick else 7)
     try:
-        res = run(a.batches, a.threads, rounds, device=a.device)
+        res = run(a.batches, a.threads, rounds, device=a.device, compiled=a.compiled)
     except (RuntimeError, ValueError) as exc:  # no CUDA, a bad device string
         p.error(f"--device {a.device}: {exc}")
     if a.json:

@@ -43,10 +43,12 @@ def make_inputs(B: int, C: int, H: int, W: int, seed: int = 0, k: int = PAPER_K,
 
 
 def providers(x: torch.Tensor, refs: torch.Tensor, proto: torch.Tensor,
-              sync: Optional[Callable[[], None]] = None) -> Dict[str, Callable[[], None]]:
+              sync: Optional[Callable[[], None]] = None, compiled: Optional[str] = None) -> Dict[str, Callable[[], None]]:
     """Forward + backward closures: the pure-torch reference, the paper-style baseline, the fused op (the
     backend of ``x``'s device: C++ on the CPU, Triton on CUDA); each ends with ``sync`` (default: the
-    device's, :func:`make_sync`)."""
+    device's, :func:`make_sync`). ``compiled``: a torch dynamo backend; adds ``"vital_fast compiled"``, the
+    fused op's forward and backward under ``torch.compile(fullgraph=True)`` with it (compiled at the first call,
+    which the warm-up round takes)."""
     sync = make_sync(x.device) if sync is None else sync
     xr = x.clone().requires_grad_(True)
 
@@ -65,7 +67,19 @@ def providers(x: torch.Tensor, refs: torch.Tensor, proto: torch.Tensor,
         vital_fast.sort_match_loss(xr, proto, check_values=False).backward()
         sync()
 
-    return {"reference": reference, "paper-style": paper_style, "vital_fast": fused}
+    out = {"reference": reference, "paper-style": paper_style, "vital_fast": fused}
+    if compiled:
+        torch._dynamo.reset()  # each shape compiles afresh (no recompile limit across the table)
+        cf = torch.compile(lambda t: vital_fast.sort_match_loss(t, proto, check_values=False), fullgraph=True,
+                           backend=compiled, dynamic=False)
+
+        def fused_compiled() -> None:
+            xr.grad = None
+            cf(xr).backward()
+            sync()
+
+        out["vital_fast compiled"] = fused_compiled
+    return out
 
 
 def fused_bytes(x: torch.Tensor) -> int:
@@ -109,8 +123,10 @@ def median(xs: List[float]) -> float:
     return statistics.median(xs)
 
 
-def run(batches, threads: int, rounds: int, shapes=RESNET50_SHAPES, out=sys.stdout, device="cpu"):
-    """The kernel table on ``device`` (``"cpu"``, or a CUDA device: every closure synchronized)."""
+def run(batches, threads: int, rounds: int, shapes=RESNET50_SHAPES, out=sys.stdout, device="cpu",
+        compiled: Optional[str] = None):
+    """The kernel table on ``device`` (``"cpu"``, or a CUDA device: every closure synchronized); with
+    ``compiled`` (a dynamo backend) also the fused op under ``torch.compile``."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available on this machine")
@@ -136,10 +152,10 @@ def run(batches, threads: int, rounds: int, shapes=RESNET50_SHAPES, out=sys.stdo
     for B in batches:
         for C, H, W in shapes:
             x, refs, proto = make_inputs(B, C, H, W, device=dev)
-            times = interleaved_times(providers(x, refs, proto), rounds=rounds)
+            times = interleaved_times(providers(x, refs, proto, compiled=compiled), rounds=rounds)
             med = {k: median(v) for k, v in times.items()}
             gbs = fused_bytes(x) / med["vital_fast"] / 1e9
-            for name in ("reference", "paper-style", "vital_fast"):
+            for name in ("reference", "paper-style", "vital_fast") + (("vital_fast compiled",) if compiled else ()):
                 speed = med[name] / med["vital_fast"]
                 extra = f"{gbs:.1f} ({100 * gbs / bw:.0f} %)" if name == "vital_fast" else ""
                 print(f"| ({B}, {C}, {H}, {W}) | {name} | {1e3 * med[name]:.1f} | "
