@@ -235,3 +235,13 @@ def test_kernel_table_has_a_compiled_row():
 
     res = run([1], 1, 1, shapes=[(4, 6, 6)], out=io.StringIO(), compiled="aot_eager")
     assert {r["provider"] for r in res["rows"]} == {"reference", "paper-style", "vital_fast", "vital_fast compiled"}
+
+
+def test_importing_vital_fast_imports_neither_dynamo_nor_triton():
+    """Nothing compiled at import: a process may still set TRITON_INTERPRET after `import vital_fast`."""
+    import subprocess
+    import sys
+
+    code = "import sys, vital_fast; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

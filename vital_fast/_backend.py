@@ -85,7 +85,16 @@ def requested_backend(requested: Optional[str], op: str = "vital_fast") -> str:
     return req
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """What ``torch.compiler.assume_constant_result`` does (dynamo calls ``fn`` once when it traces and keeps the
+    result as a constant: it only marks the function), without importing ``torch._dynamo`` when vital_fast is
+    imported: that import imports triton, before a process may set ``TRITON_INTERPRET``
+    (tests/test_ops_library.py checks the mark works: no graph break)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def resolve(op: str, device: torch.device, requested: Optional[str] = None) -> str:
     """Pick the backend for one call of ``op`` on tensors living on ``device``.
 
