@@ -153,3 +153,30 @@ def test_counter_tells_device_reads_from_host_reads():
         int(torch.randint(0, 5, (1,), generator=g))
     assert c.reads == 2 and [s.split(" @ ")[0] for s in c.read_sites] == ["aten._local_scalar_dense.default",
                                                                           "Tensor.tolist"]
+
+
+def test_one_target_pads_only_where_a_convolution_would_leave_onednn():
+    """A one-element CPU batch runs as two only when one of its convolutions would take PyTorch's native path
+    at batch 1 (thread-schedule dependent): TinyNet at 32 px pads, at 96 px (every input over 20480 values:
+    oneDNN) it runs as one, and its image is the same run after run."""
+    from vital_fast.models.batching import needs_padding
+
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    assert needs_padding(net, torch.rand(1, 3, 32, 32)) and not needs_padding(net, torch.rand(1, 3, 96, 96))
+    assert not needs_padding(net, torch.rand(2, 3, 32, 32))  # only one-element batches
+    from vital_fast.models import load_model
+
+    lm = load_model(net, input_size=96, resize_size=96)
+    seen = []
+    hook = net.conv1.register_forward_pre_hook(lambda m, i: seen.append(i[0].shape[0]))
+    try:
+        runs = []
+        for size in (96, 96, 32):
+            seen.clear()
+            s = get_preset("fast").replace(stages=[(1.0, 4)], param="pixel")
+            runs.append(visualize(lm, ["class:1"], method="actmax", settings=s, size=size, progress=False))
+            assert set(seen[-4:]) == ({1} if size == 96 else {2}), (size, seen)  # the steps (a probe may come first)
+    finally:
+        hook.remove()
+    assert torch.equal(runs[0].images, runs[1].images)

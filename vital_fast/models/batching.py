@@ -19,6 +19,17 @@ batch (the same shapes, hence the same oneDNN algorithms, on any CPU), and does 
 MKL's thread schedule. The price is a second forward/backward of the network for single-element
 calls only (1.5-1.9x their time on 1 and 2 threads).
 
+Given the model (``pad_batch(x, model)``: the engine's step), the copy is made only where it is needed:
+a probe forward at batch 1 (once per model, input shape, dtype, layout, precision and whether more than
+one thread runs) asks PyTorch which backend each convolution takes (``torch._C._select_conv_backend``),
+and pads when one of them is not oneDNN. ResNet-50 at 224 px takes oneDNN everywhere at batch 1:
+measured on an AMD EPYC at 2 threads, its batch-1 input gradient equals the padded one bit for bit and
+is the same in every process, so a single target there no longer pays a second forward/backward;
+efficientnet-lite0 (its late pointwise convolutions) and small inputs still pad. What the unpadded
+batch-1 oneDNN path does not keep is the invariance to the *number* of threads (2 against 3 threads:
+2.4e-7 apart in that gradient, which an optimization amplifies into another image), which padded
+batches have; run-to-run determinism at a given thread count holds either way.
+
 With one thread, PyTorch keeps the 1x1 convolutions of batches under 16 elements on the native
 path whatever the padding; single-threaded MKL is deterministic, but rounds differently from
 oneDNN, so ``OMP_NUM_THREADS=1`` gives other (equally good) images than two or more threads.
@@ -26,9 +37,11 @@ oneDNN, so ``OMP_NUM_THREADS=1`` gives other (equally good) images than two or m
 
 from __future__ import annotations
 
-from typing import Dict, TypeVar
+import weakref
+from typing import Dict, List, TypeVar
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 K = TypeVar("K")
 
@@ -44,6 +57,45 @@ def pad_batch(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or x.dim() == 0 or x.shape[0] != 1:
         return x
     return torch.cat([x, x.detach().expand(MIN_CPU_BATCH - 1, *x.shape[1:])])
+
+
+_DETERMINISTIC = {"Mkldnn", "MkldnnEmpty", "Empty"}  # oneDNN, and convolutions with nothing to compute
+_PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[tuple, bool]]" = weakref.WeakKeyDictionary()
+
+
+class _ConvBackends(TorchDispatchMode):
+    """Records the backend PyTorch selects for every convolution that runs while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backends: List[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            x, w, b, stride, padding, dilation, transposed, out_pad, groups = args[:9]
+            be = torch._C._select_conv_backend(x, w, b, stride, padding, dilation, transposed, out_pad, groups, None)
+            self.backends.append(str(be).split(".")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def needs_padding(model: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether a one-element CPU batch ``x`` must run padded through ``model``: one probe forward (no grad,
+    once per model, shape, dtype, layout, autocast state and single/multi-threading) finds a convolution
+    whose backend at batch 1 is not oneDNN. False for anything but a one-element CPU batch."""
+    if x.device.type != "cpu" or x.dim() == 0 or x.shape[0] != 1:
+        return False
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    ac = torch.is_autocast_enabled("cpu")
+    key = (tuple(x.shape), x.dtype, cl, ac, torch.get_autocast_dtype("cpu") if ac else None,
+           torch.get_num_threads() > 1)
+    per_model = _PROBED.setdefault(model, {})
+    hit = per_model.get(key)
+    if hit is None:
+        probe = _ConvBackends()
+        with torch.no_grad(), probe:
+            model(x.detach())
+        hit = per_model[key] = any(b not in _DETERMINISTIC for b in probe.backends)
+    return hit
 
 
 def unpad(outputs: Dict[K, torch.Tensor], n: int, padded: int) -> Dict[K, torch.Tensor]:

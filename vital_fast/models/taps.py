@@ -318,13 +318,15 @@ class FeatureTaps:
         self.outputs.clear()
         self._no_tensor.clear()
 
-    def run(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
+    def run(self, x: torch.Tensor, *args: Any, pad: bool = True, **kwargs: Any) -> Dict[str, torch.Tensor]:
         """Clear, run ``model(x, *args, **kwargs)`` and return the tapped outputs.
 
         Works inside or outside the ``with`` block (outside, the hooks live for this call only).
         With ``stop_after=True`` the forward pass ends after the last tapped layer. A one-element
         CPU batch runs padded to two (:mod:`vital_fast.models.batching`), so that its convolutions
-        take the same thread-schedule-independent path as any other batch; the outputs are sliced back.
+        take the same thread-schedule-independent path as any other batch; the outputs are sliced back
+        (``pad=False``: the caller decided already, as the engine does with
+        :func:`~vital_fast.models.batching.needs_padding`).
 
         Returns
         -------
@@ -340,7 +342,7 @@ class FeatureTaps:
         temporary = not self.active
         if temporary:
             self.__enter__()
-        xp = pad_batch(x)
+        xp = pad_batch(x) if pad else x
         try:
             self.model(xp, *args, **kwargs)
         except _StopForward:

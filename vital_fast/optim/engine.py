@@ -368,7 +368,7 @@ class Engine:
         """One network pass over ``view`` (under autocast with ``Settings.amp``): the tapped features
         the objective asks for and, when it needs them, the logits."""
         from vital_fast.models import FeatureTaps
-        from vital_fast.models.batching import pad_batch
+        from vital_fast.models.batching import needs_padding, pad_batch
 
         obj, model = self.recipe.objective, self.loaded.model
         layers = obj.layers(slots)
@@ -378,13 +378,13 @@ class Engine:
         if shared is not None:
             layers = list(dict.fromkeys([*layers, *shared.layers]))
         n = view.shape[0]
-        x = view if hooks is not None else pad_batch(view)  # one-element CPU batches run as two (batching.py)
-        dt = self.loaded.dtype
-        if dt in (torch.float16, torch.bfloat16) and x.dtype != dt:
-            x = x.to(dt)  # a half-precision model: its input in its dtype (the image and the loss stay float32)
-        if self.channels_last:
-            self._convert_layout()
-            x = ChannelsLast.input(x)
+        x = view
+        if hooks is None and n == 1 and view.device.type == "cpu":
+            # a one-element CPU batch runs as two where a convolution would otherwise leave oneDNN (batching.py)
+            with torch.no_grad(), autocast(self.amp, self.dev):
+                pad = needs_padding(model, self._input(view.detach()))
+            x = pad_batch(view) if pad else view
+        x = self._input(x)
         feats: Dict[str, torch.Tensor] = {}
         logits = None
         if self.compile_backend is not None and hooks is None and shared is None and (layers or logits_needed):
@@ -398,7 +398,7 @@ class Engine:
                 stack.enter_context(shared)
             stack.enter_context(autocast(self.amp, self.dev))
             if layers and not logits_needed:
-                feats = FeatureTaps(model, layers, stop_after=True).run(x)
+                feats = FeatureTaps(model, layers, stop_after=True).run(x, pad=False)  # padded above where needed
             elif layers:
                 taps = stack.enter_context(FeatureTaps(model, layers))
                 logits = model(x)
@@ -406,6 +406,17 @@ class Engine:
             elif logits_needed:
                 logits = model(x)
         return self._unpad(feats, logits, n, x.shape[0])
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's input: in a half-precision model's dtype (the image and the loss stay float32), and
+        channels-last when the run converted the network."""
+        dt = self.loaded.dtype
+        if dt in (torch.float16, torch.bfloat16) and x.dtype != dt:
+            x = x.to(dt)
+        if self.channels_last:
+            self._convert_layout()
+            x = ChannelsLast.input(x)
+        return x
 
     @staticmethod
     def _unpad(feats: Dict[str, torch.Tensor], logits: Optional[torch.Tensor], n: int, padded: int):
