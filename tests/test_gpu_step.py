@@ -98,9 +98,10 @@ def test_loss_every_changes_no_image_and_keeps_every_loss(lm):
     assert [st for k, st, _ in seen if k == 1] == list(range(1, 15))
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.5, True])
-def test_a_loss_interval_below_one_is_refused(bad):
-    with pytest.raises(ValueError, match="loss_every must be a whole number >= 1"):
+@pytest.mark.parametrize("bad, why", [(0, "must be >= 1, got 0"), (-3, "must be >= 1"), (1.5, "expects int"),
+                                      (True, "expects int")])
+def test_a_loss_interval_below_one_is_refused(bad, why):
+    with pytest.raises(ValueError, match=f"setting loss_every {why}"):
         Settings(loss_every=bad)
 
 

@@ -235,3 +235,24 @@ def test_channel_relevance_flag_and_a_note_when_lrp_every_does_nothing(capsys):
     assert s.channel_relevance is True and s.lrp_every == 3 and capsys.readouterr().err == ""
     paper = parsed_settings("--preset", "paper")
     assert paper.channel_relevance is True and paper.channel_target_weight == 0.0 and paper.param == "pixel"
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(param="foo"), "unknown parametrization 'foo'; valid: fourier, maco, pixel"),
+    (dict(quantiles=0), "setting quantiles must be >= 2, got 0"),
+    (dict(amp="fp8"), "unknown amp 'fp8'; valid: off, bf16, fp16, auto"),
+    (dict(lr="a"), "setting lr expects float, got 'a'"),
+    (dict(lr=0.0), "setting lr must be > 0"),
+    (dict(flip=1), "setting flip expects bool, got 1"),
+    (dict(stages=[(1.0, 0)]), "setting stages needs scales > 0 and steps >= 0"),
+    (dict(betas=(0.5, 1.0)), r"setting betas must be two numbers in \[0, 1\)"),
+    (dict(lrp_composite="zplus"), "setting lrp_composite must be one of paper, epsilon_plus, epsilon_plus_flat"),
+])
+def test_settings_refuse_every_invalid_field_at_construction(kw, msg):
+    """The API checks what the CLI checks, with the same declarations (one place: vital_fast.optim.presets)."""
+    from vital_fast.optim import Settings
+
+    with pytest.raises(ValueError, match=msg):
+        Settings(**kw)
+    with pytest.raises(ValueError, match=msg):
+        Settings().replace(**kw)

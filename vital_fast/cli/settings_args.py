@@ -23,24 +23,11 @@ import os
 import typing
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from vital_fast.optim.presets import Settings
+from vital_fast.optim.presets import Settings, check_setting, type_name
 
 __all__ = ["apply_overrides", "coerce_setting", "load_config", "parse_set", "setting_types"]
 
-# String fields with a closed set of values (``compile``, open-ended, is checked by resolve_compile).
-CHOICES = {
-    "channel_refs": ("image", "patch"),
-    "lrp_composite": ("paper", "epsilon_plus", "epsilon_plus_flat"),
-    "amp": ("off", "bf16", "fp16", "auto"),
-    "param": ("pixel", "fourier", "maco", "auto"),
-    "channels_last": ("auto", "on", "off"),
-}
-# Lower bounds of numeric fields (a value below breaks the run later, with a less clear message).
-MINIMUM = {
-    "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
-    "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
-    "channel_target_weight": 0.0, "loss_every": 1,
-}
+# The allowed values and lower bounds are Settings' own (declared once, in vital_fast.optim.presets).
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -51,17 +38,7 @@ def setting_types() -> Dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Settings)}
 
 
-def _type_name(tp) -> str:
-    if tp in (int, float, bool, str):
-        return tp.__name__
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (list, List):
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if origin in (tuple, Tuple):
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"tuple of {_type_name(args[0])}"
-        return "[" + ", ".join(_type_name(a) for a in args) + "]"
-    return getattr(tp, "__name__", str(tp))
+_type_name = type_name
 
 
 def _unknown(name: str) -> ValueError:
@@ -102,25 +79,7 @@ def _convert(value: Any, tp) -> Any:
     raise TypeError  # a field type this module does not know: refuse rather than guess
 
 
-def _check(name: str, value: Any) -> None:
-    if name in CHOICES and value not in CHOICES[name]:
-        raise ValueError(f"setting {name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
-    if name == "compile":
-        from vital_fast.models.compiled import resolve_compile
-
-        resolve_compile(value)
-    if name in MINIMUM and value < MINIMUM[name]:
-        raise ValueError(f"setting {name} must be >= {MINIMUM[name]}, got {value!r}")
-    if name == "lr" and not value > 0:
-        raise ValueError(f"setting lr must be > 0, got {value!r}")
-    if name == "betas" and not all(0 <= b < 1 for b in value):
-        raise ValueError(f"setting betas must be two numbers in [0, 1), got {list(value)}")
-    if name == "stages":
-        if not value:
-            raise ValueError("setting stages must hold at least one [scale, steps] pair")
-        if any(not sc > 0 or n < 0 for sc, n in value) or sum(n for _, n in value) < 1:
-            raise ValueError(f"setting stages needs scales > 0 and steps >= 0 (at least 1 in all), "
-                             f"got {[list(s) for s in value]}")
+_check = check_setting
 
 
 def coerce_setting(name: str, value: Any, where: str = "") -> Any:

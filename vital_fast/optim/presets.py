@@ -3,8 +3,88 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
+
+# Allowed values and lower bounds of the fields, declared once: Settings checks them at construction, the CLI's
+# --set and --config read them (vital_fast.cli.settings_args). ``compile`` (any dynamo backend) and ``param`` (the
+# parametrization registry, or "auto") are checked against what is registered.
+CHOICES = {
+    "channel_refs": ("image", "patch"),
+    "lrp_composite": ("paper", "epsilon_plus", "epsilon_plus_flat"),
+    "amp": ("off", "bf16", "fp16", "auto"),
+    "channels_last": ("auto", "on", "off"),
+}
+MINIMUM = {
+    "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
+    "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
+    "channel_target_weight": 0.0, "loss_every": 1,
+}
+
+
+def type_name(tp) -> str:
+    """A field type as the messages write it (``int``, ``list of [float, int]``)."""
+    if tp in (int, float, bool, str):
+        return tp.__name__
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, List):
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin in (tuple, Tuple):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"tuple of {type_name(args[0])}"
+        return "[" + ", ".join(type_name(a) for a in args) + "]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def has_type(value: Any, tp) -> bool:
+    """``value`` is of field type ``tp`` (an int stands for a float; a bool is no number; lists and tuples
+    alike for sequences)."""
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, List, tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin in (tuple, Tuple) and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(value) == len(args) and all(has_type(v, a) for v, a in zip(value, args))
+        return not args or all(has_type(v, args[0]) for v in value)
+    return True
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Raise ValueError naming the setting and what it allows when ``value`` is not a valid value of it (its
+    type already checked)."""
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ValueError(f"setting {name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    if name == "compile":
+        from vital_fast.models.compiled import resolve_compile
+
+        resolve_compile(value)
+    if name == "param" and value != "auto":  # a registry (register_parametrization): its own message lists it
+        from vital_fast.optim.parametrizations import PARAMETRIZATIONS, get_parametrization
+
+        if value not in PARAMETRIZATIONS:
+            get_parametrization(value)
+    if name in MINIMUM and value < MINIMUM[name]:
+        raise ValueError(f"setting {name} must be >= {MINIMUM[name]}, got {value!r}")
+    if name == "lr" and not value > 0:
+        raise ValueError(f"setting lr must be > 0, got {value!r}")
+    if name == "betas" and not all(0 <= b < 1 for b in value):
+        raise ValueError(f"setting betas must be two numbers in [0, 1), got {list(value)}")
+    if name == "stages":
+        if not value:
+            raise ValueError("setting stages must hold at least one [scale, steps] pair")
+        if any(not sc > 0 or n < 0 for sc, n in value) or sum(n for _, n in value) < 1:
+            raise ValueError(f"setting stages needs scales > 0 and steps >= 0 (at least 1 in all), "
+                             f"got {[list(s) for s in value]}")
 
 
 @dataclass
@@ -63,9 +143,12 @@ class Settings:
     loss_every: int = 10
 
     def __post_init__(self) -> None:
-        if isinstance(self.loss_every, bool) or not isinstance(self.loss_every, int) or self.loss_every < 1:
-            raise ValueError(f"loss_every must be a whole number >= 1 (steps between reads of the loss record), "
-                             f"got {self.loss_every!r}")
+        """Every field checked: its type, then its allowed values or range (``CHOICES``, ``MINIMUM`` and the
+        rules of :func:`check_setting`), one ValueError naming the field and what it allows."""
+        if isinstance(self.amp, str) and self.amp not in CHOICES["amp"]:  # its own message ("unknown amp ...")
+            from vital_fast.optim.precision import resolve_amp
+
+            resolve_amp(self.amp, "cpu")
         if self.channels_last not in ("auto", "on", "off"):  # the one message that lists the valid values
             from vital_fast.models.layout import resolve_channels_last
 
@@ -74,6 +157,12 @@ class Settings:
             from vital_fast.models.compiled import resolve_compile
 
             resolve_compile(self.compile)
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not has_type(value, hints[f.name]):
+                raise ValueError(f"setting {f.name} expects {type_name(hints[f.name])}, got {value!r}")
+            check_setting(f.name, value)
 
     @property
     def steps(self) -> int:
