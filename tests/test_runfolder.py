@@ -296,3 +296,32 @@ def test_the_holder_description_is_no_user_file_and_survives_force(tmp_path):
         lock.release()
     lock = prepare_run_folder(str(out / "fresh"), ident, resume=False, force=False)  # made, locked, still empty
     lock.release()
+
+
+def test_resume_and_force_together_are_refused(run_copy, images, capsys):
+    """--resume keeps finished targets, --force deletes them: together, one line and nothing touched (force used
+    to win silently)."""
+    before = snapshot(run_copy)
+    code, _, err = run_cli(visualize_args(images, run_copy, "--resume", "--force"), capsys)
+    assert code == 2 and "--resume and --force contradict each other" in err, err
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("damage", ["image deleted", "record corrupt"])
+def test_resume_redoes_a_target_whose_files_are_damaged(run_copy, images, capsys, damage):
+    """--resume trusted the manifest: a finished target whose image.png was deleted, or whose result.json is
+    corrupt, was never redone."""
+    import json as _json
+
+    m = _json.loads((run_copy / "manifest.json").read_text())
+    slug = next(t["slug"] for t in m["targets"] if t["key"] == "class:282")
+    tdir = run_copy / "targets" / slug
+    if damage == "image deleted":
+        (tdir / "image.png").unlink()
+    else:
+        (tdir / "result.json").write_text("{not json")
+    code, _, err = run_cli(visualize_args(images, run_copy, "--resume"), capsys)
+    assert code == 0 and "missing or unreadable files and are redone: class:282" in err, err
+    assert (tdir / "image.png").is_file() and _json.loads((tdir / "result.json").read_text())["key"] == "class:282"
+    keys = [t["key"] for t in _json.loads((run_copy / "manifest.json").read_text())["targets"]]
+    assert sorted(keys) == ["class:282", "class:967"]

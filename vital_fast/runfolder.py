@@ -237,6 +237,9 @@ def _entries(out: str) -> List[str]:
 
 
 def _check(out: str, identity: Optional[Mapping[str, Any]], resume: bool, force: bool) -> None:
+    if resume and force:
+        raise ValueError("--resume and --force contradict each other: --resume keeps the finished targets, --force "
+                         "deletes them; pass one")
     entries = _entries(out)
     if not entries:
         return

@@ -132,7 +132,30 @@ def run_into_folder(
 
 
 def finished_keys(out_dir: str) -> List[str]:
+    """The targets a run folder holds whole: in its manifest, with every file the manifest lists for them and a
+    readable ``result.json`` of the same key. A target whose image was deleted or whose record is corrupt is not
+    finished (``--resume`` redoes it, and says so)."""
+    import json
+    import os
+
     try:
-        return [t["key"] for t in read_manifest(out_dir).get("targets", [])]
+        recs = read_manifest(out_dir).get("targets", [])
     except ValueError:
         return []
+    done, broken = [], []
+    for t in recs:
+        key, slug = t.get("key"), t.get("slug")
+        ok = bool(key and slug) and all(os.path.isfile(os.path.join(out_dir, f)) for f in (t.get("files") or {}).values())
+        if ok:
+            try:
+                with open(os.path.join(out_dir, "targets", slug, "result.json"), encoding="utf-8") as fh:
+                    ok = json.load(fh).get("key") == key
+            except (OSError, ValueError, AttributeError):
+                ok = False
+        (done if ok else broken).append(key)
+    if broken:
+        import sys
+
+        print(f"vital-fast: --resume: {len(broken)} finished target(s) in {out_dir} have missing or unreadable files "
+              f"and are redone: {', '.join(map(str, broken[:5]))}{' ...' if len(broken) > 5 else ''}", file=sys.stderr)
+    return done
