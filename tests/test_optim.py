@@ -224,3 +224,23 @@ def test_class_relevance_needs_class_logits(tmp_path):
     with pytest.raises(ValueError, match="class_relevance"):
         visualize(m, ["class:1"], {"class:1": refs_for("class:1")}, settings=small_settings(class_relevance=True),
                   class_layers=[("0", 1.0), ("2", 1.0)], cache=DiskCache(enabled=False))
+
+
+@pytest.mark.parametrize("target", ["channel:fc:1", "neuron:fc:1:0:0"])
+def test_a_unit_of_a_layer_without_a_grid_is_refused_in_one_line(target):
+    """A unit target on an nn.Linear layer ended in an internal einsum/IndexError after the model loaded."""
+    from _util import tiny_loaded, tiny_refs
+
+    lm = tiny_loaded()
+    with pytest.raises(ValueError, match=r"layer 'fc' outputs \(B, 5\) with no spatial grid or tokens; \w+ targets need"):
+        visualize(lm, [target], {target: tiny_refs()}, settings=Settings(stages=[(1.0, 2)], n_refs=3, quantiles=8))
+
+
+def test_a_matched_layer_without_a_grid_is_refused_in_one_line():
+    """``--layers _fc`` answered `sorted_prototype: 'features' must have at least 3 dimensions`."""
+    from _util import tiny_loaded, tiny_refs
+
+    lm = tiny_loaded()
+    with pytest.raises(ValueError, match=r"matched layer 'fc' outputs \(B, 5\) with no spatial grid or tokens"):
+        visualize(lm, ["class:1"], {"class:1": tiny_refs()}, class_layers=[("conv1", 1.0), ("fc", 1.0)],
+                  settings=Settings(stages=[(1.0, 2)], n_refs=3, quantiles=8))

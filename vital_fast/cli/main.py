@@ -344,6 +344,12 @@ def parse_layers(loaded, spec):
         out.append((name, weight))
     if not out:
         raise UsageError("--layers: no layer given")
+    from vital_fast.models.facts import check_matched_layers
+
+    try:
+        check_matched_layers(loaded, out, "--layers:")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return out
 
 

@@ -101,6 +101,10 @@ def check_targets(loaded, targets: Sequence) -> Dict[str, tuple]:
             if shape is None:
                 raise ValueError(f"target {t.key}: layer {t.layer!r} produces no tensor output")
             tokens = loaded.channel_dim_of(t.layer) == -1
+            if len(shape) < 2:
+                raise ValueError(f"target {t.key}: layer {t.layer!r} outputs (B, {', '.join(map(str, shape))}) with no "
+                                 f"spatial grid or tokens; {t.kind} targets need a convolutional or token layer (a "
+                                 f"classifier's outputs are class:N targets)")
             if len(shape) == 2 and not tokens:
                 raise ValueError(f"target {t.key}: layer {t.layer!r} outputs (B, {shape[0]}, {shape[1]}), whose channel "
                                  f"dimension cannot be told for family {loaded.family!r}; for tokens (B, N, C), channels "
@@ -119,6 +123,18 @@ def check_targets(loaded, targets: Sequence) -> Dict[str, tuple]:
                                      f"{t.layer!r}'s {grid[0]}x{grid[1]} grid at the model's input size "
                                      f"({loaded.input_size} px)")
     return shapes
+
+
+def check_matched_layers(loaded, layers: Sequence, what: str = "matched layer") -> None:
+    """Each ``(layer, weight)`` names a layer with a feature map (channels and a spatial grid, or tokens): the
+    sort-matching loss compares each channel's distribution over its positions. ValueError otherwise, one line."""
+    shapes = {d["name"]: d["shape"] for d in layer_table(loaded)}
+    for l, _ in layers:
+        resolve_layer(loaded.model, l)
+        shape = shapes.get(l)
+        if shape is not None and len(shape) < 2:
+            raise ValueError(f"{what} {l!r} outputs (B, {', '.join(map(str, shape))}) with no spatial grid or tokens: "
+                             f"the loss matches each channel's values over positions, so it needs a feature map")
 
 
 def check_size(size: Optional[int], default: int) -> int:

@@ -45,17 +45,16 @@ class SortMatch(Objective):
         self._unshared: set = set()  # layers whose module runs more than once: their starts never share
 
     def setup(self, engine, targets):
-        from vital_fast.models import default_layers, resolve_layer
+        from vital_fast.models import default_layers
         from vital_fast.references.cache import DiskCache
 
         if self.cache is None:
             self.cache = DiskCache()
         if self.class_layers is None:
             self.class_layers = list(default_layers(engine.loaded))
-        shapes = {d["name"] for d in _layer_table(engine.loaded)}
-        for l, _ in self.class_layers:
-            if l not in shapes:
-                resolve_layer(engine.loaded.model, l)
+        from vital_fast.models.facts import check_matched_layers
+
+        check_matched_layers(engine.loaded, self.class_layers)
         if self.settings.class_relevance and any(t.kind == "class" for t in targets):
             self._logit_layer(engine)  # a model without class logits fails here, before any work
 
@@ -205,12 +204,6 @@ def unit_starts(targets: Sequence[Target], size: int, final: int, dev):
         locs = torch.tensor([list(t.at_size(size, final).loc) if t.loc is not None else [-1, -1]
                              for t in targets])
     return chans, locs
-
-
-def _layer_table(loaded):
-    from vital_fast.models.facts import layer_table
-
-    return layer_table(loaded)
 
 
 def matching_loss(loaded, groups: Sequence[dict], feats: Dict[str, torch.Tensor],
