@@ -183,3 +183,24 @@ def test_imagenet_wnid_folders_without_a_mapping_file(tmp_path, monkeypatch):
     assert class_image_folder(str(tmp_path), 285) == str(tmp_path / ids[285])
     (tmp_path / ids[999]).rmdir()  # 999 folders: not ImageNet-1k's tree, no guess
     assert class_image_folder(str(tmp_path), 285) is None
+
+
+def test_broken_symlinks_in_a_folder_are_skipped_with_a_warning(tmp_path):
+    """A dangling or looping symbolic link stopped the whole run (exit 2), while unreadable files were skipped."""
+    import warnings
+
+    from PIL import Image
+
+    from vital_fast.references.images import load_images
+    from vital_fast.references.pool import as_pool
+
+    (tmp_path / "1").mkdir()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "1" / "a.png")
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "1" / "dangling.png")
+    os.symlink("loop.png", tmp_path / "1" / "loop.png")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert len(load_images(str(tmp_path / "1"))) == 1
+        assert len(as_pool(str(tmp_path))) == 1
+    msgs = [str(x.message) for x in w]
+    assert any("skipped 2 broken symbolic links (dangling or looping" in m for m in msgs), msgs

@@ -109,15 +109,20 @@ def load_image(path: str) -> torch.Tensor:
 
 
 def list_image_files(folder: str, recursive: bool = True) -> List[str]:
-    """Image files under ``folder`` (by extension), sorted for a stable order."""
-    out = []
+    """Image files under ``folder`` (by extension), sorted for a stable order. A broken symbolic link (dangling,
+    or a loop) is left out with one warning that counts them, as unreadable files are when they are loaded."""
+    out, broken = [], []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for f in sorted(files):
             if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."):
-                out.append(os.path.join(root, f))
+                path = os.path.join(root, f)
+                (out if os.path.exists(path) else broken).append(path)
         if not recursive:
             break
+    if broken:
+        warnings.warn(f"{folder}: skipped {len(broken)} broken symbolic link{'s' if len(broken) > 1 else ''} "
+                      f"(dangling or looping; first: {broken[0]})", UserWarning, stacklevel=2)
     return out
 
 
