@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
 
@@ -112,9 +113,13 @@ def load_directions(path: Union[str, "os.PathLike[str]"]) -> Directions:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except ValueError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a damaged or pickled file: one line
-        raise ValueError(f"{p}: cannot read directions ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                         ) from None
+    except pickle.UnpicklingError:  # torch's own text invites turning the safety off: not repeated here
+        raise ValueError(f"{p}: holds pickled Python objects, not just tensors; such files are refused (unpickling "
+                         f"can run code). Save the directions as a tensor, or a dict of tensors, with torch.save, or "
+                         f"as .safetensors") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one line
+        raise ValueError(f"{p}: not a torch.save or .safetensors file of directions (reading it failed with "
+                         f"{type(exc).__name__})") from None
     bias = None
     if isinstance(obj, torch.Tensor):
         mat = obj
