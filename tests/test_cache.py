@@ -222,3 +222,24 @@ def test_atomic_write_honours_umask(tmp_path, umask, mode):
         assert os.listdir(path.parent) == ["manifest.json"]  # no temporary file left
     finally:
         os.umask(old)
+
+
+def test_prototype_cache_key_names_the_thread_count(tmp_path):
+    """Features round differently at another thread count; an entry made at one count changed the images of a run
+    at another (up to 11/255), so --no-cache and a cached run differed. The key names the count now."""
+    from _util import tiny_loaded, tiny_refs
+    from vital_fast.optim import Settings, visualize
+    from vital_fast.references.cache import DiskCache
+
+    lm = tiny_loaded()
+    cache = DiskCache(str(tmp_path))
+    s = Settings(stages=[(1.0, 1)], n_refs=3, quantiles=8)
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            visualize(lm, ["class:1"], {"class:1": tiny_refs()}, settings=s, cache=cache, progress=False)
+    finally:
+        torch.set_num_threads(old)
+    entries = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert len(entries) == 2, entries

@@ -115,6 +115,7 @@ def run_header(result, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]
         "model": {"name": result.model_name, "fingerprint": result.fingerprint},
         "settings": result.settings.to_dict(), "method": getattr(result, "method", "vital"),
         "precision": getattr(result, "precision", "float32"),
+        "threads": torch.get_num_threads(),  # images round differently at another thread count
         **({"loss_scale": result.loss_scale} if getattr(result, "loss_scale", None) else {}),
         **({"param": result.param} if getattr(result, "param", None) else {}), **(extra or {}),
     }

@@ -126,6 +126,8 @@ def class_references(
         "model": loaded.fingerprint, "target": target_key, "layers": list(layers), "images": imgs.hashes,
         "size": size, "q": settings.quantiles, "crops": settings.ref_crops, "seed": seed,
         "resize": loaded.resize_size / loaded.input_size, "norm": loaded.norm_key,
+        # the features round differently at another thread count (up to 11/255 in an image made from them)
+        "threads": torch.get_num_threads(),
     }
     if use_rel:  # only then, so entries cached before this option existed stay valid
         parts["relevance"] = settings.lrp_composite
@@ -197,7 +199,7 @@ def channel_references(
     parts = {
         "model": loaded.fingerprint, "target": target_key, "layers": list(record_layers), "images": images.hashes,
         "size": size, "q": settings.quantiles, "composite": settings.lrp_composite,
-        "resize": loaded.resize_size / loaded.input_size, "norm": loaded.norm_key,
+        "resize": loaded.resize_size / loaded.input_size, "norm": loaded.norm_key, "threads": torch.get_num_threads(),
     }
     if any(loaded.channel_dim_of(l) != 1 for l, _ in record_layers):
         parts["layout"] = "tokens-last"  # entries from before token layers were read channels-last

@@ -181,6 +181,7 @@ def run_sweep(
             engine = sweep_engine(plan.loaded, plan.settings, seed, plan.final, plan.class_layers, cache, refs_for,
                                   early_stop, early_stop_window, plan.targets)
             header["precision"] = engine.precision
+            header["threads"] = torch.get_num_threads()  # images round differently at another thread count
             run = _Run(engine, plan, pending, len(done_before), out_dir, dist, meta, header, progress, manifest_every,
                        t_start)
             run.loop(batch, refill)
