@@ -204,3 +204,18 @@ def test_broken_symlinks_in_a_folder_are_skipped_with_a_warning(tmp_path):
         assert len(as_pool(str(tmp_path))) == 1
     msgs = [str(x.message) for x in w]
     assert any("skipped 2 broken symbolic links (dangling or looping" in m for m in msgs), msgs
+
+
+def test_a_subset_of_imagenet_wordnet_folders_resolves_without_a_wnids_file(tmp_path):
+    """Eight WordNet-id folders of ImageNet-1k classes were refused without a wnids.txt; each id names its class
+    whatever the other folders are (the table ships with timm's ImageNetInfo)."""
+    pytest.importorskip("timm")
+    from vital_fast.references.images import missing_class_message
+
+    for wnid in ("n02124075", "n07920052", "n01440764"):  # Egyptian cat (285), espresso (967), tench (0)
+        (tmp_path / wnid).mkdir()
+    assert class_image_folder(str(tmp_path), 285) == str(tmp_path / "n02124075")
+    assert class_image_folder(str(tmp_path), 967) == str(tmp_path / "n07920052")
+    assert class_image_folder(str(tmp_path), 1) is None
+    msg = missing_class_message(str(tmp_path), 1)
+    assert "ImageNet-1k's class 1 is n01443537" in msg and "no folder" in msg

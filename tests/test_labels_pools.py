@@ -167,14 +167,24 @@ def test_cli_wrong_label_count_and_class_target_on_a_dataset(tmp_path, dataset_f
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 
 
+def _has_timm() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_missing_class_folders_say_what_to_do(tmp_path):
     from vital_fast.references.images import class_image_folder, missing_class_message
 
     (tmp_path / "n01440764").mkdir()
     (tmp_path / "n01443537").mkdir()
-    assert class_image_folder(str(tmp_path), 1) is None  # two WordNet-id folders: their order says nothing
-    msg = missing_class_message(str(tmp_path), 1)
-    assert "not ImageNet-1k's 1,000" in msg and "wnids.txt" in msg
+    # two WordNet-id folders: their order says nothing, but each id names its ImageNet-1k class (timm's table)
+    assert class_image_folder(str(tmp_path), 1) == (str(tmp_path / "n01443537") if _has_timm() else None)
+    msg = missing_class_message(str(tmp_path), 5)
+    assert ("ImageNet-1k's class 5 is n01496331" in msg if _has_timm() else "not ImageNet-1k's 1,000" in msg)
+    assert "wnids.txt" in msg
     (tmp_path / "wnids.txt").write_text("n01440764\nn01443537\nn09999999\n")
     assert class_image_folder(str(tmp_path), 1) == str(tmp_path / "n01443537")
     assert "maps it to the WordNet id n09999999, but there is no folder" in missing_class_message(str(tmp_path), 2)

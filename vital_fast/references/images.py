@@ -319,6 +319,9 @@ def class_image_folder(root: str, index: int, wnids_file: Optional[str] = None) 
             ids = sorted_wnid_folders(root)
             if len(ids) == 1000 and 0 <= index < 1000:
                 return os.path.join(root, ids[index])
+            wnid = imagenet_wnid(index) if ids else None  # a subset of ImageNet-1k's folders: the id names the class
+            if wnid and os.path.isdir(os.path.join(root, wnid)):
+                return os.path.join(root, wnid)
             return None
     elif not os.path.isfile(wnids_file):
         raise ValueError(f"no such WordNet id file: {wnids_file}")
@@ -326,6 +329,21 @@ def class_image_folder(root: str, index: int, wnids_file: Optional[str] = None) 
     if wnid and os.path.isdir(os.path.join(root, wnid)):
         return os.path.join(root, wnid)
     return None
+
+
+def imagenet_wnid(index: int) -> Optional[str]:
+    """ImageNet-1k's WordNet id of class ``index`` (the table that ships with timm's ``ImageNetInfo``), or None
+    without timm or past the 1,000 classes."""
+    if not 0 <= index < 1000:
+        return None
+    try:
+        from timm.data import ImageNetInfo
+    except ImportError:
+        return None
+    try:
+        return str(ImageNetInfo().index_to_label_name(index))
+    except Exception:  # noqa: BLE001 - a timm without the table: as if absent
+        return None
 
 
 def missing_class_message(root: str, index: int, wnids_file: Optional[str] = None) -> str:
@@ -346,6 +364,10 @@ def missing_class_message(root: str, index: int, wnids_file: Optional[str] = Non
                 f"folder {os.path.join(root, ids[index])} (nor {os.path.join(root, str(index))})")
     wn = sorted_wnid_folders(root)
     if wn:
+        wnid = imagenet_wnid(index)
+        if wnid:
+            return (f"{head}: ImageNet-1k's class {index} is {wnid}, and there is no folder {os.path.join(root, wnid)} "
+                    f"among its {len(wn)} WordNet-id folders ({wn[0]}, ...); for another class order add a wnids.txt")
         return (f"{head}: its {len(wn)} WordNet-id folders ({wn[0]}, ...) are not ImageNet-1k's 1,000, so their "
                 f"order says nothing: add a wnids.txt (one WordNet id a line, in the model's class order) beside "
                 f"them, or name the folders by class index ({index}/)")
