@@ -17,6 +17,7 @@ def test_all_snapshot():
         "sorted_prototype",
         # the newcomer's entry points (loaded on first use)
         "visualize", "load_model", "save_result", "Settings", "Target", "Objective", "Parametrization",
+        "get_preset", "VisualizationResult",
     ])
     for name in vital_fast.__all__:
         assert getattr(vital_fast, name) is not None

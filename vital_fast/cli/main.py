@@ -26,7 +26,55 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: exit 2 with one line (plus usage)
         self.print_usage(sys.stderr)
-        raise UsageError(message)
+        raise UsageError(message + _did_you_mean(self, message))
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """``; did you mean ...?`` for a mistyped subcommand or option (argparse's own messages), else ''."""
+    import difflib
+    import re
+
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if m:
+        choices = re.findall(r"'([^']*)'", m.group(2)) or [c.strip() for c in m.group(2).split(",")]
+        close = difflib.get_close_matches(m.group(1), choices, n=1)
+        return f"; did you mean '{close[0]}'?" if close else ""
+    m = re.search(r"unrecognized arguments: (.*)", message)
+    if m:
+        known = set(parser._option_string_actions)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sp in action.choices.values():
+                    known |= set(sp._option_string_actions)
+        hints = []
+        for arg in m.group(1).split():
+            if arg.startswith("--"):
+                close = difflib.get_close_matches(arg.split("=")[0], sorted(known), n=1)
+                if close:
+                    hints.append(f"{arg} -> {close[0]}")
+        return f"; did you mean {', '.join(hints)}?" if hints else ""
+    return ""
+
+
+def version_text() -> str:
+    """``vital-fast --version``: the package, torch and the backends that load here."""
+    import torch
+
+    import vital_fast
+
+    backends = vital_fast.available_backends()
+    have = ", ".join(f"{k} {'yes' if v['available'] else 'no'}" for k, v in backends.items())
+    cuda = f"CUDA {torch.version.cuda}" if torch.cuda.is_available() else "no CUDA device"
+    return f"vital_fast {vital_fast.__version__} (torch {torch.__version__}, {cuda}; backends: {have})"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def _common_run_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vital-fast", description="Fast VITAL feature visualization: distribution-matched images of "
                 "what a class or a channel of a network responds to.")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of unexpected errors")
+    p.add_argument("--version", action=_VersionAction, help="print the version of vital_fast, torch and the backends")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     d = sub.add_parser("demo", help="visualize a few classes and channels of efficientnet-lite0 with offline photos",
@@ -211,23 +260,10 @@ def _settings(args):
 
 
 def scaled_stages(s, steps: int) -> dict:
-    """The stage schedule of settings ``s`` scaled to exactly ``steps`` steps in all.
-
-    Stages keep their share of the steps; a stage whose share rounds to nothing is dropped (the
-    last stage, at the final resolution, always stays), so ``--steps 1`` runs one step.
-    """
-    total = s.steps
-    counts = [int(n * steps // total) for _, n in s.stages]
-    counts[-1] = max(counts[-1], 1)
-    i = len(counts) - 1
-    while sum(counts) < steps:  # the remainder goes to the latest stages first
-        counts[i] += 1
-        i = i - 1 if i > 0 else len(counts) - 1
-    while sum(counts) > steps:  # only when the last stage was raised to 1
-        j = max(k for k in range(len(counts) - 1) if counts[k] > 0)
-        counts[j] -= 1
-    stages = [(sc, n) for (sc, _), n in zip(s.stages, counts) if n > 0]
-    return {"stages": stages, "warmup": min(s.warmup, max(1, steps // 10))}
+    """The stage schedule of settings ``s`` scaled to exactly ``steps`` steps (:meth:`Settings.with_steps`), as
+    ``replace`` arguments."""
+    t = s.with_steps(steps)
+    return {"stages": t.stages, "warmup": t.warmup}
 
 
 def _cache(args):

@@ -179,6 +179,25 @@ class Settings:
                 del d[name]
         return d
 
+    def with_steps(self, steps: int) -> "Settings":
+        """These settings with the stage schedule scaled to exactly ``steps`` steps in all: stages keep their share
+        (a stage whose share rounds to nothing is dropped; the last, at the final resolution, always stays, so
+        ``steps=1`` runs one step) and the warm-up is at most a tenth of the steps."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+        total = self.steps
+        counts = [int(n * steps // total) for _, n in self.stages]
+        counts[-1] = max(counts[-1], 1)
+        i = len(counts) - 1
+        while sum(counts) < steps:  # the remainder goes to the latest stages first
+            counts[i] += 1
+            i = i - 1 if i > 0 else len(counts) - 1
+        while sum(counts) > steps:  # only when the last stage was raised to 1
+            j = max(k for k in range(len(counts) - 1) if counts[k] > 0)
+            counts[j] -= 1
+        stages = [(sc, n) for (sc, _), n in zip(self.stages, counts) if n > 0]
+        return self.replace(stages=stages, warmup=min(self.warmup, max(1, steps // 10)))
+
     def replace(self, **kw: Any) -> "Settings":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:

@@ -43,11 +43,15 @@ def visualize(
     objective: Union[None, str, Objective] = None,
     options: Optional[Mapping[str, object]] = None,
     pool=None,
+    steps: Optional[int] = None,
 ) -> VisualizationResult:
     """Visualize several targets in one batched optimization.
 
     Each batch element is its own target with its own references, seed and random transforms, so
     B targets in one pass give the images of B single-target runs with the same seeds.
+
+    The common case is one call: ``visualize(model, "class:285", "photos/cats/", steps=300)`` (a single
+    target, and its references as a single source).
 
     Parameters
     ----------
@@ -57,7 +61,7 @@ def visualize(
         before (``device=`` moves it for the call only).
     targets : sequence of str or Target
         ``"class:285"``, ``"channel:layer3:17"``, or :class:`Target` objects.
-    references : mapping
+    references : mapping, or one source for a single target
         Target key -> reference images (an :class:`ImageSet`, a folder, a list of files or
         ``(3, H, W)`` tensors, or a ``(K, 3, H, W)`` tensor). For channel targets these are the
         top-k images or patches (see :mod:`vital_fast.references.mining`).
@@ -94,6 +98,9 @@ def visualize(
         settings' learning rate and schedule.
     options : mapping, optional
         Overrides of the method's options (:func:`vital_fast.optim.methods.method_options`).
+    steps : int, optional
+        The total number of steps: the preset's (or ``settings``') stages scaled to it
+        (:meth:`Settings.with_steps`).
     pool : folder, list of files, Dataset, ImagePool or ImageSet, optional
         Candidate images for the channel targets that ``references`` leaves out: their top
         ``settings.n_refs`` images (or patches, ``settings.channel_refs``) are mined from the pool in
@@ -122,21 +129,30 @@ def visualize(
         # the caller's model comes back as given: training and requires_grad flags, device
         with preserved(module) if isinstance(module, torch.nn.Module) else contextlib.nullcontext():
             return _visualize(model, targets, references, preset, settings, seed, size, device, class_layers,
-                              cache, callback, t_start, method, param, objective, options, pool)
+                              cache, callback, t_start, method, param, objective, options, pool, steps)
     finally:
         close_progress()
 
 
 def _visualize(model, targets, references, preset, settings, seed, size, device, class_layers, cache,
-               progress: Optional[ProgressFn], t_start: float, method: str, param, objective, options, pool=None
-               ) -> VisualizationResult:
+               progress: Optional[ProgressFn], t_start: float, method: str, param, objective, options, pool=None,
+               steps: Optional[int] = None) -> VisualizationResult:
     loaded = as_loaded(model)
     if device is not None:
         loaded = loaded.to(device)
     settings = settings if settings is not None else get_preset(preset)
+    if steps is not None:
+        settings = settings.with_steps(steps)
+    if isinstance(targets, (str, Target)):
+        targets = [targets]
     targets = [parse_target(t) for t in targets]
     if not targets:
         raise ValueError("visualize: no targets given")
+    if references is not None and not isinstance(references, Mapping):  # one source: the one target's
+        if len(targets) != 1:
+            raise ValueError(f"visualize: a single reference source is for one target, got {len(targets)} targets; "
+                             f"pass references={{'{targets[0].key}': ..., ...}}, one source per target")
+        references = {targets[0].key: references}
     keys = [t.key for t in targets]
     if len(set(keys)) != len(keys):
         raise ValueError(f"visualize: duplicate targets in {keys}")
@@ -217,7 +233,8 @@ def _reference_sets(targets: Sequence[Target], references, required: bool) -> Li
         if src is None:
             if required:
                 raise ValueError(f"visualize: no reference images for target {t.key}; "
-                                 f"pass references={{'{t.key}': ...}}")
+                                 f"pass references={{'{t.key}': ...}}"
+                                 + (" or pool=... (candidate images its top-k are mined from)" if t.is_unit else ""))
             out.append(ImageSet())
             continue
         s = src if isinstance(src, ImageSet) else load_images(src, what=f"references of {t.key}")
