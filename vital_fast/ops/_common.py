@@ -35,6 +35,27 @@ class RowLossFunction(torch.autograd.Function):
         return (grad_x,) + (None,) * (ctx.n_inputs - 1)
 
 
+class FixedReferenceLoss(torch.nn.Module):
+    """The modules' common part: a fixed reference (and optional per-channel weight) kept as buffers, with the
+    functional's keyword options."""
+
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        *,
+        channel_dim: int = 1,
+        reduction: str = "mean",
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("reference", reference.detach())
+        self.register_buffer("weight", None if weight is None else weight.detach())
+        self.channel_dim = channel_dim
+        self.reduction = reduction
+        self.backend = backend
+
+
 def launchers(op: str, backend: str) -> Tuple[Callable, Callable]:
     """The ``(<op>_fwd, <op>_bwd)`` launchers of a compiled backend."""
     if backend == "cpp":

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 from vital_fast import _backend
-from vital_fast.ops._common import RowLossFunction, launchers, prepare
+from vital_fast.ops._common import FixedReferenceLoss, RowLossFunction, launchers, prepare
 from vital_fast.ops.library import row_losses
 from vital_fast.reference import normalize_relevance, reduce_row_losses, sort_match_rows_reference
 
@@ -97,7 +97,7 @@ def lrp_weight(
     return reduce_row_losses(loss, weight, reduction)
 
 
-class LRPWeight(torch.nn.Module):
+class LRPWeight(FixedReferenceLoss):
     """:func:`lrp_weight` against a fixed reference (and channel importance), as a module: called with the
     activations and their relevance.
 
@@ -108,22 +108,6 @@ class LRPWeight(torch.nn.Module):
     >>> crit(torch.randn(2, 3, 4, 4), torch.rand(2, 3, 4, 4)).shape
     torch.Size([])
     """
-
-    def __init__(
-        self,
-        reference: torch.Tensor,
-        weight: Optional[torch.Tensor] = None,
-        *,
-        channel_dim: int = 1,
-        reduction: str = "mean",
-        backend: Optional[str] = None,
-    ) -> None:
-        super().__init__()
-        self.register_buffer("reference", reference.detach())
-        self.register_buffer("weight", None if weight is None else weight.detach())
-        self.channel_dim = channel_dim
-        self.reduction = reduction
-        self.backend = backend
 
     def forward(self, activations: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         return lrp_weight(activations, relevance, self.reference, self.weight, channel_dim=self.channel_dim,

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 from vital_fast import _backend
-from vital_fast.ops._common import RowLossFunction, launchers, prepare
+from vital_fast.ops._common import FixedReferenceLoss, RowLossFunction, launchers, prepare
 from vital_fast.ops.library import row_losses
 from vital_fast.reference import reduce_row_losses, sort_match_rows_reference
 
@@ -102,7 +102,7 @@ def sort_match_loss(
     return reduce_row_losses(loss, weight, reduction)
 
 
-class SortMatchLoss(torch.nn.Module):
+class SortMatchLoss(FixedReferenceLoss):
     """:func:`sort_match_loss` against a fixed reference, as a module (a drop-in loss).
 
     Example
@@ -112,22 +112,6 @@ class SortMatchLoss(torch.nn.Module):
     >>> crit(torch.randn(2, 3, 4, 4)).shape
     torch.Size([])
     """
-
-    def __init__(
-        self,
-        reference: torch.Tensor,
-        weight: Optional[torch.Tensor] = None,
-        *,
-        channel_dim: int = 1,
-        reduction: str = "mean",
-        backend: Optional[str] = None,
-    ) -> None:
-        super().__init__()
-        self.register_buffer("reference", reference.detach())
-        self.register_buffer("weight", None if weight is None else weight.detach())
-        self.channel_dim = channel_dim
-        self.reduction = reduction
-        self.backend = backend
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return sort_match_loss(
