@@ -382,7 +382,8 @@ class Engine:
         if hooks is None and n == 1 and view.device.type == "cpu":
             # a one-element CPU batch runs as two where a convolution would otherwise leave oneDNN (batching.py)
             with torch.no_grad(), autocast(self.amp, self.dev):
-                pad = needs_padding(model, self._input(view.detach()))
+                partial = layers if layers and not logits_needed and shared is None else None
+                pad = needs_padding(model, self._input(view.detach()), partial)
             x = pad_batch(view) if pad else view
         x = self._input(x)
         feats: Dict[str, torch.Tensor] = {}
