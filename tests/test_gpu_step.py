@@ -161,7 +161,7 @@ def test_one_target_pads_only_where_a_convolution_would_leave_onednn():
     1 (thread-schedule dependent) or a matrix product (another rounding at another batch size): TinyNet up to conv2
     pads at 32 px, not at 96 px (every input over 20480 values: oneDNN); its whole pass (the linear head) always
     pads. An unpadded image is the same run after run."""
-    from vital_fast.models.batching import needs_padding
+    from vital_fast.models.padding import needs_padding
 
     torch.manual_seed(0)
     net = TinyNet().eval()

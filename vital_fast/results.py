@@ -129,6 +129,15 @@ def result_identity(result, seed: Optional[int], extra: Optional[Dict[str, Any]]
                         size=extra.get("size"), preset=extra.get("preset"))
 
 
+def save_run(result, out_dir: str, *, seed: Optional[int] = None, labels: Optional[Dict[str, str]] = None) -> str:
+    """:func:`save_result`, then the folder's HTML gallery (as ``vital-fast visualize`` writes them); returns the
+    gallery's ``index.html``."""
+    from vital_fast.report.gallery import build_gallery
+
+    save_result(result, out_dir, seed=seed, labels=labels)
+    return build_gallery(out_dir)
+
+
 def save_result(result, out_dir: str, *, labels: Optional[Dict[str, str]] = None, seed: Optional[int] = None,
                 extra: Optional[Dict[str, Any]] = None,
                 annotations: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:

@@ -19,7 +19,8 @@ batch (the same shapes, hence the same oneDNN algorithms, on any CPU), and does 
 MKL's thread schedule. The price is a second forward/backward of the network for single-element
 calls only (1.5-1.9x their time on 1 and 2 threads).
 
-In the engine's step the copy is made only where it is needed (:func:`needs_padding`): a probe forward at
+In the engine's step the copy is made only where it is needed
+(:func:`vital_fast.models.padding.needs_padding`): a probe forward at
 batch 1 of the step's own (partial) pass, once per model, input shape, dtype, layout, precision, tapped layers
 and whether more than one thread runs, asks PyTorch which backend each convolution takes
 (``torch._C._select_conv_backend``), and pads when one of them is not oneDNN or when a matrix product runs
@@ -39,11 +40,9 @@ oneDNN, so ``OMP_NUM_THREADS=1`` gives other (equally good) images than two or m
 
 from __future__ import annotations
 
-import weakref
-from typing import Dict, List, Optional, Sequence, TypeVar
+from typing import Dict, TypeVar
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 K = TypeVar("K")
 
@@ -59,58 +58,6 @@ def pad_batch(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or x.dim() == 0 or x.shape[0] != 1:
         return x
     return torch.cat([x, x.detach().expand(MIN_CPU_BATCH - 1, *x.shape[1:])])
-
-
-_DETERMINISTIC = {"Mkldnn", "MkldnnEmpty", "Empty"}  # oneDNN, and convolutions with nothing to compute
-# Matrix products round differently at another batch size (a ViT's channel target alone and in a batch of two
-# differed by 0.019 after a few steps): a pass with one pads.
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-            torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
-_PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[tuple, bool]]" = weakref.WeakKeyDictionary()
-
-
-class _ConvBackends(TorchDispatchMode):
-    """Records the backend PyTorch selects for every convolution that runs while active (and ``"matmul"`` for a
-    matrix product)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backends: List[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _MATMULS:
-            self.backends.append("matmul")
-        elif func is torch.ops.aten.convolution.default:
-            x, w, b, stride, padding, dilation, transposed, out_pad, groups = args[:9]
-            be = torch._C._select_conv_backend(x, w, b, stride, padding, dilation, transposed, out_pad, groups, None)
-            self.backends.append(str(be).split(".")[-1])
-        return func(*args, **(kwargs or {}))
-
-
-def needs_padding(model: torch.nn.Module, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> bool:
-    """Whether a one-element CPU batch ``x`` must run padded through ``model``: one probe forward (no grad, once
-    per model, shape, dtype, layout, autocast state, single/multi-threading and ``layers``) finds a convolution
-    whose backend at batch 1 is not oneDNN, or a matrix product. ``layers``: the pass stops after them (the
-    step's own partial forward); None: the whole model. False for anything but a one-element CPU batch."""
-    if x.device.type != "cpu" or x.dim() == 0 or x.shape[0] != 1:
-        return False
-    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    ac = torch.is_autocast_enabled("cpu")
-    key = (tuple(x.shape), x.dtype, cl, ac, torch.get_autocast_dtype("cpu") if ac else None,
-           torch.get_num_threads() > 1, tuple(layers) if layers is not None else None)
-    per_model = _PROBED.setdefault(model, {})
-    hit = per_model.get(key)
-    if hit is None:
-        probe = _ConvBackends()
-        with torch.no_grad(), probe:
-            if layers:
-                from vital_fast.models.taps import FeatureTaps
-
-                FeatureTaps(model, list(layers), stop_after=True).run(x.detach(), pad=False)
-            else:
-                model(x.detach())
-        hit = per_model[key] = any(b not in _DETERMINISTIC for b in probe.backends)
-    return hit
 
 
 def unpad(outputs: Dict[K, torch.Tensor], n: int, padded: int) -> Dict[K, torch.Tensor]:

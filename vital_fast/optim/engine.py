@@ -368,7 +368,8 @@ class Engine:
         """One network pass over ``view`` (under autocast with ``Settings.amp``): the tapped features
         the objective asks for and, when it needs them, the logits."""
         from vital_fast.models import FeatureTaps
-        from vital_fast.models.batching import needs_padding, pad_batch
+        from vital_fast.models.batching import pad_batch
+        from vital_fast.models.padding import needs_padding
 
         obj, model = self.recipe.objective, self.loaded.model
         layers = obj.layers(slots)

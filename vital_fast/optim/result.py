@@ -53,8 +53,6 @@ class VisualizationResult:
         """A labelled grid: per target its image, its reference images (up to 8) and its final loss."""
         import html
 
-        from vital_fast.report.images import png_data_uri
-
         cells = []
         for i, t in enumerate(self.targets):
             refs = "".join(f'<img src="{png_data_uri(r, 48)}" width="48" height="48" title="{html.escape(n)}" '
@@ -99,12 +97,29 @@ class VisualizationResult:
         """Write the run folder (targets, grid, manifest) and its HTML gallery into ``out_dir``, as
         ``vital-fast visualize`` does; returns the gallery's ``index.html``. A folder holding another run is
         refused (:func:`vital_fast.save_result`)."""
-        from vital_fast.report.gallery import build_gallery
-        from vital_fast.results import save_result
+        from vital_fast.results import save_run
 
-        save_result(self, out_dir, seed=seed if seed is not None else (self.seeds[0] if self.seeds else None),
-                    labels=labels)
-        return build_gallery(out_dir)
+        return save_run(self, out_dir, seed=seed if seed is not None else (self.seeds[0] if self.seeds else None),
+                        labels=labels)
+
+
+def png_data_uri(img: torch.Tensor, side: int) -> str:
+    """``(3, H, W)`` in [0, 1], scaled down to at most ``side`` pixels, as a ``data:image/png;base64`` URI."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = img.detach().float().cpu().clamp(0, 1)
+    _, h, w = img.shape
+    if max(h, w) > side:
+        s = side / max(h, w)
+        img = torch.nn.functional.interpolate(img[None], size=(max(1, round(h * s)), max(1, round(w * s))),
+                                              mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+    arr = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]

@@ -21,8 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import quote
 
 from vital_fast.references.cache import atomic_write_bytes
-from vital_fast.results import read_manifest
-from vital_fast.runfolder import locked
+from vital_fast.runfolder import locked, read_manifest
 
 PAGE_SIZE = 60
 

@@ -27,18 +27,6 @@ def save_png(arr: np.ndarray, path: str) -> None:
     Image.fromarray(arr, mode=mode).save(path, format="PNG")
 
 
-def png_data_uri(img: torch.Tensor, side: int) -> str:
-    """``(3, H, W)`` in [0, 1], fitted within ``side`` pixels, as a ``data:image/png;base64`` URI (notebooks)."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(fit_within(img.detach().float().cpu(), side)), mode="RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def alpha_map(transparency: torch.Tensor, clip_percentile: float = 98.0) -> torch.Tensor:
     """Transparency ``(1, H, W)`` -> alpha in [0, 1], clipped at a percentile (the paper's 98th)."""
     t = transparency.float().flatten()
