@@ -74,3 +74,19 @@ def test_cli_version_and_did_you_mean(capsys):
     assert main(["--version"]) == 0
     assert main(["visualise"]) == 2
     assert "did you mean 'visualize'?" in capsys.readouterr().err
+
+
+def test_help_texts_are_true_to_what_runs(capsys):
+    """Stale texts the issue found: --param said VITAL defaults to pixels (fast: Fourier), --random-weights said
+    torchvision only, --model omitted timm:NAME; --verbose worked only before the subcommand."""
+    from vital_fast.cli.main import build_parser
+    from vital_fast.optim.presets import get_preset
+
+    v = build_parser()._subparsers._group_actions[0].choices["visualize"]
+    helps = {a.option_strings[0]: a.help for a in v._actions if a.option_strings}
+    assert "fourier for fast" in helps["--param"] and get_preset("fast").param == "fourier"
+    assert "pixel for paper" in helps["--param"] and get_preset("paper").param == "pixel"
+    assert "timm" in helps["--random-weights"] and "timm:NAME" in helps["--model"]
+    args = build_parser().parse_args(["visualize", "--model", "m", "--target", "class:1", "--images", "i", "--out", "o",
+                                      "--verbose"])
+    assert args.cmd == "visualize"

@@ -32,7 +32,7 @@ def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
     p.add_argument("--positive", required=True, metavar="DIR", help="folder of images showing the concept")
     p.add_argument("--negative", required=True, metavar="DIR", help="folder of images without it")
     p.add_argument("--out", required=True, metavar="FILE.pt", help="the direction file to write")
-    p.add_argument("--random-weights", action="store_true", help="torchvision/efficientnet names: random weights")
+    p.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
     p.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
                    "(e.g. torchvision:resnet50)")
     p.add_argument("--size", type=int, default=None, help="image side fed to the model (default: the model's)")

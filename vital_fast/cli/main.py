@@ -134,14 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common_run_args(d)
 
     l = sub.add_parser("layers", help="list a model's tappable layers with output shapes")
-    l.add_argument("model", help="efficientnet-lite0|1|2, torchvision:NAME, or a model file")
+    l.add_argument("model", help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, or a model file")
     l.add_argument("--size", type=int, default=None, help="input size for the shapes (default: the model's)")
-    l.add_argument("--random-weights", action="store_true", help="torchvision models: do not need pretrained weights")
+    l.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
     l.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
                    "(e.g. torchvision:resnet50)")
 
     v = sub.add_parser("visualize", help="visualize class and channel targets of a model")
-    v.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or "
+    v.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, a model file, or "
                    "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
     v.add_argument("--target", action="append", required=True, metavar="SPEC",
                    help="class:285, channel:LAYER:17, direction:LAYER:FILE[:ROW] (a vector in the layer's channel "
@@ -154,13 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's class names, one a line (or a JSON list), in output order (default: the "
                    "weights' own metadata; none: 'class N')")
     v.add_argument("--out", required=True, help="run folder to write")
-    v.add_argument("--random-weights", action="store_true", help="torchvision models: random weights")
+    v.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
     v.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
                    "(e.g. torchvision:resnet50)")
     v.add_argument("--method", default="vital", help="vital (default), a baseline (actmax, fourier, maco, bnstats) "
                    "or a method registered with vital_fast.optim.methods.register_method")
     v.add_argument("--param", default=None, metavar="NAME",
-                   help="image parametrization: pixel, fourier or maco (default: the method's own; vital: pixel)")
+                   help="image parametrization: pixel, fourier or maco (default: the method's own; vital: the preset's, "
+                   "fourier for fast, pixel for paper)")
     v.add_argument("--channel-refs", choices=["image", "patch"], default=None,
                    help="channel references: top-k full images or patches at the unit (default: the preset's)")
     v.add_argument("--family", default=None, choices=list(FAMILY_CHOICES),
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     b.add_argument("--device", default="cpu", help="cpu or a CUDA device (cuda, cuda:1): synchronized timings")
+    for sp in sub.choices.values():  # the global option after the subcommand too
+        if "--verbose" not in sp._option_string_actions:
+            sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="show tracebacks of unexpected errors (also before the subcommand)")
     return p
 
 

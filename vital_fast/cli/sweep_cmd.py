@@ -47,7 +47,7 @@ def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
                    help="the model's class names, one a line (or a JSON list), in output order (default: the "
                    "weights' own metadata; none: 'class N')")
     p.add_argument("--out", required=True, help="the sweep folder")
-    p.add_argument("--random-weights", action="store_true", help="torchvision/efficientnet names: random weights")
+    p.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
     p.add_argument("--arch", default=None, help="architecture of a state_dict model file")
     p.add_argument("--channel-refs", choices=["image", "patch"], default=None,
                    help="channel references: top-k full images or patches at the unit (default: the preset's)")
