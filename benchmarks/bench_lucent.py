@@ -7,7 +7,7 @@
 vital_fast runs its ``fourier`` method (Lucid's 1/f spectrum with decorrelated colour, Lucid's views, Adam
 lr 0.05: what Lucent's defaults do) on ``channel:LAYER:0``; Lucent runs ``render_vis`` with
 ``objectives.channel`` on a ``param.image(size, fft=True, decorrelate=True)`` and its standard transforms. Each
-side's time per step is the difference between a run of ``2 * steps`` and one of ``steps`` steps, divided by
+side's time per step (``--padded``: also vital_fast at one target padded to a batch of two) is the difference between a run of ``2 * steps`` and one of ``steps`` steps, divided by
 ``steps`` (set-up and hooks cancel), median of the interleaved rounds; ``--batch 8`` adds vital_fast with eight
 channels in one pass (per target-step), which Lucent runs one at a time. Needs Lucent (``pip install
 torch-lucent``, the ``clients`` extra); random weights for torchvision models, as nothing is downloaded here.
@@ -23,9 +23,15 @@ import time
 import torch
 
 
-def time_vital(loaded, layer: str, size: int, steps: int, B: int) -> float:
+def time_vital(loaded, layer: str, size: int, steps: int, B: int, padded: bool = False) -> float:
+    """``padded``: a one-element batch forced to run as two (the way before ``needs_padding``)."""
+    import vital_fast.models.padding as padding
     from vital_fast.optim import get_preset, visualize
     from vital_fast.references.cache import DiskCache
+
+    real = padding.needs_padding
+    if padded:
+        padding.needs_padding = lambda model, x, layers=None: True
 
     targets = [f"channel:{layer}:{i}" for i in range(B)]
 
@@ -36,7 +42,10 @@ def time_vital(loaded, layer: str, size: int, steps: int, B: int) -> float:
                   progress=False)
         return time.perf_counter() - t0
 
-    return (run(2 * steps) - run(steps)) / steps / B
+    try:
+        return (run(2 * steps) - run(steps)) / steps / B
+    finally:
+        padding.needs_padding = real
 
 
 def time_lucent(model, layer: str, size: int, steps: int) -> float:
@@ -62,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--padded", action="store_true", help="also vital_fast B=1 with the one-element batch padded to two")
     a = ap.parse_args(argv)
     try:
         import lucent  # noqa: F401
@@ -74,6 +84,8 @@ def main(argv=None) -> int:
     loaded = load_model(a.model, weights="random" if a.model.startswith(("torchvision:", "timm:")) else "pretrained")
     model = loaded.model.eval()
     rows = {f"vital_fast B={B}": (lambda B=B: time_vital(loaded, a.layer, a.size, a.steps, B)) for B in a.batch}
+    if a.padded:
+        rows["vital_fast B=1 padded"] = lambda: time_vital(loaded, a.layer, a.size, a.steps, 1, padded=True)
     rows["lucent render_vis (B=1)"] = lambda: time_lucent(model, a.layer, a.size, a.steps)
     got = {k: [] for k in rows}
     for _ in range(a.rounds):

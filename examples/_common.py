@@ -17,6 +17,28 @@ def model_and_photo(size: int = 128, photo: str = "coffee"):
     return loaded, loaded.model.eval(), loaded.normalize(img)
 
 
+def parser(doc: str, steps: int, out: str):
+    """The examples' shared options: --steps, --size, --layer, --out."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--layer", default="_blocks.10")
+    ap.add_argument("--out", default=out)
+    return ap
+
+
+def prototype_setup(size: int, layer: str):
+    """``(loaded, model, prototype)``: seeded, the model (frozen by load_model) and ``layer``'s prototype of the
+    photograph (64 quantiles)."""
+    from vital_fast.integrations import layer_prototype
+
+    torch.manual_seed(0)
+    loaded, model, photo = model_and_photo(size)
+    return loaded, model, layer_prototype(model, layer, photo, q=64)
+
+
 def save_png(img01: torch.Tensor, path: str) -> None:
     from PIL import Image
 

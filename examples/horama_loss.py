@@ -10,32 +10,22 @@ declaring it; its MACO variant fetches a spectrum from the web, so this example 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import model_and_photo, save_png  # noqa: E402
+from _common import parser, prototype_setup, save_png  # noqa: E402
 
-from vital_fast.integrations import horama_objective, layer_prototype  # noqa: E402
+from vital_fast.integrations import horama_objective  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--layer", default="_blocks.10")
-    ap.add_argument("--out", default="horama_vital.png")
-    a = ap.parse_args(argv)
+    a = parser(__doc__, 64, "horama_vital.png").parse_args(argv)
     import horama
 
-    torch.manual_seed(0)
-    loaded, model, photo = model_and_photo(a.size)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    proto = layer_prototype(model, a.layer, photo, q=64)
+    loaded, model, proto = prototype_setup(a.size, a.layer)
     score = horama_objective(model, a.layer, proto)
     scores = []
 

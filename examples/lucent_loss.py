@@ -10,33 +10,24 @@ The image is optimized so that the distribution of each channel of ``--layer`` m
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import model_and_photo, save_png  # noqa: E402
+from _common import parser, prototype_setup, save_png  # noqa: E402
 
-from vital_fast.integrations import layer_prototype, lucent_objective  # noqa: E402
+from vital_fast.integrations import lucent_objective  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--size", type=int, default=128)
+    ap = parser(__doc__, 128, "lucent_vital.png")
     ap.add_argument("--param", choices=["fourier", "pixel"], default="fourier")
-    ap.add_argument("--layer", default="_blocks.10")
-    ap.add_argument("--out", default="lucent_vital.png")
     a = ap.parse_args(argv)
     from lucent.optvis import param, render, transform
 
-    torch.manual_seed(0)
-    loaded, model, photo = model_and_photo(a.size)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    proto = layer_prototype(model, a.layer, photo, q=64)
+    loaded, model, proto = prototype_setup(a.size, a.layer)
     objective = lucent_objective(a.layer, proto)
 
     def param_f():

@@ -25,13 +25,13 @@ batch 1 of the step's own (partial) pass, once per model, input shape, dtype, la
 and whether more than one thread runs, asks PyTorch which backend each convolution takes
 (``torch._C._select_conv_backend``), and pads when one of them is not oneDNN or when a matrix product runs
 (a linear layer, attention: they round differently at another batch size, and a ViT's channel target alone
-and in a batch of two drifted 0.019 apart). ResNet-50 up to layer3 at 224 px takes oneDNN everywhere at batch 1:
-measured on an AMD EPYC at 2 threads, its batch-1 input gradient equals the padded one bit for bit and
-is the same in every process, so a single target there no longer pays a second forward/backward;
-efficientnet-lite0 (its late pointwise convolutions) and small inputs still pad. What the unpadded
-batch-1 oneDNN path does not keep is the invariance to the *number* of threads (2 against 3 threads:
-2.4e-7 apart in that gradient, which an optimization amplifies into another image), which padded
-batches have; run-to-run determinism at a given thread count holds either way.
+and in a batch of two drifted 0.019 apart). ResNet-50 up to layer3 at 224 px takes oneDNN everywhere at batch 1,
+so a single target there no longer pays a second forward/backward (``python -m benchmarks.bench_lucent
+--padded`` times both); efficientnet-lite0 (its late pointwise convolutions) and small inputs still pad.
+What the unpadded batch-1 oneDNN path does not keep is the invariance to the *number* of threads (its
+gradients differ by rounding at 2 and 3 threads, which an optimization amplifies into another image),
+which padded batches have; run-to-run determinism at a given thread count holds either way
+(tests/test_gpu_step.py checks a run repeated).
 
 With one thread, PyTorch keeps the 1x1 convolutions of batches under 16 elements on the native
 path whatever the padding; single-threaded MKL is deterministic, but rounds differently from
