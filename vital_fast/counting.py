@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["StepCounter", "engine_tensors", "reads_are_free", "steady_state_counts"]
+__all__ = ["StepCounter", "reads_are_free", "steady_state_counts"]
 
 _COUNTING = 0  # StepCounters active
 
@@ -61,17 +61,6 @@ def _tensors(obj: Any, out: List[torch.Tensor], depth: int = 0) -> None:
         for v in vars(obj).values():
             if isinstance(v, (torch.Tensor, dict, list, tuple)):
                 _tensors(v, out, depth + 1)
-
-
-def engine_tensors(engine, slots: Iterable = ()) -> List[torch.Tensor]:
-    """The tensors an engine and its slots hold (model, slot parameters, buffers, optimizer state, the
-    objective's per-slot state): what lives on the device in a GPU run."""
-    out: List[torch.Tensor] = []
-    _tensors(engine.loaded.model, out)
-    for sl in slots:
-        _tensors([sl.p, sl.buffers, sl.alpha, sl.state, getattr(sl, "moments", None)], out)
-    _tensors(getattr(engine, "_device_state", None), out)
-    return out
 
 
 class StepCounter(TorchDispatchMode):
