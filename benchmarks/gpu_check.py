@@ -393,9 +393,30 @@ def kernel_providers(x, refs, proto, sync, with_triton: bool) -> Dict[str, Calla
     return fns
 
 
+def inductor_sees_kernels(device: str) -> Optional[bool]:
+    """Whether inductor's code for a compiled loss launches the Triton kernels itself (the triton_op
+    decomposition, issue 28), on CUDA; None elsewhere (the interpreter keeps the operator opaque)."""
+    if not device.startswith("cuda"):
+        return None
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 8, 64, device=device, requires_grad=True)
+    proto = torch.sort(torch.randn(1, 8, 64, device=device), -1).values
+    cf = torch.compile(lambda t: vital_fast.sort_match_loss(t, proto, check_values=False, backend="triton"),
+                       fullgraph=True)
+    _, codes = run_and_get_code(lambda: cf(x).backward())
+    return any("_sort_match_fwd_kernel" in c for c in codes)
+
+
 def section_kernel_table(cfg: Config, budget: Budget, sec: Dict[str, Any]) -> None:
     sync = make_sync(cfg.device)
     why_triton = triton_reason(cfg)
+    if why_triton is None:
+        try:
+            sec["inductor_sees_kernels"] = inductor_sees_kernels(cfg.device)
+        except Exception as exc:  # recorded, not fatal: the timing rows still run
+            sec["inductor_sees_kernels"] = f"error: {type(exc).__name__}: {exc}"
     sec["copy_gbs"] = copy_bandwidth_gbs(cfg.device, cfg.copy_bytes)
     sec["rounds"], sec["warmup"] = cfg.kernel_rounds, cfg.kernel_warmup
     est = Estimate(cfg.est["kernel_row"])
@@ -875,6 +896,9 @@ def markdown(report: Dict[str, Any]) -> str:
         lines += ["", f"copy bandwidth (read + write) {_g(sec.get('copy_gbs'))} GB/s; {sec.get('rounds')} "
                       f"interleaved rounds after {sec.get('warmup')} warm-up; the paper-style loss re-sorts "
                       f"{PAPER_K} references"]
+        if "inductor_sees_kernels" in sec:
+            lines += [f"compiled loss: inductor's code launches the Triton kernels itself (triton_op): "
+                      f"{sec['inductor_sees_kernels']}"]
         rows = []
         for r in sec["rows"]:
             gbs = f"{_g(r['gbs'])} ({_g(r['pct_of_copy'])} %)" if r.get("gbs") else ""

@@ -42,6 +42,8 @@ def _status(name: str) -> Tuple[bool, Optional[str]]:
         return mod is not None, why
     if name == "triton":
         mod, why = _ext.load_triton()
+        if mod is not None:
+            import vital_fast.ops.triton_ops  # noqa: F401  (defines torch.ops.vital_fast.*_triton; imports dynamo)
         return mod is not None, why
     raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
 

@@ -5,7 +5,8 @@ Every compiled backend's forward and backward is one operator in the ``vital_fas
 * C++ (CPU): ``sort_match_fwd``, ``sort_match_bwd``, ``lrp_weight_fwd``, ``lrp_weight_bwd``, defined with
   their schemas, CPU kernels and shape-only Meta kernels in ``csrc/`` (loaded with ``vital_fast._C``);
 * Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): the same four with a ``_triton`` suffix, defined
-  here with ``torch.library.custom_op`` and fake (shape-only) kernels;
+  with ``torch.library.triton_op`` (inductor sees the kernels) in :mod:`vital_fast.ops.triton_ops`, which
+  the backend choice imports once triton loaded (defining them imports triton and dynamo: not at ``import vital_fast``);
 * the prototype builder, ``sorted_prototype(Tensor features, int? q, Tensor? relevance, int channel_dim)``.
 
 Each forward operator has its autograd registered through the library (``register_autograd``: the backward
@@ -23,7 +24,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["row_losses", "register_cpp"]
+__all__ = ["row_losses", "register_cpp", "register"]
 
 LIB = "vital_fast"
 
@@ -32,51 +33,14 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fwd_fake(x: Tensor, *rest: Tensor) -> Tuple[Tensor, Tensor]:
+def fwd_fake(x: Tensor, *rest: Tensor) -> Tuple[Tensor, Tensor]:
     B, C, D = x.shape
     md = _math_dtype(x.dtype)
     return x.new_empty((B, C), dtype=md), x.new_empty((B, C, D), dtype=md)
 
 
-def _bwd_fake(grad_loss: Tensor, saved: Tensor, dtype: torch.dtype) -> Tensor:
+def bwd_fake(grad_loss: Tensor, saved: Tensor, dtype: torch.dtype) -> Tensor:
     return saved.new_empty(saved.shape, dtype=dtype)
-
-
-# --- Triton: custom ops around the launchers ------------------------------------------------------
-
-
-@torch.library.custom_op(f"{LIB}::sort_match_fwd_triton", mutates_args=())
-def sort_match_fwd_triton(x: Tensor, ref: Tensor) -> Tuple[Tensor, Tensor]:
-    from vital_fast.kernels.triton.sort_match import sort_match_fwd
-
-    return sort_match_fwd(x, ref)
-
-
-@torch.library.custom_op(f"{LIB}::sort_match_bwd_triton", mutates_args=())
-def sort_match_bwd_triton(grad_loss: Tensor, diff: Tensor, dtype: torch.dtype) -> Tensor:
-    from vital_fast.kernels.triton.sort_match import sort_match_bwd
-
-    return sort_match_bwd(grad_loss, diff, dtype)
-
-
-@torch.library.custom_op(f"{LIB}::lrp_weight_fwd_triton", mutates_args=())
-def lrp_weight_fwd_triton(x: Tensor, rel: Tensor, ref: Tensor) -> Tuple[Tensor, Tensor]:
-    from vital_fast.kernels.triton.lrp_weight import lrp_weight_fwd
-
-    return lrp_weight_fwd(x, rel, ref)
-
-
-@torch.library.custom_op(f"{LIB}::lrp_weight_bwd_triton", mutates_args=())
-def lrp_weight_bwd_triton(grad_loss: Tensor, saved: Tensor, dtype: torch.dtype) -> Tensor:
-    from vital_fast.kernels.triton.lrp_weight import lrp_weight_bwd
-
-    return lrp_weight_bwd(grad_loss, saved, dtype)
-
-
-for _op in (sort_match_fwd_triton, lrp_weight_fwd_triton):
-    _op.register_fake(_fwd_fake)
-for _op in (sort_match_bwd_triton, lrp_weight_bwd_triton):
-    _op.register_fake(_bwd_fake)
 
 
 # --- the prototype builder ------------------------------------------------------------------------
@@ -161,16 +125,14 @@ def _bwd_vmap(op):
     return rule
 
 
-def _register(fwd_name: str, bwd_name: str) -> None:
+def register(fwd_name: str, bwd_name: str) -> None:
+    """Register autograd and vmap of the operator pair ``vital_fast::fwd_name`` / ``bwd_name``."""
     fwd = getattr(torch.ops.vital_fast, fwd_name).default
     bwd = getattr(torch.ops.vital_fast, bwd_name).default
     torch.library.register_autograd(f"{LIB}::{fwd_name}", _make_backward(bwd), setup_context=_setup)
     torch.library.register_vmap(f"{LIB}::{fwd_name}", _fwd_vmap(fwd))
     torch.library.register_vmap(f"{LIB}::{bwd_name}", _bwd_vmap(bwd))
 
-
-_register("sort_match_fwd_triton", "sort_match_bwd_triton")
-_register("lrp_weight_fwd_triton", "lrp_weight_bwd_triton")
 
 _cpp_registered = False
 
@@ -180,8 +142,8 @@ def register_cpp() -> None:
     global _cpp_registered
     if not _cpp_registered:
         _cpp_registered = True
-        _register("sort_match_fwd", "sort_match_bwd")
-        _register("lrp_weight_fwd", "lrp_weight_bwd")
+        register("sort_match_fwd", "sort_match_bwd")
+        register("lrp_weight_fwd", "lrp_weight_bwd")
 
 
 class _RowLoss(torch.autograd.Function):

@@ -62,6 +62,9 @@ def fused_config(n_rows: int, d: int, device: torch.device) -> Tuple[int, int, i
     while there would be fewer than MIN_PROGRAMS_PER_SM programs per SM. CPU tensors mean the
     interpreter, where fewer, larger programs are faster.
     """
+    # int(): under torch.compile with dynamic shapes these are SymInts; the block sizes are constexprs of the
+    # kernel, so the launch specializes on them (a recompile per row length, as inductor's own kernels).
+    n_rows, d = int(n_rows), int(d)
     block_d = triton.next_power_of_2(d)
     log_d = block_d.bit_length() - 1
     if device.type == "cuda":

@@ -50,7 +50,7 @@ def launch_scaled_rows_bwd(
     n_elems = saved.numel()
     if n_elems == 0:
         return grad_x
-    kernel[(triton.cdiv(n_elems, _heuristics.BWD_BLOCK),)](
+    torch.library.wrap_triton(kernel)[(triton.cdiv(n_elems, _heuristics.BWD_BLOCK),)](
         grad_loss, saved, grad_x,
         *grad_loss.stride(),
         n_elems, C, D,

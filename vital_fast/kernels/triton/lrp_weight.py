@@ -200,7 +200,7 @@ def lrp_weight_fwd(
     rsb, rsc, rsd = ref_strides(ref)
     if _heuristics.use_fused(D, x.dtype):
         block_d, log_d, rows, num_warps = _heuristics.fused_config(n_rows, D, x.device)
-        _lrp_weight_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+        torch.library.wrap_triton(_lrp_weight_fwd_kernel)[(triton.cdiv(n_rows, rows),)](
             x, rel, ref, loss, saved,
             *x.stride(), *rel.stride(), rsb, rsc, rsd,
             n_rows, C, D,
@@ -211,14 +211,14 @@ def lrp_weight_fwd(
         # fused pass over its output.
         y = torch.empty((B, C, D), dtype=md, device=x.device)
         stats = torch.empty((n_rows, 2), dtype=md, device=x.device)
-        _lrp_weight_prologue_kernel[(n_rows,)](
+        torch.library.wrap_triton(_lrp_weight_prologue_kernel)[(n_rows,)](
             x, rel, y, stats,
             *x.stride(), *rel.stride(),
             C, D,
             BLOCK=_heuristics.EPILOGUE_BLOCK, num_warps=_heuristics.EPILOGUE_WARPS,
         )
         ys, order = torch.sort(y, dim=-1, stable=True)
-        _lrp_weight_epilogue_kernel[(n_rows,)](
+        torch.library.wrap_triton(_lrp_weight_epilogue_kernel)[(n_rows,)](
             ys, order, rel, stats, ref, loss, saved,
             *ys.stride(), *order.stride(), *rel.stride(), rsb, rsc, rsd,
             C, D,

@@ -132,7 +132,7 @@ def sort_match_fwd(x: torch.Tensor, ref: torch.Tensor) -> Tuple[torch.Tensor, to
     rsb, rsc, rsd = ref_strides(ref)
     if _heuristics.use_fused(D, x.dtype):
         block_d, log_d, rows, num_warps = _heuristics.fused_config(n_rows, D, x.device)
-        _sort_match_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+        torch.library.wrap_triton(_sort_match_fwd_kernel)[(triton.cdiv(n_rows, rows),)](
             x, ref, loss, diff,
             *x.stride(), rsb, rsc, rsd,
             n_rows, C, D,
@@ -141,7 +141,7 @@ def sort_match_fwd(x: torch.Tensor, ref: torch.Tensor) -> Tuple[torch.Tensor, to
     else:
         # Long rows (and float64): a segmented sort by torch, then one fused pass over its output.
         xs, order = torch.sort(x, dim=-1, stable=True)
-        _sort_match_epilogue_kernel[(n_rows,)](
+        torch.library.wrap_triton(_sort_match_epilogue_kernel)[(n_rows,)](
             xs, order, ref, loss, diff,
             *xs.stride(), *order.stride(), rsb, rsc, rsd,
             C, D,
