@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     cache = DiskCache(enabled=False)
     s = get_preset("fast")
     if a.steps:
-        from vital_fast.cli.main import scaled_stages
+        from vital_fast.cli.common import scaled_stages
 
         s = s.replace(**scaled_stages(s, a.steps))
     size = model.input_size

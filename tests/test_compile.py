@@ -136,7 +136,8 @@ def test_unknown_backend_is_one_line_before_any_step(lm, refs):
 
 
 def test_cli_flag_reaches_settings_and_bad_values_exit_2(tmp_path, capsys):
-    from vital_fast.cli.main import _settings, build_parser, main
+    from vital_fast.cli.common import settings_from_args as _settings
+    from vital_fast.cli.main import build_parser, main
 
     cmd = ["visualize", "--model", "m", "--target", "class:1", "--images", ".", "--out", "o"]
     assert _settings(build_parser().parse_args(cmd)).compile == "off"

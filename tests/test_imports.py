@@ -152,7 +152,7 @@ def test_graph_sees_function_level_imports():
     # sanity of the checker itself: these are imports inside functions
     assert "vital_fast.models" in GRAPH["vital_fast.evaluate.metrics"]
     assert "vital_fast.kernels.cpu" in GRAPH["vital_fast.ops._common"]
-    assert "vital_fast.report.gallery" in GRAPH["vital_fast.cli.main"]
+    assert "vital_fast.report.gallery" in GRAPH["vital_fast.cli.common"]
 
 
 def test_cycle_finder():

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from vital_fast.cli.main import _settings, build_parser, main
+from vital_fast.cli.common import settings_from_args as _settings
+from vital_fast.cli.main import build_parser, main
 from vital_fast.models import load_model
 from vital_fast.optim import Settings, get_preset, visualize
 from vital_fast.references.cache import DiskCache

@@ -13,10 +13,11 @@ import argparse
 import shlex
 from typing import Any, Callable, Dict
 
+from vital_fast.cli.common import EXIT_OK, UsageError, device_from_args, groups, load_from_args
 from vital_fast.cli.pyref import is_pyref, load_model_pyref
 
 
-def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
+def register(sub) -> Dict[str, Callable[[Any], int]]:
     """Add the ``concept`` sub-command to ``sub``; return its handler."""
     p = sub.add_parser(
         "concept", help="a concept vector from images: a linear probe on a layer's features (TCAV-style)",
@@ -26,35 +27,35 @@ def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
         "features) with its held-out accuracy to --out, for `vital-fast visualize --target "
         "direction:LAYER:FILE.pt:0`.",
     )
-    p.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or "
-                   "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
-    p.add_argument("--layer", required=True, help="the layer whose features are probed (see `vital-fast layers`)")
-    p.add_argument("--positive", required=True, metavar="DIR", help="folder of images showing the concept")
-    p.add_argument("--negative", required=True, metavar="DIR", help="folder of images without it")
-    p.add_argument("--out", required=True, metavar="FILE.pt", help="the direction file to write")
-    p.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
-    p.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
-                   "(e.g. torchvision:resnet50)")
-    p.add_argument("--size", type=int, default=None, help="image side fed to the model (default: the model's)")
-    p.add_argument("--holdout", type=float, default=0.25,
-                   help="fraction of each side held out to measure the accuracy (default: 0.25)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the train/held-out split (default: 0)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes decoding images (default: $VITAL_FAST_WORKERS, else none for small folders)")
-    p.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    data, method, schedule, hw, output = groups(p)
+    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or "
+                      "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
+    data.add_argument("--layer", required=True, help="the layer whose features are probed (see `vital-fast layers`)")
+    data.add_argument("--positive", required=True, metavar="DIR", help="folder of images showing the concept")
+    data.add_argument("--negative", required=True, metavar="DIR", help="folder of images without it")
+    output.add_argument("--out", required=True, metavar="FILE.pt", help="the direction file to write")
+    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
+    data.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
+                      "(e.g. torchvision:resnet50)")
+    schedule.add_argument("--size", type=int, default=None, help="image side fed to the model (default: the model's)")
+    method.add_argument("--holdout", type=float, default=0.25,
+                        help="fraction of each side held out to measure the accuracy (default: 0.25)")
+    schedule.add_argument("--seed", type=int, default=0, help="seeds the train/held-out split (default: 0)")
+    hw.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="processes decoding images (default: $VITAL_FAST_WORKERS, else none for small folders)")
+    hw.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1 ... (default: cpu)")
+    output.add_argument("--force", action="store_true", help="replace an existing --out file")
     return {"concept": cmd_concept}
 
 
 def _load_model(args):
-    from vital_fast.cli.main import _device, _load
 
-    device = _device(args)
+    device = device_from_args(args)
     if is_pyref(args.model):
         loaded = load_model_pyref(args.model)
         loaded.model.to(device)
         return loaded
-    return _load(argparse.Namespace(model=args.model, random_weights=args.random_weights, arch=args.arch,
+    return load_from_args(argparse.Namespace(model=args.model, random_weights=args.random_weights, arch=args.arch,
                                     device=device, labels=None))
 
 
@@ -70,7 +71,6 @@ def visualize_command(args) -> str:
 
 
 def cmd_concept(args) -> int:
-    from vital_fast.cli.main import EXIT_OK, UsageError
     from vital_fast.concepts import check_out, train_concept
 
     if not 0.0 < args.holdout < 1.0:

@@ -10,31 +10,33 @@ import os
 import sys
 from typing import Callable, Dict
 
+from vital_fast.cli.common import EXIT_OK, UsageError, groups
 
-def register(sub, common_run_args) -> Dict[str, Callable]:
+
+def register(sub) -> Dict[str, Callable]:
     """Add the ``evaluate`` sub-command to ``sub``; return its handler."""
     e = sub.add_parser(
         "evaluate", help="metrics of a run (accuracy by the model and a judge, FID, W2, ...), or compare runs",
         description="Computes the metrics of a run folder and writes metrics.json, metrics.md and metrics.csv into "
         "it, and the metrics into its gallery. With --compare, evaluates every run given and prints one table with "
         "a row per method (runs of one method with different seeds share a row, with their diversity).")
+    data, method, _, hw, output = groups(e)
     e.add_argument("run", nargs="*", help="run folder(s)")
-    e.add_argument("--compare", nargs="+", default=None, metavar="RUN", help="runs to compare in one table")
-    e.add_argument("--judge", default="auto", help="independent classifier: a model name or file, or 'none' "
-                   "(default: efficientnet-lite2 for ImageNet models, efficientnet-lite0 for lite2 itself)")
-    e.add_argument("--model", default=None, help="the visualized model, when the manifest's name cannot be loaded "
-                   "(a model file, or a name)")
-    e.add_argument("--arch", default=None, help="architecture of a state_dict model file (e.g. torchvision:resnet50)")
-    e.add_argument("--fid-crops", type=int, choices=[1, 5], default=5,
-                   help="views per image in the Frechet distance: 5 = the image and its 4 corner crops (default)")
-    e.add_argument("--out", default=None, help="with --compare: also write compare.md/.csv/.json into this folder")
-    e.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    e.add_argument("--no-write", action="store_true", help="print only; write nothing into the run folders")
+    data.add_argument("--compare", nargs="+", default=None, metavar="RUN", help="runs to compare in one table")
+    method.add_argument("--judge", default="auto", help="independent classifier: a model name or file, or 'none' "
+                        "(default: auto: efficientnet-lite2 for ImageNet models, efficientnet-lite0 for lite2 itself)")
+    data.add_argument("--model", default=None, help="the visualized model, when the manifest's name cannot be loaded "
+                      "(a model file, or a name)")
+    data.add_argument("--arch", default=None, help="architecture of a state_dict model file (e.g. torchvision:resnet50)")
+    method.add_argument("--fid-crops", type=int, choices=[1, 5], default=5,
+                        help="views per image in the Frechet distance: 5 = the image and its 4 corner crops (default)")
+    output.add_argument("--out", default=None, help="with --compare: also write compare.md/.csv/.json into this folder")
+    hw.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    output.add_argument("--no-write", action="store_true", help="print only; write nothing into the run folders")
     return {"evaluate": cmd_evaluate}
 
 
 def cmd_evaluate(args) -> int:
-    from vital_fast.cli.main import EXIT_OK, UsageError
 
     runs = list(args.run or []) + list(args.compare or [])
     if not runs:

@@ -15,10 +15,22 @@ import os
 import sys
 from typing import Any, Callable, Dict
 
+from vital_fast.cli.common import (
+    EXIT_OK,
+    UsageError,
+    add_run_args,
+    cache_from_args,
+    check_preset,
+    device_from_args,
+    groups,
+    load_from_args,
+    parse_layers,
+    settings_from_args,
+)
 from vital_fast.cli.pyref import FAMILY_CHOICES, images_arg, is_pyref, load_model_pyref
 
 
-def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
+def register(sub) -> Dict[str, Callable[[Any], int]]:
     p = sub.add_parser(
         "sweep", help="visualize every channel of a layer (and/or many classes): resumable, batch refill, "
         "shards over torchrun ranks",
@@ -29,61 +41,61 @@ def register(sub, common_run_args) -> Dict[str, Callable[[Any], int]]:
         "the targets and write into the same folder.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True,
-                   help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or py:MODULE:CALLABLE (a function "
-                   "returning an nn.Module or a LoadedModel)")
-    p.add_argument("--layer", default=None, help="the layer whose channels are swept (see `vital-fast layers`)")
-    p.add_argument("--channels", default=None, metavar="SPEC",
-                   help="channels of --layer (or rows of --directions): all (default), 0-511, or 0,3,8-15")
-    p.add_argument("--directions", default=None, metavar="FILE",
-                   help="sweep the rows of this direction matrix (.pt or .safetensors: (N, C), e.g. a sparse "
-                   "autoencoder's decoder) in --layer's channel space instead of its channels")
-    p.add_argument("--classes", default=None, metavar="SPEC",
-                   help="class targets too (or instead): all, 0-999, or 1,5,9-12; references from --images/<class>/")
-    p.add_argument("--images", required=True, help="folder of candidate images for top-k mining (every image under "
-                   "it) and class subfolders; or py:MODULE:NAME, a map-style torch Dataset of images (or a function "
-                   "returning one) to mine channels from")
-    p.add_argument("--labels", default=None, metavar="FILE",
-                   help="the model's class names, one a line (or a JSON list), in output order (default: the "
-                   "weights' own metadata; none: 'class N')")
-    p.add_argument("--out", required=True, help="the sweep folder")
-    p.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
-    p.add_argument("--arch", default=None, help="architecture of a state_dict model file")
-    p.add_argument("--channel-refs", choices=["image", "patch"], default=None,
-                   help="channel references: top-k full images or patches at the unit (default: the preset's)")
-    p.add_argument("--family", default=None, choices=list(FAMILY_CHOICES),
-                   help="architecture family (default: guessed from the model's class)")
-    p.add_argument("--layers", default=None, metavar="L1[:W],L2[:W],...",
-                   help="matched layers (and weights) instead of the model family's preset, e.g. layer1,layer2:2")
-    p.add_argument("--early-stop", type=float, default=None, metavar="TOL",
-                   help="finish a target once its loss improved by less than this fraction over the last window of "
-                   "steps (a tenth of the steps); off by default")
-    p.add_argument("--no-refill", action="store_true",
-                   help="fixed batches: wait for the whole batch before starting new targets (for comparison)")
-    p.add_argument("--single-stage", action="store_true",
-                   help="one resolution for the whole step budget instead of the preset's stages: every slot then "
-                   "shares one stack, which suits refill (results differ from `visualize`'s multi-stage schedule)")
-    p.add_argument("--exact", action="store_true",
-                   help="bit-reproducible per target whatever the batch, slot or rank (turns oneDNN off; slower)")
-    p.add_argument("--manifest-every", type=float, default=60.0, metavar="SEC",
-                   help="rewrite manifest.json this often while running (default: 60)")
-    common_run_args(p)
+    data, method, schedule, hw, output = groups(p)
+    data.add_argument("--model", required=True,
+                      help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or py:MODULE:CALLABLE (a function "
+                      "returning an nn.Module or a LoadedModel)")
+    data.add_argument("--layer", default=None, help="the layer whose channels are swept (see `vital-fast layers`)")
+    data.add_argument("--channels", default=None, metavar="SPEC",
+                      help="channels of --layer (or rows of --directions): all (default), 0-511, or 0,3,8-15")
+    data.add_argument("--directions", default=None, metavar="FILE",
+                      help="sweep the rows of this direction matrix (.pt or .safetensors: (N, C), e.g. a sparse "
+                      "autoencoder's decoder) in --layer's channel space instead of its channels")
+    data.add_argument("--classes", default=None, metavar="SPEC",
+                      help="class targets too (or instead): all, 0-999, or 1,5,9-12; references from --images/<class>/")
+    data.add_argument("--images", required=True, help="folder of candidate images for top-k mining (every image under "
+                      "it) and class subfolders; or py:MODULE:NAME, a map-style torch Dataset of images (or a function "
+                      "returning one) to mine channels from")
+    data.add_argument("--labels", default=None, metavar="FILE",
+                      help="the model's class names, one a line (or a JSON list), in output order (default: the "
+                      "weights' own metadata; none: 'class N')")
+    output.add_argument("--out", required=True, help="the sweep folder")
+    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
+    data.add_argument("--arch", default=None, help="architecture of a state_dict model file")
+    method.add_argument("--channel-refs", choices=["image", "patch"], default=None,
+                        help="channel references: top-k full images or patches at the unit (default: the "
+                        "preset's: patch for fast, image for paper)")
+    data.add_argument("--family", default=None, choices=list(FAMILY_CHOICES),
+                      help="architecture family (default: guessed from the model's class)")
+    method.add_argument("--layers", default=None, metavar="L1[:W],L2[:W],...",
+                        help="matched layers (and weights) instead of the model family's preset, e.g. layer1,layer2:2")
+    schedule.add_argument("--early-stop", type=float, default=None, metavar="TOL",
+                          help="finish a target once its loss improved by less than this fraction over the last window of "
+                          "steps (a tenth of the steps); off by default")
+    schedule.add_argument("--no-refill", action="store_true",
+                          help="fixed batches: wait for the whole batch before starting new targets (for comparison)")
+    schedule.add_argument("--single-stage", action="store_true",
+                          help="one resolution for the whole step budget instead of the preset's stages: every slot then "
+                          "shares one stack, which suits refill (results differ from `visualize`'s multi-stage schedule)")
+    hw.add_argument("--exact", action="store_true",
+                    help="bit-reproducible per target whatever the batch, slot or rank (turns oneDNN off; slower)")
+    output.add_argument("--manifest-every", type=float, default=60.0, metavar="SEC",
+                        help="rewrite manifest.json this often while running (default: 60)")
+    add_run_args(p)
     return {"sweep": cmd_sweep}
 
 
 def _load_model(args):
-    from vital_fast.cli.main import _device, _load
 
     spec = args.model
     if is_pyref(spec):
         return load_model_pyref(spec, args.labels, getattr(args, "family", None))
-    _device(args)
-    return _load(argparse.Namespace(model=spec, random_weights=args.random_weights, arch=args.arch, device="cpu",
+    device_from_args(args)
+    return load_from_args(argparse.Namespace(model=spec, random_weights=args.random_weights, arch=args.arch, device="cpu",
                                     labels=args.labels, family=getattr(args, "family", None)))
 
 
 def cmd_sweep(args) -> int:
-    from vital_fast.cli.main import EXIT_OK, UsageError, _cache, _device, _settings
     from vital_fast.cli.progress import Progress
 
     if args.layer is None and args.classes is None:
@@ -101,20 +113,19 @@ def cmd_sweep(args) -> int:
     images = images_arg(args.images)
     if args.manifest_every <= 0:
         raise UsageError(f"--manifest-every must be > 0, got {args.manifest_every}")
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if args.single_stage:
         from vital_fast.sweep import single_stage
 
         settings = single_stage(settings)
-    device = _device(args)
+    device = device_from_args(args)
     loaded = _load_model(args)
 
-    from vital_fast.cli.main import _check_preset, parse_layers
     from vital_fast.sweep import run_sweep
 
     class_layers = parse_layers(loaded, args.layers)
     if class_layers is None:
-        _check_preset(loaded)
+        check_preset(loaded)
 
     rank = int(os.environ.get("RANK", "0") or 0)
     bar = {}
@@ -133,7 +144,7 @@ def cmd_sweep(args) -> int:
         loaded, images, args.out, layer=args.layer, channels=args.channels, classes=args.classes,
         preset=args.preset, settings=settings, seed=args.seed, size=args.size, batch=args.batch,
         refill=not args.no_refill, early_stop=args.early_stop, exact=args.exact, resume=args.resume,
-        force=args.force, cache=_cache(args), device=device, progress=progress if rank == 0 else None,
+        force=args.force, cache=cache_from_args(args), device=device, progress=progress if rank == 0 else None,
         manifest_every=args.manifest_every, extra={"preset": args.preset}, directions=args.directions,
         class_layers=class_layers,
     )
