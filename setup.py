@@ -51,6 +51,8 @@ EXTRAS_REQUIRE = {
     ],
     # visualize(..., progress=True) shows a tqdm bar when tqdm is there (plain stderr lines without it).
     "progress": ["tqdm"],
+    # --log tensorboard DIR: loss curves and images per target.
+    "tensorboard": ["tensorboard"],
     "test": ["pytest", "pytest-benchmark", "scipy", "tqdm"],
 }
 EXTRAS_REQUIRE["all"] = sorted({req for reqs in EXTRAS_REQUIRE.values() for req in reqs})

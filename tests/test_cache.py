@@ -14,7 +14,8 @@ from torch import nn
 
 from vital_fast.models import load_model
 from vital_fast.optim import Settings, visualize
-from vital_fast.references.cache import DiskCache, atomic_write_bytes, cache_key, check_tensor
+from vital_fast.files import atomic_write_bytes
+from vital_fast.references.cache import DiskCache, cache_key, check_tensor
 from vital_fast.references.images import ImageSet, tensor_hash
 from vital_fast.references.mining import mine_topk
 

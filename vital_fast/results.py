@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vital_fast._version import __version__
-from vital_fast.references.cache import atomic_write_bytes
+from vital_fast.files import atomic_write_bytes
 from vital_fast.report.images import alpha_map, fit_within, reference_strip, save_png, to_uint8, write_grid
 from vital_fast.runfolder import MANIFEST, identity_diff, identity_of_manifest, locked, read_manifest, run_identity
 

@@ -87,7 +87,7 @@ class FolderLock:
     def _describe(self, text: str) -> None:
         """Write ``OUT/.lock.holder`` whole or not at all (a reader never sees half of it)."""
         assert self.path is not None
-        from vital_fast.references.cache import atomic_write_bytes
+        from vital_fast.files import atomic_write_bytes
 
         atomic_write_bytes(os.path.join(self.path, LOCK_HOLDER), text.encode("utf-8"))
         self._described = True

@@ -96,6 +96,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     output.add_argument("--no-cache", action="store_true", help="do not read or write the prototype cache")
     output.add_argument("--force", action="store_true", help="write into an existing output folder, replacing its targets")
     output.add_argument("--resume", action="store_true", help="continue an interrupted run: skip finished targets")
+    output.add_argument("--log", nargs=2, default=None, metavar=("KIND", "DIR"),
+                        help="also log each target's loss curve, image and references: tensorboard DIR (the "
+                        "tensorboard extra; `tensorboard --logdir DIR`), as batches finish (a sweep: at its end)")
     method.add_argument("--lrp-every", type=int, default=None, metavar="K",
                         help="relevance of the synthetic image every K steps (default: the preset's, 1)")
     schedule.add_argument("--loss-every", type=int, default=None, metavar="K",
@@ -316,11 +319,34 @@ def run_targets(args, loaded, targets, refs, settings, identity, extra=None) -> 
         run_into_folder(loaded, targets, refs, args.out, settings, seed=args.seed, batch=args.batch,
                         cache=cache_from_args(args), preset=args.preset, size=args.size, on_step=bar.update,
                         extra=dict(extra or {}, run=identity), method=getattr(args, "method", "vital"),
-                        param=getattr(args, "param", None), class_layers=getattr(args, "class_layers", None))
+                        param=getattr(args, "param", None), class_layers=getattr(args, "class_layers", None),
+                        on_batch=lambda: log_run(args))
     if os.path.isfile(os.path.join(args.out, "manifest.json")):
         index = build_gallery(args.out)
+        log_run(args)
         print(f"wrote {args.out} (gallery: {index})")
     return EXIT_OK
+
+
+def check_log_args(args) -> None:
+    """``--log KIND DIR``: a known logger whose package is installed (one line and exit 2 otherwise)."""
+    if getattr(args, "log", None):
+        from vital_fast.report.tensorboard import check_log
+
+        try:
+            check_log(*args.log)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def log_run(args) -> None:
+    """``--log tensorboard DIR``: the run folder's targets not logged yet, to DIR."""
+    if getattr(args, "log", None) and os.path.isfile(os.path.join(args.out, "manifest.json")):
+        from vital_fast.report.tensorboard import log_run_folder
+
+        n = log_run_folder(args.out, args.log[1])
+        if n:
+            print(f"logged {n} target(s) to {args.log[0]} {args.log[1]}", file=sys.stderr)
 
 
 def load_from_args(args):

@@ -109,8 +109,10 @@ def run_into_folder(
     method: str = "vital",
     param: Optional[str] = None,
     class_layers=None,
+    on_batch: Optional[Callable[[], None]] = None,
 ) -> dict:
-    """Visualize ``targets`` in batches of ``batch``, saving each batch's results as it finishes."""
+    """Visualize ``targets`` in batches of ``batch``, saving each batch's results as it finishes (then calling
+    ``on_batch``)."""
     labels = labels_for(loaded, targets)
     manifest: dict = {}
     done_steps = 0
@@ -128,6 +130,8 @@ def run_into_folder(
         manifest = save_result(res, out_dir, labels=labels, seed=seed,
                                extra=dict(extra or {}, preset=preset, method=res.method),
                                annotations=annotate(loaded, res))
+        if on_batch is not None:
+            on_batch()
     return manifest
 
 

@@ -21,6 +21,7 @@ from vital_fast.cli.common import (
     UsageError,
     add_run_args,
     cache_from_args,
+    check_log_args,
     check_out,
     check_preset,
     device_from_args,
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         if "--verbose" not in sp._option_string_actions:
             sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                             help="show tracebacks of unexpected errors (also before the subcommand)")
+        if "--version" not in sp._option_string_actions:
+            sp.add_argument("--version", action=_VersionAction, help="print the versions and exit (also before the "
+                            "subcommand)")
     return p
 
 
@@ -283,6 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.workers < 0:
                 raise UsageError(f"--workers must be >= 0, got {args.workers}")
             os.environ["VITAL_FAST_WORKERS"] = str(args.workers)  # read by vital_fast.references.pool
+        check_log_args(args)
         return COMMANDS[args.cmd](args)
     except UsageError as exc:
         print(f"vital-fast: error: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ from vital_fast.cli.common import (
     device_from_args,
     groups,
     load_from_args,
+    log_run,
     parse_layers,
     settings_from_args,
 )
@@ -152,6 +153,7 @@ def cmd_sweep(args) -> int:
         from vital_fast.report.gallery import build_gallery
 
         index = build_gallery(args.out)
+        log_run(args)
         if summary.done_before == summary.total:
             print(f"sweep: all {summary.total} targets were already finished in {args.out}", file=sys.stderr)
         print(f"sweep: {summary.done_before + summary.done_now}/{summary.total} targets in {args.out} "

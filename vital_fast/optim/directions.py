@@ -174,7 +174,7 @@ def save_directions(path: Union[str, "os.PathLike[str]"], matrix: torch.Tensor, 
         if not isinstance(v, (str, int, float, bool)):
             raise ValueError(f"save_directions: metadata {k!r} must be a str, int, float or bool")
         obj[k] = v
-    from vital_fast.references.cache import atomic_torch_save
+    from vital_fast.files import atomic_torch_save
 
     atomic_torch_save(obj, p)
     return p

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vital_fast.report.gallery import CHECK_JS, CSS, build_gallery, esc, page_path, record_comparison, src
-from vital_fast.references.cache import atomic_write_bytes
+from vital_fast.files import atomic_write_bytes
 from vital_fast.references.images import load_image, resize_center_crop
 from vital_fast.results import read_manifest
 

@@ -20,7 +20,7 @@ import posixpath
 from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import quote
 
-from vital_fast.references.cache import atomic_write_bytes
+from vital_fast.files import atomic_write_bytes
 from vital_fast.runfolder import locked, read_manifest
 
 PAGE_SIZE = 60

@@ -15,7 +15,7 @@ import io
 import os
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-from vital_fast.references.cache import atomic_write_bytes
+from vital_fast.files import atomic_write_bytes
 from vital_fast.report.gallery import build_gallery
 from vital_fast.results import MANIFEST, read_manifest, write_json_atomic
 

@@ -7,7 +7,7 @@ import json
 import os
 from typing import List, Sequence
 
-from vital_fast.references.cache import atomic_write_bytes
+from vital_fast.files import atomic_write_bytes
 from vital_fast.report.gallery import (
     CHECK_JS,
     CSS,
