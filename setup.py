@@ -38,6 +38,8 @@ BUILD_NOTE = "_C_build_error.txt"
 INSTALL_REQUIRES = ["torch>=2.1", "torchvision", "numpy", "Pillow", "zennit", "filelock>=3.12"]
 EXTRAS_REQUIRE = {
     "timm": ["timm"],
+    # hf:NAME models: Hugging Face transformers vision models from the local cache.
+    "hf": ["transformers>=5"],
     # triton publishes wheels for Linux x86-64; elsewhere the CUDA backend is simply unavailable.
     "gpu": ['triton; platform_system == "Linux" and platform_machine == "x86_64"'],
     "demo": [

@@ -28,13 +28,13 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
         "direction:LAYER:FILE.pt:0`.",
     )
     data, method, schedule, hw, output = groups(p)
-    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or "
+    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, a model file, or "
                       "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
     data.add_argument("--layer", required=True, help="the layer whose features are probed (see `vital-fast layers`)")
     data.add_argument("--positive", required=True, metavar="DIR", help="folder of images showing the concept")
     data.add_argument("--negative", required=True, metavar="DIR", help="folder of images without it")
     output.add_argument("--out", required=True, metavar="FILE.pt", help="the direction file to write")
-    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
+    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm, hf and efficientnet-lite names; hf: from its cached config; nothing is downloaded)")
     data.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
                       "(e.g. torchvision:resnet50)")
     schedule.add_argument("--size", type=int, default=None, help="image side fed to the model (default: the model's)")

@@ -75,15 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(d)
 
     l = sub.add_parser("layers", help="list a model's tappable layers with output shapes")
-    l.add_argument("model", help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, or a model file")
+    l.add_argument("model", help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, or a model file")
     l.add_argument("--size", type=int, default=None, help="input size for the shapes (default: the model's)")
-    l.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
+    l.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm, hf and efficientnet-lite names; hf: from its cached config; nothing is downloaded)")
     l.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
                    "(e.g. torchvision:resnet50)")
 
     v = sub.add_parser("visualize", help="visualize class and channel targets of a model")
     data, method, _, _, output = groups(v)
-    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, a model file, or "
+    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, a model file, or "
                       "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
     data.add_argument("--target", action="append", required=True, metavar="SPEC",
                       help="class:285, channel:LAYER:17, direction:LAYER:FILE[:ROW] (a vector in the layer's channel "
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the model's class names, one a line (or a JSON list), in output order (default: the "
                       "weights' own metadata; none: 'class N')")
     output.add_argument("--out", required=True, help="run folder to write")
-    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
+    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm, hf and efficientnet-lite names; hf: from its cached config; nothing is downloaded)")
     data.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
                       "(e.g. torchvision:resnet50)")
     method.add_argument("--method", default="vital", help="vital (default), a baseline (actmax, fourier, maco, bnstats) "

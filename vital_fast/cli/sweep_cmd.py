@@ -44,7 +44,7 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
     )
     data, method, schedule, hw, output = groups(p)
     data.add_argument("--model", required=True,
-                      help="efficientnet-lite0|1|2, torchvision:NAME, a model file, or py:MODULE:CALLABLE (a function "
+                      help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, a model file, or py:MODULE:CALLABLE (a function "
                       "returning an nn.Module or a LoadedModel)")
     data.add_argument("--layer", default=None, help="the layer whose channels are swept (see `vital-fast layers`)")
     data.add_argument("--channels", default=None, metavar="SPEC",
@@ -61,7 +61,7 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
                       help="the model's class names, one a line (or a JSON list), in output order (default: the "
                       "weights' own metadata; none: 'class N')")
     output.add_argument("--out", required=True, help="the sweep folder")
-    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm and efficientnet-lite names; nothing is downloaded)")
+    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm, hf and efficientnet-lite names; hf: from its cached config; nothing is downloaded)")
     data.add_argument("--arch", default=None, help="architecture of a state_dict model file")
     method.add_argument("--channel-refs", choices=["image", "patch"], default=None,
                         help="channel references: top-k full images or patches at the unit (default: the "

@@ -16,9 +16,17 @@ from torch import nn
 
 from vital_fast.models import taps
 
-__all__ = ["FAMILIES", "guess_family", "weights_fingerprint"]
+__all__ = ["FAMILIES", "guess_family", "hf_family", "is_hf_model", "weights_fingerprint"]
 
 FAMILIES = ("resnet", "densenet", "convnext", "efficientnet_lite", "efficientnet", "vit", "generic")
+# The preprocessing of ImageNet weights, and the default for a module whose weights say nothing.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# model_type -> family; the vision towers of the joint models are their own model types too.
+HF_TOKEN_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec-vision", "clip",
+                "clip_vision_model", "siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model", "swin",
+                "swinv2", "vit_mae", "vit_msn", "dinov3_vit")
+HF_CONV_TYPES = ("convnext", "convnextv2")
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +93,26 @@ def _class_names(model: nn.Module) -> Tuple[str, str]:
     return type(model).__name__, f"{type(model).__module__}.{type(model).__name__}"
 
 
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers`` model (checked without importing transformers)."""
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(model).__mro__)
+
+
+def hf_model_type(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", "") or "")
+
+
+def hf_family(model: nn.Module) -> str:
+    """The family of a ``transformers`` model from its ``config.model_type``."""
+    mt = hf_model_type(model)
+    if mt in HF_TOKEN_TYPES:
+        return "vit"
+    if mt in HF_CONV_TYPES:
+        return "convnext"
+    return "generic"
+
+
 def guess_family(model: nn.Module) -> str:
     """The architecture family of a module, from its class and module names.
 
@@ -98,6 +126,8 @@ def guess_family(model: nn.Module) -> str:
     'generic'
     """
     module, _ = taps._unwrap(model)
+    if is_hf_model(module):
+        return hf_family(module)
     cls, qual = _class_names(module)
     text = qual.lower()
     if "efficientnet_lite_pytorch" in text or "efficientnet_pytorch" in text:

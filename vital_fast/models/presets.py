@@ -34,7 +34,8 @@ from torch import nn
 
 from vital_fast.models import taps
 from vital_fast.models.facts import names_before, traced_layers
-from vital_fast.models.identity import FAMILIES, guess_family
+from vital_fast.models.hf import hf_default_layers
+from vital_fast.models.identity import FAMILIES, guess_family, hf_family, is_hf_model
 
 __all__ = [
     "stage_ends",
@@ -224,7 +225,9 @@ def default_layers(loaded_or_model: Any, family: Optional[str] = None) -> Layers
     [('0', 1.0), ('1', 1.0)]
     """
     module, family, name, size = _resolve_input(loaded_or_model, family)
-    if family == "resnet":
+    if is_hf_model(module) and family == hf_family(module) and family != "generic":
+        layers = hf_default_layers(module)  # transformers' own layer names (models/hf.py)
+    elif family == "resnet":
         layers = [("conv1", 1.0)] + [(f"layer{k}", 1.0) for k in range(1, 5)]
     elif family == "densenet":
         names = {n for n, _ in module.named_modules()}

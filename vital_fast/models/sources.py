@@ -27,11 +27,17 @@ import torch
 from torch import nn
 
 from vital_fast._errors import MissingPackageError
-from vital_fast.models.identity import _class_names, _infer_num_classes, guess_family
+from vital_fast.models.hf import HF_PREFIX, adapt, hf_num_classes, load_hf
+from vital_fast.models.identity import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _class_names,
+    _infer_num_classes,
+    guess_family,
+    is_hf_model,
+)
 from vital_fast.models.labels import imagenet_labels
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The EfficientNet-Lite ImageNet weights classify best with (x - 0.5) / 0.5 (DESIGN.md §6).
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
@@ -425,6 +431,10 @@ def _arch_spec(arch: str) -> str:
 
 def _module_info(model: nn.Module) -> dict:
     cls, _ = _class_names(model)
+    if is_hf_model(model):  # a transformers model passed as a module: one tensor out, any input size
+        adapt(model)
+        return dict(model=model, name=cls, family=guess_family(model), input_size=224, resize_size=256,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=hf_num_classes(model))
     return dict(
         model=model, name=cls, family=guess_family(model), input_size=224, resize_size=256,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=_infer_num_classes(model),
@@ -439,4 +449,6 @@ def _load_named(spec: str, weights: str) -> dict:
         return _load_torchvision(spec[len("torchvision:"):].strip(), weights)
     if spec.startswith("timm:"):
         return _load_timm(spec[len("timm:"):].strip(), weights)
+    if spec.startswith(HF_PREFIX):
+        return load_hf(spec[len(HF_PREFIX):].strip(), weights)
     raise ValueError(f"load_model: not a model name: {spec!r}")  # pragma: no cover

@@ -1,0 +1,180 @@
+"""Hugging Face ``transformers`` vision models (``hf:NAME``): every family built from a small config with random
+weights (``save_pretrained`` folders and a hub-cache layout), class and channel targets through the API and the
+CLI, batched equal to one at a time, and one-line errors for what is not on the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra")
+
+import vital_fast as vf  # noqa: E402
+from vital_fast.cli.main import main  # noqa: E402
+from vital_fast.models import default_layers, load_model  # noqa: E402
+from vital_fast.references.images import offline_photo_path  # noqa: E402
+
+T = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+         patch_size=8)
+LABELS = dict(num_labels=5, id2label={i: f"thing {i}" for i in range(5)}, label2id={f"thing {i}": i for i in range(5)})
+
+
+def _families():
+    t = transformers
+    return {
+        "vit": (t.ViTForImageClassification, t.ViTConfig(**T, **LABELS), "vit.layers.2"),
+        "deit": (t.DeiTForImageClassificationWithTeacher, t.DeiTConfig(**T, **LABELS), "deit.layers.2"),
+        "dinov2-registers": (t.Dinov2WithRegistersModel, t.Dinov2WithRegistersConfig(**T, num_register_tokens=4),
+                             "encoder.layer.2"),
+        "clip": (t.CLIPModel, t.CLIPConfig(vision_config=dict(T), text_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64), projection_dim=16),
+            "vision_model.encoder.layers.2"),
+        "siglip": (t.SiglipVisionModel, t.SiglipVisionConfig(**T), "encoder.layers.2"),
+        "swin": (t.SwinForImageClassification, t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                             num_heads=[2, 2], window_size=4, **LABELS),
+                 "swin.encoder.layers.1.blocks.0"),
+        "convnext": (t.ConvNextForImageClassification, t.ConvNextConfig(hidden_sizes=[8, 16, 24, 32],
+                                                                         depths=[1, 1, 1, 1], **LABELS),
+                     "convnext.encoder.stages.2"),
+    }
+
+
+FAMILIES = _families()
+HAS_CLASSES = {"vit", "deit", "swin", "convnext"}
+
+
+def _save(folder, family, processor=True):
+    cls, cfg, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    cls(cfg).save_pretrained(folder)
+    if processor:
+        side = 64 if family == "convnext" else 32
+        transformers.ViTImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3,
+                                       image_std=[0.5] * 3, resample=3).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {f: _save(root / f, f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [offline_photo_path("coffee"), offline_photo_path("chelsea")]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_loads_with_its_preprocessing_layers_and_targets(family, folders, photos):
+    lm = load_model("hf:" + folders[family])
+    assert lm.family == ("convnext" if family == "convnext" else "vit")
+    assert lm.mean == (0.5, 0.5, 0.5) and lm.interpolation == "bicubic"
+    assert lm.input_size == (64 if family == "convnext" else 32)
+    if family in HAS_CLASSES:
+        assert lm.num_classes == 5 and lm.class_names[3] == "thing 3"
+    else:
+        assert lm.num_classes is None
+    layers = default_layers(lm)
+    assert len(layers) >= 3 and all(isinstance(w, float) for _, w in layers)
+    unit = f"channel:{FAMILIES[family][2]}:3"
+    targets = ([f"class:3"] if family in HAS_CLASSES else []) + [unit]
+    r = vf.visualize(lm, targets, {t: photos for t in targets}, settings=vf.get_preset("fast").with_steps(2),
+                     size=lm.input_size)
+    assert r.images.shape == (len(targets), 3, lm.input_size, lm.input_size)
+    assert torch.isfinite(r.losses).all()
+    # the output is one tensor at any input size (position embeddings interpolated)
+    out = lm.model(torch.rand(1, 3, 48, 48) if family != "convnext" else torch.rand(1, 3, 64, 64))
+    assert isinstance(out, torch.Tensor) and out.dim() == 2
+
+
+def test_random_weights_build_from_the_config_alone(tmp_path):
+    folder = tmp_path / "vit"
+    _save(folder, "vit")
+    for f in os.listdir(folder):
+        if f.endswith((".safetensors", ".bin")):
+            os.unlink(folder / f)
+    with pytest.raises(FileNotFoundError, match="--random-weights builds the architecture"):
+        load_model(f"hf:{folder}")
+    lm = load_model(f"hf:{folder}", weights="random")
+    assert lm.weights == "random" and lm.num_classes == 5
+
+
+def test_a_module_passed_in_is_recognized_by_its_class(photos):
+    cls, cfg, layer = FAMILIES["vit"]
+    lm = load_model(cls(cfg))
+    assert lm.family == "vit" and lm.num_classes == 5
+    assert isinstance(lm.model(torch.rand(1, 3, 32, 32)), torch.Tensor)
+    r = vf.visualize(lm, "class:1", photos, steps=2, size=32)
+    assert r.images.shape == (1, 3, 32, 32)
+
+
+def test_batched_equals_one_at_a_time(folders, photos):
+    lm = load_model("hf:" + folders["vit"])
+    targets = ["class:1", "channel:vit.layers.2:3", "class:4"]
+    s = vf.get_preset("fast").with_steps(3)
+    both = vf.visualize(lm, targets, {t: photos for t in targets}, settings=s, size=32)
+    for i, t in enumerate(targets):
+        one = vf.visualize(lm, [t], {t: photos}, settings=s, size=32)
+        assert torch.allclose(one.images[0], both.images[i], atol=2e-5), t
+
+
+def test_class_target_on_an_embedding_model_is_one_line(folders, photos):
+    lm = load_model("hf:" + folders["clip"])
+    with pytest.raises(ValueError, match="has no classifier"):
+        vf.visualize(lm, "class:1", photos, steps=1, size=32)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_images")
+    (root / "1").mkdir()
+    for n in ("coffee", "chelsea", "rocket"):
+        shutil.copy(offline_photo_path(n), root / "1" / f"{n}.png")
+    return root
+
+
+def test_cli_visualize_and_layers(folders, images, tmp_path, capsys):
+    spec = "hf:" + folders["vit"]
+    assert main(["layers", spec]) == 0
+    assert "vit.layers.3" in capsys.readouterr().out
+    code = main(["visualize", "--model", spec, "--target", "class:1", "--target", "channel:vit.layers.2:3",
+                 "--images", str(images), "--out", str(tmp_path / "run"), "--steps", "2", "--cache",
+                 str(tmp_path / "cache")])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert m["model"]["name"] == spec and len(m["targets"]) == 2
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model", "hf:nobody/nothing-here"], "is not in the local Hugging Face cache"),
+    (["--model", "HF", "--target", "channel:vit.layerz.2:3"], "vit.layers.2"),
+    (["--model", "CLIP", "--target", "class:1"], "has no classifier"),
+])
+def test_cli_bad_input_is_one_line(args, fragment, folders, images, tmp_path, capsys):
+    args = ["hf:" + folders["vit"] if a == "HF" else "hf:" + folders["clip"] if a == "CLIP" else a for a in args]
+    if "--target" not in args:
+        args += ["--target", "class:1"]
+    code = main(["visualize", *args, "--images", str(images), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and "Traceback" not in err, err
+
+
+def test_hub_id_from_the_local_cache_only(tmp_path, images):
+    """The hub-cache layout (models--org--name/snapshots/<rev>/, refs/main), read offline in a fresh process."""
+    repo = tmp_path / "hub" / "models--tiny--vit"
+    rev = "0" * 40
+    _save(repo / "snapshots" / rev, "vit")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    code = ("import sys; from vital_fast.models import load_model; lm = load_model('hf:tiny/vit'); "
+            "print(lm.name, lm.num_classes, lm.input_size)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "hf:tiny/vit 5 32" in out.stdout, out.stderr[-2000:]
