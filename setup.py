@@ -40,6 +40,8 @@ EXTRAS_REQUIRE = {
     "timm": ["timm"],
     # hf:NAME models: Hugging Face transformers vision models from the local cache.
     "hf": ["transformers>=5"],
+    # openclip:ARCH[:TAG] image towers and text:PROMPT targets.
+    "openclip": ["open_clip_torch"],
     # triton publishes wheels for Linux x86-64; elsewhere the CUDA backend is simply unavailable.
     "gpu": ['triton; platform_system == "Linux" and platform_machine == "x86_64"'],
     "demo": [
@@ -56,6 +58,8 @@ EXTRAS_REQUIRE = {
     # --log tensorboard DIR: loss curves and images per target.
     "tensorboard": ["tensorboard"],
     "test": ["pytest", "pytest-benchmark", "scipy", "tqdm"],
+    # make docs: the documentation site (mkdocs.yml, docs/), built and checked by tests/test_docs.py.
+    "docs": ["mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python"],
 }
 EXTRAS_REQUIRE["all"] = sorted({req for reqs in EXTRAS_REQUIRE.values() for req in reqs})
 # Other tools that the loss plugs into (examples/, tests/test_clients.py); not in "all": Lucent pins kornia 0.4.1 and

@@ -28,7 +28,7 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
         "direction:LAYER:FILE.pt:0`.",
     )
     data, method, schedule, hw, output = groups(p)
-    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, a model file, or "
+    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, openclip:ARCH[:TAG], a model file, or "
                       "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
     data.add_argument("--layer", required=True, help="the layer whose features are probed (see `vital-fast layers`)")
     data.add_argument("--positive", required=True, metavar="DIR", help="folder of images showing the concept")

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(d)
 
     l = sub.add_parser("layers", help="list a model's tappable layers with output shapes")
-    l.add_argument("model", help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, or a model file")
+    l.add_argument("model", help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, openclip:ARCH[:TAG], or a model file")
     l.add_argument("--size", type=int, default=None, help="input size for the shapes (default: the model's)")
     l.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm, hf and efficientnet-lite names; hf: from its cached config; nothing is downloaded)")
     l.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
@@ -83,12 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("visualize", help="visualize class and channel targets of a model")
     data, method, _, _, output = groups(v)
-    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, a model file, or "
+    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, openclip:ARCH[:TAG], a model file, or "
                       "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
     data.add_argument("--target", action="append", required=True, metavar="SPEC",
                       help="class:285, channel:LAYER:17, direction:LAYER:FILE[:ROW] (a vector in the layer's channel "
                       "space: .pt/.safetensors, e.g. from `vital-fast concept` or a sparse autoencoder's decoder) or "
-                      "neuron:LAYER:C:Y:X (channel C at row Y, column X of the layer's grid); repeat for more")
+                      "neuron:LAYER:C:Y:X (channel C at row Y, column X of the layer's grid) or text:PROMPT (CLIP-like models: the "
+                      "text tower's direction in the image embedding; text:A|B averages prompts); repeat for more")
     data.add_argument("--images", required=True, help="folder: class subfolders (285/ or n02124075/); every image under "
                       "it is a candidate for channel top-k mining. Or py:MODULE:NAME: a map-style torch Dataset of images "
                       "(or a function returning one) to mine channel targets' references from")
@@ -204,8 +205,10 @@ def cmd_visualize(args) -> int:
     from vital_fast.cli.jobs import gather_references
     from vital_fast.optim import parse_target
 
-    try:
-        targets = [parse_target(t) for t in args.target]
+    from vital_fast.models.text import is_text_spec, text_prompts
+
+    try:  # text targets need the model's text tower: checked here, read once the model is loaded
+        targets = [text_prompts(t) and t if is_text_spec(t) else parse_target(t) for t in args.target]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     from vital_fast.cli.pyref import images_arg, is_pyref, load_model_pyref
@@ -220,7 +223,9 @@ def cmd_visualize(args) -> int:
     else:
         loaded = load_from_args(args)
     from vital_fast.models.facts import check_targets
+    from vital_fast.optim.targets import resolve_text_targets
 
+    targets = resolve_text_targets(loaded, targets)
     check_targets(loaded, targets)
     args.class_layers = parse_layers(loaded, args.layers)
     if args.class_layers is None and method_label(args).startswith("vital"):

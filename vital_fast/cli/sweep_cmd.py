@@ -44,7 +44,7 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
     )
     data, method, schedule, hw, output = groups(p)
     data.add_argument("--model", required=True,
-                      help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, a model file, or py:MODULE:CALLABLE (a function "
+                      help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, openclip:ARCH[:TAG], a model file, or py:MODULE:CALLABLE (a function "
                       "returning an nn.Module or a LoadedModel)")
     data.add_argument("--layer", default=None, help="the layer whose channels are swept (see `vital-fast layers`)")
     data.add_argument("--channels", default=None, metavar="SPEC",

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vital_fast.models import taps
-from vital_fast.models.identity import is_hf_model
+from vital_fast.models.identity import is_embedding_model
 from vital_fast.models.loading import LoadedModel, load_model
 from vital_fast.models.taps import list_layers, resolve_layer
 
@@ -94,7 +94,7 @@ def check_targets(loaded, targets: Sequence) -> Dict[str, tuple]:
     for t in targets:
         if t.kind == "class":
             n = loaded.num_classes
-            if n is None and is_hf_model(loaded.model):
+            if n is None and is_embedding_model(loaded.model):
                 raise ValueError(f"target {t.key}: {loaded.name} has no classifier (its output is an embedding); "
                                  "its units are channel:, neuron: and direction: targets")
             if n is not None and t.index >= n:

@@ -38,7 +38,15 @@ import torch
 from torch import nn
 
 from vital_fast._errors import MissingPackageError
-from vital_fast.models.identity import HF_CONV_TYPES, IMAGENET_MEAN, IMAGENET_STD, hf_family, hf_model_type
+from vital_fast.models.identity import (
+    HF_CONV_TYPES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    hf_family,
+    hf_model_type,
+    mark_embedding_model,
+)
+from vital_fast.models.text import set_text_tower
 
 __all__ = ["HF_PREFIX", "adapt", "hf_default_layers", "hf_num_classes", "load_hf"]
 
@@ -247,8 +255,54 @@ def load_hf(name: str, weights: str) -> dict:
                 hf_logging.enable_progress_bar()
     model = adapt(model)
     num_classes = hf_num_classes(model)
+    if num_classes is None:
+        mark_embedding_model(model)
+    if str(getattr(config, "model_type", "")) in _TEXT_TOWERS and getattr(config, "text_config", None) is not None:
+        set_text_tower(model, _text_encoder(name, config, weights))
     return dict(model=model, name=f"hf:{name}", family=hf_family(model), num_classes=num_classes,
                 class_names=_class_names(model.config, num_classes), **_preprocessing(name, config))
+
+
+_TEXT_TOWERS = {"clip": "CLIPTextModelWithProjection", "siglip": "SiglipTextModel", "siglip2": "Siglip2TextModel"}
+
+
+def _text_encoder(name: str, config, weights: str):
+    """``encode(prompts) -> (N, D)`` of a joint checkpoint's text tower and tokenizer, loaded at the first call
+    (from the same cache or folder; random weights built from the config, seeded, for ``weights="random"``)."""
+    mt = str(config.model_type)
+    state: Dict[str, Any] = {}
+
+    def load():
+        transformers = _transformers()
+        from transformers import AutoTokenizer
+
+        cls = getattr(transformers, _TEXT_TOWERS[mt])
+        tcfg = cls.config_class.from_dict(config.text_config.to_dict())
+        if hasattr(config, "projection_dim") and hasattr(tcfg, "projection_dim"):
+            tcfg.projection_dim = config.projection_dim
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"text targets: the tokenizer of hf:{name} is not on this machine "
+                             f"({str(exc).splitlines()[0][:160]}); {_fetch_hint(name)}") from None
+        if weights == "random":
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                text = cls.from_config(tcfg)
+        else:
+            text = cls.from_pretrained(name, config=tcfg, local_files_only=True)
+        state.update(model=text.eval(), tok=tok)
+
+    def encode(prompts):
+        if not state:
+            load()
+        batch = state["tok"](list(prompts), padding="max_length" if mt.startswith("siglip") else True,
+                             truncation=True, return_tensors="pt")
+        out = state["model"](**batch)
+        emb = getattr(out, "text_embeds", None)
+        return emb if isinstance(emb, torch.Tensor) else out.pooler_output
+
+    return encode
 
 
 def hf_num_classes(model: nn.Module) -> Optional[int]:

@@ -16,7 +16,8 @@ from torch import nn
 
 from vital_fast.models import taps
 
-__all__ = ["FAMILIES", "guess_family", "hf_family", "is_hf_model", "weights_fingerprint"]
+__all__ = ["FAMILIES", "OUTPUT_LAYER", "guess_family", "hf_family", "is_embedding_model", "is_hf_model", "mark_embedding_model",
+           "weights_fingerprint"]
 
 FAMILIES = ("resnet", "densenet", "convnext", "efficientnet_lite", "efficientnet", "vit", "generic")
 # The preprocessing of ImageNet weights, and the default for a module whose weights say nothing.
@@ -111,6 +112,40 @@ def hf_family(model: nn.Module) -> str:
     if mt in HF_CONV_TYPES:
         return "convnext"
     return "generic"
+
+
+_EMBEDDING = "_vital_fast_embedding_model"
+
+
+OUTPUT_LAYER = "output"
+
+
+def mark_embedding_model(model: nn.Module) -> nn.Module:
+    """Record that ``model``'s output is an embedding, not class logits (a CLIP image tower, a DINOv2 backbone):
+    ``class:N`` targets are refused on it, its units are the targets. The embedding becomes a layer of its own,
+    ``output`` (an ``nn.Identity`` the model's output passes through; no weights), so that directions in the
+    embedding space (``text:`` targets, :mod:`vital_fast.models.text`) are targets like any other. The layer shows
+    the embedding ``(B, D)`` in the family's layout, as one token ``(B, 1, D)`` of a ``vit`` or a 1x1 map
+    ``(B, D, 1, 1)`` elsewhere; the model's output itself is unchanged."""
+    if model.__dict__.get(_EMBEDDING):
+        return model
+    model.__dict__[_EMBEDDING] = True
+    if OUTPUT_LAYER not in model._modules:
+        tokens = guess_family(model) == "vit"
+        model.add_module(OUTPUT_LAYER, nn.Identity())
+
+        def tap(m, args, out):
+            if isinstance(out, torch.Tensor) and out.dim() == 2:
+                m._modules[OUTPUT_LAYER](out[:, None] if tokens else out[:, :, None, None])
+            return out
+
+        model.register_forward_hook(tap)
+    return model
+
+
+def is_embedding_model(model: nn.Module) -> bool:
+    """Whether :func:`mark_embedding_model` marked ``model``."""
+    return bool(model.__dict__.get(_EMBEDDING, False))
 
 
 def guess_family(model: nn.Module) -> str:

@@ -268,7 +268,8 @@ def _unknown_spec(spec: str) -> ValueError:
         f"load_model: unknown model spec {spec!r}. Valid forms: an nn.Module; "
         "'efficientnet-lite0' | 'efficientnet-lite1' | 'efficientnet-lite2'; "
         "'torchvision:<name>' (e.g. 'torchvision:resnet50'); 'timm:<name>' (e.g. 'timm:convnext_atto'); "
-        "'hf:<hub id or folder>' (e.g. 'hf:google/vit-base-patch16-224'); or the path of a TorchScript archive, "
+        "'hf:<hub id or folder>' (e.g. 'hf:google/vit-base-patch16-224'); 'openclip:<arch>[:<tag>]' (e.g. "
+        "'openclip:ViT-B-32:openai'); or the path of a TorchScript archive, "
         "a state_dict file (with arch=...) or, with allow_pickle=True, a pickled module"
         f"{hint}"
     )
@@ -324,6 +325,8 @@ def load_model(
           model (ViT, DeiT, DINOv2, BEiT, Swin, ConvNeXt, the CLIP and SigLIP vision towers, ...) from the local
           Hugging Face cache, never downloaded; preprocessing from its image processor, class names from its
           config (:mod:`vital_fast.models.hf`).
+        - ``"openclip:<arch>[:<tag>]"`` (needs the extra ``openclip``): an OpenCLIP model's image tower, weights from
+          the local caches (:mod:`vital_fast.models.openclip`).
         - a path (or ``"file:<path>"``): a ``state_dict`` saved with ``torch.save`` (read with
           ``weights_only=True``) loaded into ``arch``; a TorchScript archive, whose weights are
           loaded into ``arch`` (a ScriptModule runs its layers as compiled code, where no forward
@@ -395,7 +398,7 @@ def load_model(
         is_file_prefix = s.startswith("file:")
         if is_file_prefix:
             s = s[len("file:"):]
-        if not is_file_prefix and (_LITE_RE.match(s.lower()) or s.startswith(("torchvision:", "timm:", "hf:"))):
+        if not is_file_prefix and (_LITE_RE.match(s.lower()) or s.startswith(("torchvision:", "timm:", "hf:", "openclip:"))):
             if weights == "file":
                 raise ValueError(
                     f"load_model: weights='file' is for paths; for {s!r} use 'pretrained' or 'random'"

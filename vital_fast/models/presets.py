@@ -90,10 +90,12 @@ def _vit_layers(module: nn.Module, name: str) -> Layers:
         prefix, stem = "encoder.layers.encoder_layer_", "conv_proj"
     elif "blocks" in names:  # timm
         prefix, stem = "blocks.", "patch_embed.proj"
+    elif "transformer.resblocks" in names:  # OpenCLIP's image tower
+        prefix, stem = "transformer.resblocks.", "conv1"
     else:
         raise ValueError(
             "default_layers: a 'vit' model needs encoder layers named 'encoder.layers.encoder_layer_<k>' "
-            "(torchvision) or 'blocks.<k>' (timm); pass family='generic' or choose the layers yourself"
+            "(torchvision), 'blocks.<k>' (timm) or 'transformer.resblocks.<k>' (OpenCLIP); pass family='generic' or choose the layers yourself"
         )
     depth = sum(1 for n in names if n.startswith(prefix) and n[len(prefix):].isdigit())
     if depth == 12:

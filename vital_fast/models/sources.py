@@ -35,7 +35,9 @@ from vital_fast.models.identity import (
     _infer_num_classes,
     guess_family,
     is_hf_model,
+    mark_embedding_model,
 )
+from vital_fast.models.openclip import OPENCLIP_PREFIX, load_openclip
 from vital_fast.models.labels import imagenet_labels
 
 # The EfficientNet-Lite ImageNet weights classify best with (x - 0.5) / 0.5 (DESIGN.md §6).
@@ -433,6 +435,8 @@ def _module_info(model: nn.Module) -> dict:
     cls, _ = _class_names(model)
     if is_hf_model(model):  # a transformers model passed as a module: one tensor out, any input size
         adapt(model)
+        if hf_num_classes(model) is None:
+            mark_embedding_model(model)
         return dict(model=model, name=cls, family=guess_family(model), input_size=224, resize_size=256,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=hf_num_classes(model))
     return dict(
@@ -451,4 +455,6 @@ def _load_named(spec: str, weights: str) -> dict:
         return _load_timm(spec[len("timm:"):].strip(), weights)
     if spec.startswith(HF_PREFIX):
         return load_hf(spec[len(HF_PREFIX):].strip(), weights)
+    if spec.startswith(OPENCLIP_PREFIX):
+        return load_openclip(spec[len(OPENCLIP_PREFIX):].strip(), weights)
     raise ValueError(f"load_model: not a model name: {spec!r}")  # pragma: no cover

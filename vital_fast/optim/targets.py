@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from vital_fast.models.identity import OUTPUT_LAYER
+from vital_fast.models.text import is_text_spec, text_embedding, text_key
 from vital_fast.optim.directions import Direction, load_directions
 
 KINDS = ("class", "channel", "direction", "neuron")
 UNIT_KINDS = ("channel", "direction", "neuron")
-FORMS = "'class:285', 'channel:LAYER:17', 'direction:LAYER:FILE[:ROW]', 'neuron:LAYER:C:Y:X'"
+FORMS = ("'class:285', 'channel:LAYER:17', 'direction:LAYER:FILE[:ROW]', 'neuron:LAYER:C:Y:X', "
+         "'text:PROMPT' (CLIP-like models)")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Target:
         if self.kind == "channel":
             return f"channel:{self.layer}:{self.index}"
         if self.kind == "direction":
+            if self.direction.source.startswith("text:"):  # a text direction (vital_fast.models.text)
+                return self.direction.source
             return f"direction:{self.layer}:{self.direction.source}:{self.index}"
         return f"neuron:{self.layer}:{self.index}:{self.loc[0]}:{self.loc[1]}"
 
@@ -128,6 +133,8 @@ class Target:
                 return f"{self.index} {class_names[self.index]}"
             return self.key
         if self.kind == "direction":
+            if self.direction.source.startswith("text:"):
+                return "text " + " | ".join(f'"{p}"' for p in self.direction.source[5:].split("|"))
             name = self.direction.source.replace("\\", "/").rsplit("/", 1)[-1]
             return f"{self.layer} direction {name}:{self.index}"
         if self.kind == "neuron":
@@ -220,4 +227,19 @@ def parse_target(spec: Union[str, Target]) -> Target:
             raise ValueError(f"{rest} holds {len(dirs)} directions: name one, direction:{parts[1]}:{rest}:ROW "
                              f"(0-{len(dirs) - 1})")
         return Target("direction", 0, parts[1], direction=dirs.row(0))
+    if parts[0] == "text":
+        raise ValueError(f"target {spec!r}: a text target is read with the model's text tower: pass it to visualize() "
+                         "or the command line with the model (vital_fast.models.text.text_target(model, spec))")
     raise ValueError(f"bad target {spec!r}; valid forms: {FORMS}")
+
+
+def text_target(loaded, spec: str) -> Target:
+    """The target of ``text:PROMPT[|PROMPT...]`` on ``loaded`` (a CLIP-like model): a direction on its ``output``
+    layer (the image embedding) given by the text tower (:mod:`vital_fast.models.text`); key ``text:PROMPTS``."""
+    vector = text_embedding(loaded, spec)
+    return Target("direction", 0, OUTPUT_LAYER, direction=Direction.of(vector, 0.0, source=text_key(spec)))
+
+
+def resolve_text_targets(loaded, targets: Sequence[Union[str, Target]]) -> List[Union[str, Target]]:
+    """``targets`` with every ``text:`` spec replaced by its :func:`text_target`; the others as given."""
+    return [text_target(loaded, t) if is_text_spec(t) else t for t in targets]

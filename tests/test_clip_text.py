@@ -1,0 +1,142 @@
+"""OpenCLIP image towers (``openclip:ARCH[:TAG]``) and text targets (``text:PROMPT``) on CLIP-like models: built
+from small configs with random weights, through the API and the CLI; one-line errors for what cannot be."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip", reason="the openclip extra")
+
+import vital_fast as vf  # noqa: E402
+from vital_fast.cli.main import main  # noqa: E402
+from vital_fast.models import load_model  # noqa: E402
+from vital_fast.optim.targets import parse_target, text_target  # noqa: E402
+from vital_fast.references.images import offline_photo_path  # noqa: E402
+
+ARCH = "vf-tiny-vit"
+TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 4, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("openclip_cfg")
+    (d / f"{ARCH}.json").write_text(json.dumps(TINY))
+    open_clip.add_model_config(str(d))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_model(f"openclip:{ARCH}", weights="random")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return [offline_photo_path(n) for n in ("coffee", "chelsea", "rocket", "astronaut")]
+
+
+def _settings(**kw):
+    return vf.get_preset("fast").with_steps(2).replace(n_refs=2, **kw)
+
+
+def test_openclip_tower_loads_with_its_preprocessing(clip):
+    assert clip.name == f"openclip:{ARCH}" and clip.family == "vit" and clip.num_classes is None
+    assert clip.input_size == 32 and clip.interpolation == "bicubic"
+    assert clip.mean == tuple(open_clip.OPENAI_DATASET_MEAN)
+    assert "output" in dict(clip.model.named_children())
+    out = clip.model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 16)  # the embedding; the output layer taps it without changing it
+    assert not any("text" in n or "token_embedding" in n for n, _ in clip.model.named_parameters())
+
+
+def test_text_target_is_the_text_towers_unit_direction(clip):
+    t = text_target(clip, 'text:"a photo of a dog"|a puppy')
+    assert t.key == "text:a photo of a dog|a puppy" and t.layer == "output"
+    assert t.label() == 'text "a photo of a dog" | "a puppy"'
+    v = t.direction.vector
+    assert v.shape == (16,) and abs(float(v.norm()) - 1) < 1e-5
+    assert not torch.allclose(v, text_target(clip, "text:a photo of a dog").direction.vector)
+    with pytest.raises(ValueError, match="text tower"):
+        parse_target("text:a dog")
+
+
+def test_text_and_channel_targets_visualize_batched_as_one_at_a_time(clip, pool):
+    targets = ["text:a photo of a dog", "channel:transformer.resblocks.2:3"]
+    both = vf.visualize(clip, targets, pool=pool, settings=_settings())
+    assert [t.key for t in both.targets] == targets and torch.isfinite(both.losses).all()
+    for i, t in enumerate(targets):
+        one = vf.visualize(clip, [t], pool=pool, settings=_settings())
+        assert torch.allclose(one.images[0], both.images[i], atol=2e-5), t
+
+
+def test_text_target_with_relevance_paper_recipe(clip, pool):
+    r = vf.visualize(clip, "text:a dog", pool=pool, settings=vf.get_preset("paper").with_steps(2).replace(n_refs=2))
+    assert torch.isfinite(r.losses).all()
+
+
+def test_class_target_and_text_on_a_model_without_text_tower_are_refused(clip, pool):
+    with pytest.raises(ValueError, match="has no classifier"):
+        vf.visualize(clip, "class:1", pool, steps=1)
+    lite = load_model("efficientnet-lite0")
+    with pytest.raises(ValueError, match="text targets need a CLIP-like model"):
+        vf.visualize(lite, "text:a dog", pool=pool, steps=1)
+
+
+@pytest.mark.parametrize("spec, exc, fragment", [
+    ("openclip:ViT-B-33", ValueError, "closest: openclip:ViT-B-32"),
+    ("openclip:ViT-B-32:nope", ValueError, "has no pretrained tag 'nope'"),
+    ("openclip:ViT-B-32", ValueError, "needs a pretrained tag"),
+    ("openclip:ViT-B-32:openai", FileNotFoundError, "never downloads"),
+])
+def test_openclip_bad_specs_are_one_line(spec, exc, fragment):
+    with pytest.raises(exc, match=fragment) as info:
+        load_model(spec)
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip_images")
+    for n in ("coffee", "chelsea", "rocket", "astronaut"):
+        shutil.copy(offline_photo_path(n), root / f"{n}.png")
+    return root
+
+
+def test_cli_text_target_on_openclip(images, tmp_path, capsys):
+    code = main(["visualize", "--model", f"openclip:{ARCH}", "--random-weights", "--target", "text:a photo of a dog",
+                 "--target", "channel:transformer.resblocks.2:3", "--images", str(images), "--out",
+                 str(tmp_path / "run"), "--steps", "2", "--set", "n_refs=2", "--cache", str(tmp_path / "cache")])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [t["key"] for t in m["targets"]] == ["text:a photo of a dog", "channel:transformer.resblocks.2:3"]
+    # a text target without a text tower: one line, exit 2
+    code = main(["visualize", "--model", "efficientnet-lite0", "--target", "text:a dog", "--images", str(images),
+                 "--out", str(tmp_path / "run2"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "text targets need a CLIP-like model" in err and "Traceback" not in err
+
+
+def test_hf_clip_checkpoint_has_its_text_tower(tmp_path, pool):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        projection_dim=16)
+    transformers.CLIPModel(cfg).save_pretrained(tmp_path)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")).save_pretrained(tmp_path)
+    lm = load_model(f"hf:{tmp_path}")
+    t = text_target(lm, "text:a dog")
+    assert t.direction.vector.shape == (16,)
+    r = vf.visualize(lm, "text:a dog", pool=pool, settings=_settings(), size=32)
+    assert torch.isfinite(r.losses).all()
