@@ -59,9 +59,11 @@ EXTRAS_REQUIRE = {
     "tensorboard": ["tensorboard"],
     "test": ["pytest", "pytest-benchmark", "scipy", "tqdm"],
     # make docs: the documentation site (mkdocs.yml, docs/), built and checked by tests/test_docs.py.
-    "docs": ["mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python"],
 }
 EXTRAS_REQUIRE["all"] = sorted({req for reqs in EXTRAS_REQUIRE.values() for req in reqs})
+# Not in "all" (they are for working on vital_fast, not with it):
+# make docs: the documentation site (mkdocs.yml, docs/), built and checked by tests/test_docs.py.
+EXTRAS_REQUIRE["docs"] = ["mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python"]
 # Other tools that the loss plugs into (examples/, tests/test_clients.py); not in "all": Lucent pins kornia 0.4.1 and
 # brings IPython. Horama 0.3.0 imports einops without declaring it.
 EXTRAS_REQUIRE["clients"] = ["torch-lucent==0.1.8", "horama==0.3.0", "einops"]

@@ -33,7 +33,7 @@ and seeds. Per layer and method, over all seeds:
 literals. The key ``size`` sets the visualization's side instead (pixels, or ``rf``: the layer's
 receptive field, so that patches are matched at their own scale, not enlarged to the input size); the key
 ``rules`` (``bfloat16``, the default, or ``float32``) the precision of the shared forward's LRP rules under
-``amp='bf16'`` (``sortmatch.RULES_IN_BF16``), e.g. ``--vital "fp32rules:amp='bf16';rules='float32'"``. Runs are saved under ``--out`` (one ``.pt`` per layer, method and seed) and reused when the
+``amp='bf16'`` (``Settings.rules_dtype``), e.g. ``--vital "fp32rules:amp='bf16';rules='float32'"``. Runs are saved under ``--out`` (one ``.pt`` per layer, method and seed) and reused when the
 same command is repeated, so a table can be recomputed without optimizing again.
 """
 
@@ -54,7 +54,7 @@ import torch
 from vital_fast.evaluate.afc import judge_features, max_min_afc, two_afc, wilson_interval
 from vital_fast.evaluate.metrics import frechet_distance
 from vital_fast.models import FeatureTaps, load_model
-from vital_fast.optim import get_preset, sortmatch, visualize
+from vital_fast.optim import get_preset, visualize
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet, load_image, offline_photo_paths, random_resized_crops
 from vital_fast.references.mining import crop_patch, receptive_field
@@ -207,6 +207,7 @@ def main(argv=None) -> int:
             rules = kw.pop("rules", "bfloat16")
             if rules not in ("bfloat16", "float32"):
                 ap.error(f"--vital {vname}: rules must be 'bfloat16' or 'float32', got {rules!r}")
+            kw["rules_dtype"] = "auto" if rules == "bfloat16" else "float32"
             s = base.replace(**kw)
             if vsize is not None:
                 kw["size"] = vsize
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
             acts, vis_all, secs = [], [], []
             for seed in a.seeds:
                 key = hashlib.sha256(json.dumps([a.model, layer, chans, method, sorted(s.to_dict().items()), vsize, seed,
-                                                 len(pool), a.k] + ([rules] if s.amp == "bf16" else []),
+                                                 len(pool), a.k],
                                                 default=str).encode()).hexdigest()[:12]
                 path = os.path.join(a.out, f"{layer}-{vname}-s{seed}-{key}.pt")
                 if os.path.isfile(path):
@@ -229,12 +230,8 @@ def main(argv=None) -> int:
                     images, spt = saved["images"], float(saved["s_per_target_step"])
                 else:
                     t0 = time.perf_counter()
-                    sortmatch.RULES_IN_BF16 = rules == "bfloat16"
-                    try:
-                        res = visualize(model, targets, refs, settings=s, seed=seed, cache=cache, method=method,
-                                        size=vsize)
-                    finally:
-                        sortmatch.RULES_IN_BF16 = True
+                    res = visualize(model, targets, refs, settings=s, seed=seed, cache=cache, method=method,
+                                    size=vsize)
                     images, spt = res.images.float(), res.timings.get("s_per_target_step", float("nan"))
                     tmp = path + ".tmp"
                     torch.save({"images": images, "s_per_target_step": spt, "chans": chans}, tmp)

@@ -111,15 +111,13 @@ def time_network(loaded, targets, size, steps, amp: str = "off", layout: str = "
 
 def time_vital(loaded, targets, size, steps, n_refs, amp: str = "off", compile: str = "off",
                relevance: str = "shared", layout: str = "auto", resample: str = "stage") -> float:
-    import vital_fast.optim.sortmatch as sortmatch
-
-    sortmatch.SHARE_FORWARD = relevance.startswith("shared")
-    sortmatch.RULES_IN_BF16 = relevance != "shared-fp32"
     # "step": the prototypes resampled to the features' row length inside the op at every step (the way before)
-    sortmatch.FULL_LENGTH_CACHE_BYTES = 256 * 2 ** 20 if resample == "stage" else 0
     # loss_every=1: a progress mark (and a loss read, free on the CPU) after every step, to time the steps after the first
     s = Settings(stages=[(1.0, steps + 1)], n_refs=n_refs, ref_crops=0, warmup=1, quantiles=256, lrp_every=1,
-                 amp=amp, compile=compile, channels_last=layout, loss_every=1)
+                 amp=amp, compile=compile, channels_last=layout, loss_every=1,
+                 share_forward=relevance.startswith("shared"),
+                 rules_dtype="float32" if relevance == "shared-fp32" else "auto",
+                 resample_cache_mb=256 if resample == "stage" else 0)
     refs = {t: random_refs(t, n_refs, size) for t in targets}
     marks = []
     res = visualize(loaded, targets, refs, settings=s, size=size, cache=DiskCache(enabled=False),

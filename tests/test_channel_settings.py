@@ -89,13 +89,14 @@ def test_relevance_off_matches_plain_prototypes(lm, refs, tmp_path):
     assert set(weighted.importance) == {"act1", "act2"}  # a different cache entry, with relevance
 
 
-def test_neutral_values_keep_the_run_identity():
+def test_to_dict_records_every_field_and_round_trips():
+    """No neutral-value shims (issue 24): every field is recorded; the run identity carries a version instead."""
+    import dataclasses
+
     d = Settings().to_dict()
-    assert "channel_target_weight" not in d and "channel_relevance" not in d
-    s = Settings(channel_target_weight=3.0, channel_relevance=False)
-    d = s.to_dict()
-    assert d["channel_target_weight"] == 3.0 and d["channel_relevance"] is False
-    assert Settings(**d) == s
+    assert set(d) == {f.name for f in dataclasses.fields(Settings)}
+    s = Settings(channel_target_weight=3.0, channel_relevance=False, share_forward=False, rules_dtype="float32")
+    assert Settings(**s.to_dict()) == s
 
 
 def test_fourier_for_every_target_leaves_class_targets_as_auto_made_them(lm, refs, tmp_path):

@@ -30,7 +30,7 @@ def test_resolve():
         resolve_channels_last("yes", "resnet", "cpu")
     with pytest.raises(ValueError, match="unknown channels_last"):
         Settings(channels_last="nhwc")
-    assert "channels_last" not in Settings().to_dict()  # the neutral value keeps earlier run identities
+    assert Settings().to_dict()["channels_last"] == "auto"
     assert Settings(channels_last="off").to_dict()["channels_last"] == "off"
 
 

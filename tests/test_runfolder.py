@@ -325,3 +325,18 @@ def test_resume_redoes_a_target_whose_files_are_damaged(run_copy, images, capsys
     assert (tdir / "image.png").is_file() and _json.loads((tdir / "result.json").read_text())["key"] == "class:282"
     keys = [t["key"] for t in _json.loads((run_copy / "manifest.json").read_text())["targets"]]
     assert sorted(keys) == ["class:282", "class:967"]
+
+
+def test_a_run_of_an_older_identity_version_is_refused_naming_both(run_copy, images, capsys):
+    """One version number instead of per-field shims: a folder written before identities had one (version 1) is
+    neither resumed nor added to; the message names the versions and how to rerun."""
+    from vital_fast.runfolder import IDENTITY_VERSION
+
+    m = json.loads((run_copy / "manifest.json").read_text())
+    assert m["run"]["version"] == IDENTITY_VERSION and m["run"]["settings"]["loss_every"] == 10  # every field
+    del m["run"]["version"]
+    (run_copy / "manifest.json").write_text(json.dumps(m))
+    before = snapshot(run_copy)
+    code, _, err = run_cli(visualize_args(images, run_copy, "--resume"), capsys)
+    assert code == 2 and "version 1" in err and f"version {IDENTITY_VERSION}" in err and "new --out" in err
+    assert snapshot(run_copy) == before

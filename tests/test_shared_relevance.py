@@ -13,7 +13,6 @@ import torch
 
 torchvision = pytest.importorskip("torchvision")
 
-import vital_fast.optim.sortmatch as sortmatch  # noqa: E402
 from vital_fast.models import load_model  # noqa: E402
 from vital_fast.optim import Settings, visualize  # noqa: E402
 from vital_fast.references.cache import DiskCache  # noqa: E402
@@ -32,12 +31,11 @@ def refs():
 
 
 def _run(lm, refs, targets, share, monkeypatch, **kw):
-    """visualize with SHARE_FORWARD set; (result, forward passes of the network that record a graph)."""
-    monkeypatch.setattr(sortmatch, "SHARE_FORWARD", share)
+    """visualize with Settings.share_forward set; (result, forward passes of the network that record a graph)."""
     calls = []
     h = lm.model.register_forward_pre_hook(lambda m, a: calls.append(a[0].requires_grad))
     try:
-        s = Settings(stages=[(1.0, 3)], warmup=1, n_refs=3, quantiles=16, lr=0.1, lrp_every=1, **kw)
+        s = Settings(stages=[(1.0, 3)], warmup=1, n_refs=3, quantiles=16, lr=0.1, lrp_every=1, share_forward=share, **kw)
         res = visualize(lm, targets, {t: refs for t in targets}, settings=s, cache=DiskCache(enabled=False))
     finally:
         h.remove()

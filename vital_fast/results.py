@@ -35,7 +35,15 @@ import torch
 from vital_fast._version import __version__
 from vital_fast.files import atomic_write_bytes
 from vital_fast.report.images import alpha_map, fit_within, reference_strip, save_png, to_uint8, write_grid
-from vital_fast.runfolder import MANIFEST, identity_diff, identity_of_manifest, locked, read_manifest, run_identity
+from vital_fast.runfolder import (
+    MANIFEST,
+    check_identity_version,
+    identity_diff,
+    identity_of_manifest,
+    locked,
+    read_manifest,
+    run_identity,
+)
 
 MANIFEST_FORMAT = 1
 MAX_REF_FILES = 16  # reference images written one by one per target (the strip shows up to 8)
@@ -159,6 +167,7 @@ def _save_result_locked(result, out_dir, *, labels, seed, extra, annotations=Non
         manifest = read_manifest(out_dir)  # a manifest we cannot read is never replaced by a partial one
         if manifest.get("sweep") is not None:
             raise ValueError(f"{out_dir} holds a sweep; save this result into another folder")
+        check_identity_version(identity_of_manifest(manifest), out_dir, "save")
         diff = identity_diff(identity_of_manifest(manifest), identity)
         if diff:
             raise ValueError(f"{out_dir} holds a different run ({'; '.join(diff[:3])}); save into another folder")

@@ -186,25 +186,40 @@ def _canon(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+# The version of what a run identity holds. A run folder of another version is neither resumed nor added to:
+# one number instead of per-field shims (2: every setting recorded, matched layers always, issue 24).
+IDENTITY_VERSION = 2
+
+
 def run_identity(*, model: str, fingerprint: str, method: str, seed: int, settings: Mapping[str, Any],
                  size: Optional[int], preset: Optional[str], layers: Optional[list] = None) -> Dict[str, Any]:
     """What makes two runs the same run: a folder is resumed only with an equal identity (``layers``: matched
-    layers given by the user, recorded only then, so that older runs keep their identity)."""
-    ident = {"model": model, "fingerprint": fingerprint, "method": method, "seed": int(seed),
-             "settings": dict(settings), "size": size, "preset": preset}
-    if layers:
-        ident["layers"] = [[str(n), float(w)] for n, w in layers]
-    return _canon(ident)
+    layers given by the user, or None for the family's)."""
+    return _canon({"version": IDENTITY_VERSION, "model": model, "fingerprint": fingerprint, "method": method,
+                   "seed": int(seed), "settings": dict(settings), "size": size, "preset": preset,
+                   "layers": [[str(n), float(w)] for n, w in layers] if layers else None})
 
 
 def identity_of_manifest(m: Mapping[str, Any]) -> Dict[str, Any]:
-    """The identity a manifest records (rebuilt from its header for manifests written before it had one)."""
+    """The identity a manifest records (version 1: written before identities had a version)."""
     if isinstance(m.get("run"), Mapping):
-        return dict(m["run"])
-    model = m.get("model") or {}
-    return _canon({"model": model.get("name"), "fingerprint": model.get("fingerprint"),
-                   "method": m.get("method", "vital"), "seed": m.get("seed"), "settings": m.get("settings"),
-                   "size": m.get("size"), "preset": m.get("preset")})
+        ident = dict(m["run"])
+    else:
+        model = m.get("model") or {}
+        ident = _canon({"model": model.get("name"), "fingerprint": model.get("fingerprint"),
+                        "method": m.get("method", "vital"), "seed": m.get("seed"), "settings": m.get("settings"),
+                        "size": m.get("size"), "preset": m.get("preset")})
+    ident.setdefault("version", 1)
+    return ident
+
+
+def check_identity_version(old: Mapping[str, Any], out: str, what: str = "--resume") -> None:
+    """``ValueError`` naming both versions when ``old`` (a folder's identity) is not of :data:`IDENTITY_VERSION`."""
+    v = old.get("version", 1)
+    if v != IDENTITY_VERSION:
+        raise ValueError(f"{what}: {out} was written by a vital_fast whose run identity is version {v}; this one "
+                         f"writes version {IDENTITY_VERSION} and cannot continue it: rerun into a new --out folder, "
+                         f"or pass --force to replace it")
 
 
 def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any],
@@ -260,6 +275,8 @@ def _check(out: str, identity: Optional[Mapping[str, Any]], resume: bool, force:
     if m.get("sweep") is not None:
         raise ValueError(f"--resume: {out} holds a sweep; continue it with `vital-fast sweep --resume`, or use "
                          f"another --out")
+    if identity is not None:
+        check_identity_version(identity_of_manifest(m), out)
     diff = identity_diff(identity_of_manifest(m), identity) if identity is not None else []
     if diff:
         raise ValueError(f"--resume: {out} was made by a different run ({'; '.join(diff[:3])}); use another "

@@ -16,11 +16,12 @@ CHOICES = {
     "lrp_composite": ("paper", "epsilon_plus", "epsilon_plus_flat"),
     "amp": ("off", "bf16", "fp16", "auto"),
     "channels_last": ("auto", "on", "off"),
+    "rules_dtype": ("auto", "float32"),
 }
 MINIMUM = {
     "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
     "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
-    "channel_target_weight": 0.0, "loss_every": 1,
+    "channel_target_weight": 0.0, "loss_every": 1, "resample_cache_mb": 0,
 }
 
 
@@ -141,6 +142,15 @@ class Settings:
     # steps between two reads of the loss record from the device (progress, early stopping and the record's
     # completeness follow it; images do not): a GPU step never waits for the device in between
     loss_every: int = 10
+    # how the step computes channel relevance (the maps are the same either way; benchmarks compare them):
+    # from the step's own forward pass where it can serve (True), or by a second hooked forward (False)
+    share_forward: bool = True
+    # the dtype of the shared forward's LRP rules: "auto" (bfloat16 under bfloat16 autocast, else the forward's),
+    # or "float32" (reading the bfloat16 forward; the casts then cost about as much as the rules)
+    rules_dtype: str = "auto"
+    # largest prototype tensor resampled to the features' row length and kept for the following steps (MiB;
+    # 0: resample at every step)
+    resample_cache_mb: int = 256
 
     def __post_init__(self) -> None:
         """Every field checked: its type, then its allowed values or range (``CHOICES``, ``MINIMUM`` and the
@@ -169,15 +179,9 @@ class Settings:
         return sum(s for _, s in self.stages)
 
     def to_dict(self) -> Dict[str, Any]:
-        """Every field, except ``amp`` and ``compile`` when "off", ``param`` when "pixel", ``channels_last``
-        when "auto" (a layout changes no value beyond rounding) and ``loss_every`` when 10: runs recorded before those fields existed keep
-        their identity (``Settings(**d)`` gives the same settings back)."""
-        d = dataclasses.asdict(self)
-        for name, neutral in (("amp", "off"), ("compile", "off"), ("param", "pixel"), ("channel_target_weight", 0.0),
-                              ("channel_relevance", True), ("channels_last", "auto"), ("loss_every", 10)):
-            if d.get(name) == neutral:
-                del d[name]
-        return d
+        """Every field (``Settings(**d)`` gives the same settings back); run identities record it whole, under
+        their version number (:data:`vital_fast.runfolder.IDENTITY_VERSION`)."""
+        return dataclasses.asdict(self)
 
     def with_steps(self, steps: int) -> "Settings":
         """These settings with the stage schedule scaled to exactly ``steps`` steps in all: stages keep their share

@@ -12,14 +12,7 @@ from vital_fast.ops import lrp_weight, sort_match_loss
 from vital_fast.optim.objectives import Objective
 from vital_fast.optim.targets import Target
 
-__all__ = ["SHARE_FORWARD", "SortMatch", "build_groups", "matching_loss"]
-
-# Relevance from the step's own forward pass (SharedRelevance) where it can serve, instead of a second
-# hooked forward; the maps are the same. Off: the second forward (benchmarks compare both).
-SHARE_FORWARD = True
-# Under bfloat16 autocast (Settings.amp) the shared forward's LRP rules compute in bfloat16 too; off: in
-# float32, reading the bfloat16 forward (the casts then cost about as much as the rules).
-RULES_IN_BF16 = True
+__all__ = ["SortMatch", "build_groups", "matching_loss"]
 
 
 class SortMatch(Objective):
@@ -98,7 +91,8 @@ class SortMatch(Objective):
         key = tuple((sl.uid, sl.stage) for sl in ctx.slots)
         hit = self._groups.get(ctx.size)
         if hit is None or hit[0] != key:
-            hit = (key, build_groups(ctx.targets, [sl.state["refs"] for sl in ctx.slots], ctx.view.device))
+            hit = (key, build_groups(ctx.targets, [sl.state["refs"] for sl in ctx.slots], ctx.view.device,
+                                     keep_bytes=self.settings.resample_cache_mb * 2 ** 20))
             self._groups[ctx.size] = hit
         return hit[1]
 
@@ -130,7 +124,7 @@ class SortMatch(Objective):
         self._shared = None
         need = self._due(slots)
         model = engine.loaded.model
-        if (not need or not SHARE_FORWARD or engine.compile_backend is not None or engine.recipe.views.repeat != 1
+        if (not need or not self.settings.share_forward or engine.compile_backend is not None or engine.recipe.views.repeat != 1
                 or not shares_forward(model, engine.loaded.family, self.settings.lrp_composite)):
             return None
         S = engine.sizes[slots[0].stage]  # the step's side (the engine stacks slots of one side)
@@ -143,7 +137,7 @@ class SortMatch(Objective):
             starts.append((layer, idx, chans, rec, locs))
         if not starts:
             return None
-        low = torch.bfloat16 if RULES_IN_BF16 and engine.amp is torch.bfloat16 else None
+        low = torch.bfloat16 if self.settings.rules_dtype == "auto" and engine.amp is torch.bfloat16 else None
         self._shared = SharedRelevance(model, engine.loaded.family, self.settings.lrp_composite, starts, rule_dtype=low)
         return self._shared
 
@@ -273,15 +267,11 @@ def compiled_matching_loss(engine, groups: Sequence[dict], feats: Dict[str, torc
     return out
 
 
-# Largest resampled prototype tensor kept with its group (bytes); a larger one is resampled at every step.
-FULL_LENGTH_CACHE_BYTES = 256 * 2 ** 20
-
-
 def full_length_prototypes(g: dict, layer: str, f: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """The group's prototypes of ``layer`` resampled to the features' row length D, kept with the group for
     the steps that follow (the ops would otherwise resample the same Q quantiles to D points at every step:
     a sixth of a ResNet-50 class step). The same values the op computes; only kept when the op computes in
-    the prototypes' dtype and the result is at most :data:`FULL_LENGTH_CACHE_BYTES`."""
+    the prototypes' dtype and the result is at most the group's ``keep_bytes`` (``Settings.resample_cache_mb``)."""
     from vital_fast.reference import math_dtype, resample_quantiles
 
     protos = g["protos"][layer]
@@ -289,7 +279,7 @@ def full_length_prototypes(g: dict, layer: str, f: torch.Tensor, channel_dim: in
     D = f.numel() // max(1, n * c)
     if protos.shape[-1] == D or math_dtype(f.dtype) != protos.dtype:
         return protos
-    if protos.numel() // max(1, protos.shape[-1]) * D * protos.element_size() > FULL_LENGTH_CACHE_BYTES:
+    if protos.numel() // max(1, protos.shape[-1]) * D * protos.element_size() > g.get("keep_bytes", 0):
         return protos
     cache = g.setdefault("full_length", {})
     hit = cache.get((layer, D))
@@ -298,15 +288,17 @@ def full_length_prototypes(g: dict, layer: str, f: torch.Tensor, channel_dim: in
     return hit
 
 
-def build_groups(targets: Sequence[Target], refs: Sequence[Any], dev) -> List[dict]:
+def build_groups(targets: Sequence[Target], refs: Sequence[Any], dev, keep_bytes: int = 0) -> List[dict]:
     """Batch elements grouped so each group shares its matched layers: all class targets, and the
-    channel targets of each target layer. Prototypes are stacked to ``(B_group, C, Q)``."""
+    channel targets of each target layer. Prototypes are stacked to ``(B_group, C, Q)``; resampled ones up to
+    ``keep_bytes`` are kept with the group (:func:`full_length_prototypes`)."""
     from vital_fast.reference import resample_quantiles
 
     groups: Dict[tuple, dict] = {}
     for i, (t, r) in enumerate(zip(targets, refs)):
         gkey = ("unit", t.layer) if t.is_unit else ("class",)
-        g = groups.setdefault(gkey, {"kind": t.kind, "layer": t.layer, "members": [], "layers": r.layers})
+        g = groups.setdefault(gkey, {"kind": t.kind, "layer": t.layer, "members": [], "layers": r.layers,
+                                     "keep_bytes": int(keep_bytes)})
         g["members"].append((i, t, r))
     out = []
     for g in groups.values():

@@ -25,7 +25,7 @@ import torch
 from vital_fast.files import atomic_torch_save
 
 _ENV = "VITAL_FAST_CACHE"
-_FORMAT = 1
+_FORMAT = 2  # 2: every key part always present (no per-option shims)
 
 
 def default_cache_dir() -> str:

@@ -8,7 +8,7 @@ convolution twice; the sweep gives the same maps (tests/test_relevance.py checks
 zennit's own ``ZPlus``/``Pass`` hooks) about 3x faster on ResNet-50.
 
 - :class:`_ZPlusRule`: z+ for convolutions and ``nn.Linear`` (zennit's ``ZPlus`` semantics), with
-  the clamped weights cached per module while they are unchanged (``CACHE_CLAMPED_WEIGHTS``);
+  the clamped weights cached per module while they are unchanged;
 - :class:`_PassRule`: relevance passed through (BatchNorm, LayerNorm, element-wise activations);
 - :class:`_NormRule` / :class:`_MaxPoolAsAvgRule`: the z-rule for average pooling, and max
   pooling explained as average pooling;
@@ -275,7 +275,6 @@ class _ClampedParams:
 _PARAM_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[torch.dtype, _ClampedParams]]" = weakref.WeakKeyDictionary()
 # Trades memory (one clamped copy of each convolution's weight, two for convolutions that see
 # negative inputs; per dtype the rules run in) for not re-clamping every weight on every call.
-CACHE_CLAMPED_WEIGHTS = True
 
 
 def forget_clamped_params(model: nn.Module) -> None:
@@ -288,15 +287,14 @@ def _clamped_params(module: nn.Module, dtype: torch.dtype) -> _ClampedParams:
     """The z+ views of ``module``'s parameters in ``dtype`` (the dtype of the input the rule reads)."""
     weight = module.weight
     bias = getattr(module, "bias", None)
-    per_dtype = _PARAM_CACHE.get(module) if CACHE_CLAMPED_WEIGHTS else None
+    per_dtype = _PARAM_CACHE.get(module)
     entry = None if per_dtype is None else per_dtype.get(dtype)
     if entry is None or not entry.valid_for(weight, bias):
         with torch.no_grad():
             entry = _ClampedParams(weight, bias, dtype)
-        if CACHE_CLAMPED_WEIGHTS:
-            if per_dtype is None or not all(e.valid_for(weight, bias) for e in per_dtype.values()):
-                per_dtype = _PARAM_CACHE[module] = {}  # stale entries of other dtypes go with the old weight
-            per_dtype[dtype] = entry
+        if per_dtype is None or not all(e.valid_for(weight, bias) for e in per_dtype.values()):
+            per_dtype = _PARAM_CACHE[module] = {}  # stale entries of other dtypes go with the old weight
+        per_dtype[dtype] = entry
     return entry
 
 

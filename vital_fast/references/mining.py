@@ -250,10 +250,8 @@ def mine_topk(
         parts = {"model": loaded.fingerprint, "layer": layer, **ident, "size": size,
                  "resize": loaded.resize_size / loaded.input_size, "norm": loaded.norm_key, "k": k,
                  "entry": "running-topk"}
-        if units is not None:
-            parts["units"] = units.digest
-        if loaded.interpolation != "bilinear":
-            parts["interpolation"] = loaded.interpolation
+        parts["units"] = units.digest if units is not None else None
+        parts["interpolation"] = loaded.interpolation
         val = cache.get_or_compute("mine", parts, compute, validate)
     score_all, index_all, loc_all = val["score"], val["index"], val["loc"]  # (C, kk), (C, kk), (C, kk, 2)
     n_ch = score_all.shape[0]

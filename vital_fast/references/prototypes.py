@@ -129,10 +129,8 @@ def class_references(
         # the features round differently at another thread count (up to 11/255 in an image made from them)
         "threads": torch.get_num_threads(),
     }
-    if use_rel:  # only then, so entries cached before this option existed stay valid
-        parts["relevance"] = settings.lrp_composite
-    if loaded.interpolation != "bilinear":
-        parts["interpolation"] = loaded.interpolation
+    parts["relevance"] = settings.lrp_composite if use_rel else None
+    parts["interpolation"] = loaded.interpolation
     names = [l for l, _ in layers]
 
     def compute():
@@ -201,15 +199,12 @@ def channel_references(
         "size": size, "q": settings.quantiles, "composite": settings.lrp_composite,
         "resize": loaded.resize_size / loaded.input_size, "norm": loaded.norm_key, "threads": torch.get_num_threads(),
     }
-    if any(loaded.channel_dim_of(l) != 1 for l, _ in record_layers):
-        parts["layout"] = "tokens-last"  # entries from before token layers were read channels-last
-    if loaded.interpolation != "bilinear":
-        parts["interpolation"] = loaded.interpolation
-    if getattr(channel, "kind", None) == "direction":
-        parts["unit"] = channel.direction.digest  # the key names the file; the values name the direction
+    parts["layout"] = [loaded.channel_dim_of(l) for l, _ in record_layers]  # tokens are read channels-last
+    parts["interpolation"] = loaded.interpolation
+    # the key names a direction's file; the digest names its values
+    parts["unit"] = channel.direction.digest if getattr(channel, "kind", None) == "direction" else None
     use_rel = bool(getattr(settings, "channel_relevance", True))
-    if not use_rel:  # only then, so entries cached before this option existed stay valid
-        parts["relevance"] = False
+    parts["relevance"] = use_rel
     names = [l for l, _ in record_layers]
 
     def compute():

@@ -331,6 +331,10 @@ def _check_folder(out: str, ident: Dict[str, Any], resume: bool, force: bool) ->
     if old is None:
         raise ValueError(f"--resume: {out} is not a sweep folder (no manifest.json with a sweep section); use "
                          f"another --out")
+    if old.get("engine") != ident.get("engine"):
+        raise ValueError(f"--resume: {out} was written by a vital_fast whose sweep identity is version "
+                         f"{old.get('engine')}; this one writes version {ident.get('engine')} and cannot continue it: "
+                         f"sweep into a new --out folder, or pass --force to replace it")
     diff = _identity_diff(old, ident)
     if diff:
         raise ValueError(f"--resume: {out} belongs to a different sweep ({'; '.join(diff[:3])}); use another --out, "

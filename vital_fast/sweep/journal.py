@@ -19,7 +19,7 @@ from vital_fast._version import __version__
 from vital_fast.runfolder import identity_diff
 
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # the sweep identity's version (2: every setting and key always recorded)
 INDEX_PREFIX = "index-rank"
 
 

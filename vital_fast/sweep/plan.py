@@ -170,10 +170,9 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
         "seed": int(seed), "size": final, "images": listing if pool is None else f"{listing}:{pool.identity()}",
         "class_layers": cls_layers, "exact": bool(exact), "early_stop": early_stop,
         "early_stop_window": early_stop_window if early_stop is not None else None,
+        "directions": None if dirs is None else hashlib.sha256(
+            dirs.matrix.numpy().tobytes() + dirs.bias.numpy().tobytes()).hexdigest()[:24],
     }
-    if dirs is not None:  # only then: sweeps of channels keep their identity
-        ident["directions"] = hashlib.sha256(dirs.matrix.numpy().tobytes() + dirs.bias.numpy().tobytes()
-                                             ).hexdigest()[:24]
     return _Plan(loaded, settings, targets, [t.key for t in targets], layer, class_list, final, cls_layers, pool,
                  class_src, ident, _identity_id(ident), bool(exact))
 
