@@ -11,7 +11,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP_DEPS := $(VENV)/.deps-ready
 STAMP_EXT  := $(VENV)/.ext-ready
 
-.PHONY: demo test test-fast bench bench-smoke setup clean
+.PHONY: demo test test-fast bench bench-smoke docs setup clean
 
 setup: $(STAMP_EXT)
 
@@ -41,6 +41,10 @@ test: $(STAMP_EXT)
 
 bench-smoke: $(STAMP_EXT)
 	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+# The documentation site (mkdocs.yml, docs/) into site/; the docs extra of requirements.txt. Fails on any warning.
+docs: $(STAMP_EXT)
+	$(PY) -m mkdocs build --strict -d site
 
 clean:
 	rm -rf build *.egg-info vital_fast/_C*.so vital_fast/_C_build_error.txt $(STAMP_EXT)
