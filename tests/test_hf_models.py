@@ -178,3 +178,36 @@ def test_hub_id_from_the_local_cache_only(tmp_path, images):
             "print(lm.name, lm.num_classes, lm.input_size)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "hf:tiny/vit 5 32" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2-registers", "clip", "siglip"])
+def test_transformer_rules_conserve_relevance_on_the_hf_families(family):
+    """With biases and position embeddings zeroed, the conservative rules keep the whole start relevance at every
+    earlier block (CLIP's QuickGELU, written with tensor ops, is gated as a module)."""
+    from vital_fast.references.relevance import relevance_maps
+
+    cls, cfg, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    if family == "clip":  # the image tower, whose hidden_act is quick_gelu
+        cls, cfg = transformers.CLIPVisionModelWithProjection, cfg.vision_config
+        assert cfg.hidden_act == "quick_gelu"
+    lm = load_model(cls(cfg))
+    m = lm.model
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or any(k in n for k in ("position_embedding", "cls_token", "register_tokens",
+                                                          "class_embedding", "mask_token")):
+                p.zero_()
+    blocks = [n for n, _ in m.named_modules() if n.rsplit(".", 1)[0].endswith(("layers", "layer"))
+              and n.rsplit(".", 1)[-1].isdigit() and "text" not in n]
+    target, rec = blocks[2], blocks[:2]
+    x = lm.normalize(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    seen = {}
+    h = dict(m.named_modules())[target].register_forward_hook(lambda mod, a, o: seen.__setitem__("a", o))
+    with torch.no_grad():
+        m(x)
+    h.remove()
+    start = seen["a"][..., 5].flatten(1).sum(1)
+    rel = relevance_maps(m, x, target, torch.tensor([5, 5]), rec, family="vit")
+    for layer in rec:
+        assert torch.allclose(rel[layer].flatten(1).sum(1), start, rtol=1e-3, atol=1e-4), (family, layer)

@@ -10,7 +10,8 @@ receive it), make the backward sweep linear:
 
 - attention: the attention weights are held constant, so relevance flows through the values only
   (``F.scaled_dot_product_attention``, explicit ``softmax`` attention, ``nn.MultiheadAttention``);
-- normalization (``F.layer_norm``) and elementwise activations (``F.gelu``, ``F.silu``): each is
+- normalization (``F.layer_norm``) and elementwise activations (``F.gelu``, ``F.silu``, and activation modules
+  written with tensor ops such as CLIP's QuickGELU): each is
   read as ``y = x * c(x)`` with the gate ``c = y / x`` held constant, which passes relevance through
   unchanged, element by element (the identity rule).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Iterator, List
 
 import torch
@@ -92,11 +94,29 @@ def _mha_hook(module: nn.MultiheadAttention, args, output):
     return (_keep_value(output[0], lin),) + tuple(output[1:])
 
 
+# Activation modules written with tensor ops rather than F.gelu / F.silu (CLIP's QuickGELU, x * sigmoid(1.702 x);
+# the tanh GELU of transformers' NewGELUActivation; Swish, Mish): their output gated as a whole.
+_ACTIVATION = re.compile(r"gelu|silu|swish|mish", re.IGNORECASE)
+
+
+def _activation_hook(module: nn.Module, args, output):
+    x = args[0] if args else None
+    if isinstance(output, torch.Tensor) and isinstance(x, torch.Tensor) and output.shape == x.shape:
+        return _gate(x, output)
+    return None
+
+
+def _is_activation(m: nn.Module) -> bool:
+    return (bool(_ACTIVATION.search(type(m).__name__)) and not any(True for _ in m.children())
+            and not any(True for _ in m.parameters(recurse=False)))
+
+
 @contextlib.contextmanager
 def conservative(model: nn.Module) -> Iterator[None]:
     """Run ``model`` with the conservative backward rules (forward values unchanged); hooks removed on exit."""
     handles: List = [m.register_forward_hook(_mha_hook) for m in model.modules()
                      if isinstance(m, nn.MultiheadAttention)]
+    handles += [m.register_forward_hook(_activation_hook) for m in model.modules() if _is_activation(m)]
     try:
         with _Conservative():
             yield
