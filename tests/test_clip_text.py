@@ -60,7 +60,7 @@ def test_text_target_is_the_text_towers_unit_direction(clip):
     v = t.direction.vector
     assert v.shape == (16,) and abs(float(v.norm()) - 1) < 1e-5
     assert not torch.allclose(v, text_target(clip, "text:a photo of a dog").direction.vector)
-    with pytest.raises(ValueError, match="text tower"):
+    with pytest.raises(ValueError, match="read with the model"):
         parse_target("text:a dog")
 
 
@@ -140,3 +140,48 @@ def test_hf_clip_checkpoint_has_its_text_tower(tmp_path, pool):
     assert t.direction.vector.shape == (16,)
     r = vf.visualize(lm, "text:a dog", pool=pool, settings=_settings(), size=32)
     assert torch.isfinite(r.losses).all()
+
+
+def _hf_clip_tower():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                        intermediate_size=64, image_size=32, patch_size=8, projection_dim=16)
+    torch.manual_seed(0)
+    return load_model(transformers.CLIPVisionModelWithProjection(cfg))
+
+
+def test_head_targets_on_a_clip_vision_tower(pool):
+    """head:BLOCK:H (every token) and head:BLOCK:H:T (one token): the head's mean output before the projection,
+    batched as one at a time, with the paper's relevance too."""
+    lm = _hf_clip_tower()
+    targets = ["head:vision_model.encoder.layers.2:1", "head:vision_model.encoder.layers.2:0:0"]
+    both = vf.visualize(lm, targets, pool=pool, settings=_settings(), size=32)
+    assert [t.key for t in both.targets] == targets
+    assert [t.label() for t in both.targets] == ["vision_model.encoder.layers.2 head 1",
+                                                 "vision_model.encoder.layers.2 head 0 at token 0"]
+    for i, t in enumerate(targets):
+        one = vf.visualize(lm, [t], pool=pool, settings=_settings(), size=32)
+        assert torch.allclose(one.images[0], both.images[i], atol=2e-5), t
+    r = vf.visualize(lm, targets[:1], pool=pool, size=32,
+                     settings=vf.get_preset("paper").with_steps(2).replace(n_refs=2))
+    assert torch.isfinite(r.losses).all()
+    assert "vision_model.encoder.layers.2.self_attn.heads" in dict(lm.model.named_modules())
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("head:vision_model.encoder.layers.2:5", "has 2 heads (0-1)"),
+    ("head:vision_model.encoder.layerz.2:1", "closest: vision_model.encoder.layers.2"),
+    ("head:vision_model.encoder.layers.2", "expected head:BLOCK:H[:T]"),
+    ("head:vision_model.encoder.layers.2.mlp:0", "no tappable attention heads"),
+])
+def test_bad_head_targets_are_one_line(spec, fragment, pool):
+    lm = _hf_clip_tower()
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        vf.visualize(lm, [spec], pool=pool, settings=_settings(), size=32)
+
+
+def test_heads_of_nn_multiheadattention_are_refused(pool):
+    tv = load_model("torchvision:vit_b_16", weights="random")
+    with pytest.raises(ValueError, match="nn.MultiheadAttention"):
+        vf.visualize(tv, ["head:encoder.layers.encoder_layer_3:1"], pool=pool, settings=_settings())

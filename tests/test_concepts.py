@@ -241,3 +241,43 @@ def test_token_layers_pool_over_tokens(data):
     assert torch.allclose(feats, tokens["mix"].double().mean(1), atol=1e-6)
     probe = train_concept(vit, "mix", pos, neg)
     assert probe.direction.shape == (6,) and probe.accuracy >= 0.8
+
+
+def test_one_token_probes_record_their_token_and_are_visualized_there(data, tmp_path, capsys):
+    """--tokens cls|T on a token layer: the probe reads that token; its file records it and the direction target
+    it gives is read at that token (loc (T, 0)); on a convolutional layer, or past the last token: one line."""
+    import transformers
+
+    from vital_fast.concepts import pooled_features
+    from vital_fast.optim.targets import parse_target
+    from vital_fast.references.pool import ImagePool
+
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                 image_size=32, patch_size=8, num_labels=3)
+    torch.manual_seed(0)
+    folder = tmp_path / "vit"
+    transformers.ViTForImageClassification(cfg).save_pretrained(folder)
+    vit = load_model(f"hf:{folder}")
+    pos, neg, _ = data
+    pool = ImagePool.from_folder(pos)
+    mean, cls, third = (pooled_features(vit, "vit.layers.1", pool, tokens=t) for t in ("mean", "cls", 3))
+    x = torch.cat([b for _, b in pool.batches(32, 32, 16, 0, mode=vit.interpolation)])
+    with torch.no_grad():
+        a = FeatureTaps(vit.model, ["vit.layers.1"], detach=True).run(vit.normalize(x))["vit.layers.1"].double()
+    assert torch.allclose(cls, a[:, 0], atol=1e-5) and torch.allclose(third, a[:, 3], atol=1e-5)
+    assert torch.allclose(mean, a.mean(1), atol=1e-5)
+    out = tmp_path / "cls.pt"
+    code = main(["concept", "--model", f"hf:{folder}", "--layer", "vit.layers.1", "--positive", str(pos),
+                 "--negative", str(neg), "--out", str(out), "--tokens", "cls"])
+    assert code == 0, capsys.readouterr().err
+    assert load_directions(str(out)).meta["token"] == 0
+    t = parse_target(f"direction:vit.layers.1:{out}")
+    assert t.loc == (0, 0) and t.key.endswith("@0,0")
+    assert parse_target(t.key) == t
+    for tokens, fragment in (("cls", "not tokens"), ("-1", "--tokens must be")):
+        layer = "_blocks.4" if tokens == "cls" else "vit.layers.1"
+        model = "efficientnet-lite0" if tokens == "cls" else f"hf:{folder}"
+        code = main(["concept", "--model", model, "--layer", layer, "--positive", str(pos), "--negative", str(neg),
+                     "--out", str(tmp_path / "x.pt"), "--tokens", tokens])
+        err = capsys.readouterr().err
+        assert code == 2 and fragment in err and "Traceback" not in err, err

@@ -211,3 +211,15 @@ def test_transformer_rules_conserve_relevance_on_the_hf_families(family):
     rel = relevance_maps(m, x, target, torch.tensor([5, 5]), rec, family="vit")
     for layer in rec:
         assert torch.allclose(rel[layer].flatten(1).sum(1), start, rtol=1e-3, atol=1e-4), (family, layer)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cli_class_and_channel_targets_for_each_family(family, folders, images, tmp_path, capsys):
+    spec = "hf:" + folders[family]
+    unit = f"channel:{FAMILIES[family][2]}:3"
+    targets = (["--target", "class:1"] if family in HAS_CLASSES else []) + ["--target", unit]
+    code = main(["visualize", "--model", spec, *targets, "--images", str(images), "--out", str(tmp_path / "run"),
+                 "--steps", "2", "--set", "n_refs=2", "--cache", str(tmp_path / "cache")])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert len(m["targets"]) == len(targets) // 2

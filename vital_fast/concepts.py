@@ -62,6 +62,7 @@ class ConceptProbe:
     seed: int = 0
     size: int = 0
     l2: float = 0.0
+    tokens: Union[str, int] = "mean"  # the features probed on a token layer: "mean", "cls" or one token's index
 
     @property
     def channels(self) -> int:
@@ -82,7 +83,8 @@ class ConceptProbe:
             model=self.model, fingerprint=self.fingerprint, n_train=int(self.n_train), n_test=int(self.n_test),
             positive=self.positive, negative=self.negative, kind="probe", train_accuracy=float(self.train_accuracy),
             n_positive=int(self.n_positive), n_negative=int(self.n_negative), holdout=float(self.holdout),
-            seed=int(self.seed), size=int(self.size), l2=float(self.l2))
+            seed=int(self.seed), size=int(self.size), l2=float(self.l2), tokens=str(self.tokens),
+            **({} if token_index(self.tokens) is None else {"token": token_index(self.tokens)}))
 
 
 def _check_out(path: str, force: bool) -> None:
@@ -133,10 +135,27 @@ def _pool(source: FolderLike, what: str) -> Tuple[ImagePool, str]:
     return ImagePool.from_folder(folder, what=what), folder
 
 
+def check_tokens(tokens: Union[str, int]) -> Union[str, int]:
+    """``"mean"`` (every token or position), ``"cls"`` (token 0) or a token index; ValueError otherwise."""
+    if isinstance(tokens, str) and tokens.strip().isdigit():
+        tokens = int(tokens)
+    if tokens in ("mean", "cls") or (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0):
+        return tokens
+    raise ValueError(f"--tokens must be mean, cls or a token index >= 0, got {tokens!r}")
+
+
+def token_index(tokens: Union[str, int]) -> Optional[int]:
+    """The one token ``tokens`` reads (0 for ``cls``), or None for the mean."""
+    return None if tokens == "mean" else (0 if tokens == "cls" else int(tokens))
+
+
 def pooled_features(loaded: Any, layer: str, pool: ImagePool, *, size: Optional[int] = None,
-                    workers: Optional[int] = None, batch: int = BATCH) -> torch.Tensor:
-    """One vector per readable image of ``pool``: ``layer``'s features averaged over positions (or tokens),
-    ``(N, C)`` float64 on the CPU, in the pool's order (unreadable images skipped)."""
+                    workers: Optional[int] = None, batch: int = BATCH, tokens: Union[str, int] = "mean") -> torch.Tensor:
+    """One vector per readable image of ``pool``: ``layer``'s features averaged over positions (or tokens), or, on
+    a token layer ``(B, N, C)``, one token (``tokens="cls"``: token 0, or an index); ``(N, C)`` float64 on the
+    CPU, in the pool's order (unreadable images skipped)."""
+    tokens = check_tokens(tokens)
+    one = token_index(tokens)
     size = int(size or loaded.input_size)
     resize = int(round(size * loaded.resize_size / loaded.input_size))
     cd = loaded.channel_dim_of(layer)
@@ -149,6 +168,14 @@ def pooled_features(loaded: Any, layer: str, pool: ImagePool, *, size: Optional[
             if a.dim() < 2:
                 raise ValueError(f"layer '{layer}' gives outputs of shape {tuple(a.shape)}; a probe needs "
                                  f"features (B, C, ...) or tokens (B, N, C)")
+            if one is not None:
+                if cd != -1 or a.dim() != 3:
+                    raise ValueError(f"--tokens {tokens}: layer '{layer}' gives {tuple(a.shape)}, not tokens (B, N, C); "
+                                     "one token is for token layers (the mean is for every layer)")
+                if one >= a.shape[1]:
+                    raise ValueError(f"--tokens {tokens}: layer '{layer}' has {a.shape[1]} tokens (0-{a.shape[1] - 1})")
+                out.append(a[:, one].to(torch.float64).cpu())
+                continue
             a = a.movedim(cd, -1)
             out.append(a.reshape(a.shape[0], -1, a.shape[-1]).to(torch.float64).mean(1).cpu())
     if not out:
@@ -207,7 +234,7 @@ def _accuracy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: float) -> fl
 
 def train_concept(loaded: Any, layer: str, positive: FolderLike, negative: FolderLike, *, holdout: float = 0.25,
                   seed: int = 0, size: Optional[int] = None, workers: Optional[int] = None,
-                  l2: float = 1e-2) -> ConceptProbe:
+                  l2: float = 1e-2, tokens: Union[str, int] = "mean") -> ConceptProbe:
     """Train a linear probe for the concept that ``positive``'s images show and ``negative``'s do not.
 
     Parameters
@@ -228,6 +255,10 @@ def train_concept(loaded: Any, layer: str, positive: FolderLike, negative: Folde
         Decoding processes (default: the pool's rule; none for small folders).
     l2 : float
         Strength of the L2 penalty on the standardized weights (default 0.01).
+    tokens : "mean", "cls" or int
+        On a token layer ``(B, N, C)``: the mean over every token (default), the CLS token (0) or one token's
+        index. A one-token probe's file records the token (``token``): its direction target is read there
+        (``direction:LAYER:FILE@T,0``).
 
     Returns
     -------
@@ -242,6 +273,7 @@ def train_concept(loaded: Any, layer: str, positive: FolderLike, negative: Folde
     if not l2 >= 0:
         raise ValueError(f"l2 must be >= 0, got {l2!r}")
     holdout = float(holdout)
+    tokens = check_tokens(tokens)
     resolve_layer(loaded.model, layer)
     pos_pool, pos_src = _pool(positive, "positive images")
     neg_pool, neg_src = _pool(negative, "negative images")
@@ -258,7 +290,7 @@ def train_concept(loaded: Any, layer: str, positive: FolderLike, negative: Folde
                              f"{MIN_TRAIN} to train)")
     feats = []
     for pool in (pos_pool, neg_pool):
-        f = pooled_features(loaded, layer, pool, size=size, workers=workers)
+        f = pooled_features(loaded, layer, pool, size=size, workers=workers, tokens=tokens)
         if f.shape[0] < need:
             raise ValueError(f"{pool.what}: {f.shape[0]} readable image(s) of {len(pool)} under {pool.source}; a "
                              f"probe needs at least {need} per side (at --holdout {holdout:g}: {MIN_HELD_OUT} held "
@@ -284,4 +316,4 @@ def train_concept(loaded: Any, layer: str, positive: FolderLike, negative: Folde
         n_train=int(x_tr.shape[0]), n_test=int(x_te.shape[0]), train_accuracy=_accuracy(x_tr, y_tr, w64, bias),
         layer=layer, model=str(getattr(loaded, "name", "")), fingerprint=str(getattr(loaded, "fingerprint", "")),
         positive=pos_src, negative=neg_src, n_positive=int(fp.shape[0]), n_negative=int(fn.shape[0]),
-        holdout=holdout, seed=int(seed), size=int(size or loaded.input_size), l2=float(l2))
+        holdout=holdout, seed=int(seed), size=int(size or loaded.input_size), l2=float(l2), tokens=tokens)

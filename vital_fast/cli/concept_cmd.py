@@ -38,6 +38,9 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
     data.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
                       "(e.g. torchvision:resnet50)")
     schedule.add_argument("--size", type=int, default=None, help="image side fed to the model (default: the model's)")
+    method.add_argument("--tokens", default="mean", metavar="mean|cls|T",
+                        help="on a token layer (B, N, C): probe the mean of every token, the CLS token or token T; a "
+                        "one-token probe's direction is visualized at that token (default: mean)")
     method.add_argument("--holdout", type=float, default=0.25,
                         help="fraction of each side held out to measure the accuracy (default: 0.25)")
     schedule.add_argument("--seed", type=int, default=0, help="seeds the train/held-out split (default: 0)")
@@ -79,10 +82,16 @@ def cmd_concept(args) -> int:
         raise UsageError(f"--size must be at least 16 pixels, got {args.size}")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    from vital_fast.concepts import check_tokens
+
+    try:
+        tokens = check_tokens(args.tokens)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     check_out(args.out, force=args.force)  # before any work; nothing written on failure
     loaded = _load_model(args)
     probe = train_concept(loaded, args.layer, args.positive, args.negative, holdout=args.holdout, seed=args.seed,
-                          size=args.size, workers=args.workers)
+                          size=args.size, workers=args.workers, tokens=tokens)
     path = probe.save(args.out, force=args.force)
     print(f"wrote {path}: held-out accuracy {probe.accuracy:.3f} on {probe.n_test} images (train "
           f"{probe.train_accuracy:.3f} on {probe.n_train}; {probe.n_positive} positive, {probe.n_negative} negative, "

@@ -206,9 +206,15 @@ def cmd_visualize(args) -> int:
     from vital_fast.optim import parse_target
 
     from vital_fast.models.text import is_text_spec, text_prompts
+    from vital_fast.optim.targets import head_spec
 
-    try:  # text targets need the model's text tower: checked here, read once the model is loaded
-        targets = [text_prompts(t) and t if is_text_spec(t) else parse_target(t) for t in args.target]
+    def check(t):  # text and head targets are read with the model: their form checked here, before loading it
+        if is_text_spec(t):
+            return text_prompts(t) and t
+        return head_spec(t) and t if t.strip().startswith("head:") else parse_target(t)
+
+    try:
+        targets = [check(t) for t in args.target]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     from vital_fast.cli.pyref import images_arg, is_pyref, load_model_pyref
@@ -223,9 +229,9 @@ def cmd_visualize(args) -> int:
     else:
         loaded = load_from_args(args)
     from vital_fast.models.facts import check_targets
-    from vital_fast.optim.targets import resolve_text_targets
+    from vital_fast.optim.targets import resolve_model_targets
 
-    targets = resolve_text_targets(loaded, targets)
+    targets = resolve_model_targets(loaded, targets)
     check_targets(loaded, targets)
     args.class_layers = parse_layers(loaded, args.layers)
     if args.class_layers is None and method_label(args).startswith("vital"):

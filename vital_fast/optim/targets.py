@@ -8,20 +8,23 @@ starts from ``A * vector`` (and the location's mask)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from vital_fast.models.heads import head_layer
 from vital_fast.models.identity import OUTPUT_LAYER
 from vital_fast.models.text import is_text_spec, text_embedding, text_key
 from vital_fast.optim.directions import Direction, load_directions
 
 KINDS = ("class", "channel", "direction", "neuron")
 UNIT_KINDS = ("channel", "direction", "neuron")
-FORMS = ("'class:285', 'channel:LAYER:17', 'direction:LAYER:FILE[:ROW]', 'neuron:LAYER:C:Y:X', "
-         "'text:PROMPT' (CLIP-like models)")
+FORMS = ("'class:285', 'channel:LAYER:17', 'direction:LAYER:FILE[:ROW][@Y,X]', 'neuron:LAYER:C:Y:X', "
+         "'head:BLOCK:H[:T]' (attention heads), 'text:PROMPT' (CLIP-like models)")
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,12 @@ class Target:
             raise ValueError("a class target takes no layer")
         if (self.kind == "direction") != (self.direction is not None):
             raise ValueError("a direction target needs its direction, and only it takes one")
-        if self.kind == "neuron":
+        if self.kind == "neuron" or (self.kind == "direction" and self.loc is not None):
             if (not isinstance(self.loc, tuple) or len(self.loc) != 2
                     or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.loc)):
-                raise ValueError(f"a neuron target needs its location (Y, X), two non-negative ints, got {self.loc!r}")
+                raise ValueError(f"a {self.kind} target's location (Y, X) is two non-negative ints, got {self.loc!r}")
         elif self.loc is not None:
-            raise ValueError("only a neuron target takes a location")
+            raise ValueError("only neuron and direction targets take a location")
 
     @property
     def is_unit(self) -> bool:
@@ -72,9 +75,11 @@ class Target:
         if self.kind == "channel":
             return f"channel:{self.layer}:{self.index}"
         if self.kind == "direction":
-            if self.direction.source.startswith("text:"):  # a text direction (vital_fast.models.text)
-                return self.direction.source
-            return f"direction:{self.layer}:{self.direction.source}:{self.index}"
+            src = self.direction.source
+            if src.startswith(("text:", "head:")):  # read with the model: text:PROMPTS, head:LAYER:H[:T]
+                return src + (f":{self.loc[0]}" if self.loc is not None and src.startswith("head:") else "")
+            return f"direction:{self.layer}:{src}:{self.index}" + (
+                f"@{self.loc[0]},{self.loc[1]}" if self.loc is not None else "")
         return f"neuron:{self.layer}:{self.index}:{self.loc[0]}:{self.loc[1]}"
 
     def unit_vector(self, channels: int) -> torch.Tensor:
@@ -100,8 +105,6 @@ class Target:
         targets as they are. (The key changes with the location: keep the original's key.)"""
         if self.loc is None or size == native:
             return self
-        import dataclasses
-
         return dataclasses.replace(self, loc=tuple(int((v + 0.5) * size / native) for v in self.loc))
 
     @property
@@ -135,6 +138,9 @@ class Target:
         if self.kind == "direction":
             if self.direction.source.startswith("text:"):
                 return "text " + " | ".join(f'"{p}"' for p in self.direction.source[5:].split("|"))
+            if self.direction.source.startswith("head:"):
+                _, block, h = self.direction.source.split(":")
+                return f"{block} head {h}" + (f" at token {self.loc[0]}" if self.loc is not None else "")
             name = self.direction.source.replace("\\", "/").rsplit("/", 1)[-1]
             return f"{self.layer} direction {name}:{self.index}"
         if self.kind == "neuron":
@@ -162,6 +168,8 @@ class Target:
             v = self.direction.vector
             nz = torch.nonzero(v).flatten()
             if nz.numel() == 1 and float(v[nz[0]]) == 1.0:
+                if self.loc is not None:
+                    return Target("neuron", int(nz[0]), self.layer, loc=self.loc)
                 return Target("channel", int(nz[0]), self.layer)
         return self
 
@@ -218,18 +226,24 @@ def parse_target(spec: Union[str, Target]) -> Target:
         raise ValueError(f"bad target {spec!r}: {exc}; valid forms: {FORMS}") from None
     if parts[0] == "direction" and len(parts) >= 3 and parts[1] and parts[2]:
         rest = spec.strip().split(":", 2)[2]
+        m = re.fullmatch(r"(.*)@(\d+),(\d+)", rest)
+        if m:  # a direction read at one location (a token: Y = its index, X = 0)
+            t = parse_target(f"direction:{parts[1]}:{m.group(1)}")
+            return dataclasses.replace(t, loc=(int(m.group(2)), int(m.group(3))))
         path, sep, row = rest.rpartition(":")
         if sep and row.strip().lstrip("-").isdigit():
-            dirs = load_directions(path)
-            return Target("direction", int(row), parts[1], direction=dirs.row(int(row)))
-        dirs = load_directions(rest)
-        if len(dirs) != 1:
-            raise ValueError(f"{rest} holds {len(dirs)} directions: name one, direction:{parts[1]}:{rest}:ROW "
-                             f"(0-{len(dirs) - 1})")
-        return Target("direction", 0, parts[1], direction=dirs.row(0))
-    if parts[0] == "text":
-        raise ValueError(f"target {spec!r}: a text target is read with the model's text tower: pass it to visualize() "
-                         "or the command line with the model (vital_fast.models.text.text_target(model, spec))")
+            dirs, i = load_directions(path), int(row)
+        else:
+            dirs, i = load_directions(rest), 0
+            if len(dirs) != 1:
+                raise ValueError(f"{rest} holds {len(dirs)} directions: name one, direction:{parts[1]}:{rest}:ROW "
+                                 f"(0-{len(dirs) - 1})")
+        token = dirs.meta.get("token")  # a probe of one token (vital_fast.concepts): read there
+        loc = (int(token), 0) if isinstance(token, int) and not isinstance(token, bool) and token >= 0 else None
+        return Target("direction", i, parts[1], direction=dirs.row(i), loc=loc)
+    if parts[0] in ("text", "head"):
+        raise ValueError(f"target {spec!r}: a {parts[0]} target is read with the model: pass it to visualize() or the "
+                         f"command line with the model (vital_fast.optim.targets.resolve_model_targets)")
     raise ValueError(f"bad target {spec!r}; valid forms: {FORMS}")
 
 
@@ -240,6 +254,46 @@ def text_target(loaded, spec: str) -> Target:
     return Target("direction", 0, OUTPUT_LAYER, direction=Direction.of(vector, 0.0, source=text_key(spec)))
 
 
-def resolve_text_targets(loaded, targets: Sequence[Union[str, Target]]) -> List[Union[str, Target]]:
-    """``targets`` with every ``text:`` spec replaced by its :func:`text_target`; the others as given."""
-    return [text_target(loaded, t) if is_text_spec(t) else t for t in targets]
+HEAD_FORM = "head:BLOCK:H[:T] (head H of the attention of transformer block BLOCK; T: one token)"
+
+
+def head_spec(spec: str) -> Tuple[str, int, Optional[int]]:
+    """``(block, head, token or None)`` of ``head:BLOCK:H[:T]``; ValueError naming the form."""
+    parts = spec.strip().split(":")
+    try:
+        if parts[0] == "head" and len(parts) in (3, 4) and parts[1]:
+            h, tok = int(parts[2]), (int(parts[3]) if len(parts) == 4 else None)
+            if h >= 0 and (tok is None or tok >= 0):
+                return parts[1], h, tok
+    except ValueError:
+        pass
+    raise ValueError(f"bad target {spec!r}: expected {HEAD_FORM}")
+
+
+def head_target(loaded, spec: str) -> Target:
+    """The target of ``head:BLOCK:H[:T]``: the mean output of attention head ``H`` of transformer block ``BLOCK``
+    before the output projection (:func:`vital_fast.models.heads.head_layer`), over every token or at token ``T``;
+    a direction on the block's ``heads`` layer, uniform over the head's channels."""
+    block, h, tok = head_spec(spec)
+    layer, heads, d = head_layer(loaded, block)
+    if h >= heads:
+        raise ValueError(f"target {spec!r}: the attention of {block!r} has {heads} heads (0-{heads - 1})")
+    v = torch.zeros(heads * d)
+    v[h * d:(h + 1) * d] = 1.0 / d
+    return Target("direction", h, layer, direction=Direction.of(v, 0.0, source=f"head:{block}:{h}"),
+                  loc=None if tok is None else (tok, 0))
+
+
+def resolve_model_targets(loaded, targets: Sequence[Union[str, Target]]) -> List[Union[str, Target]]:
+    """``targets`` with every spec read with the model (``text:``, :func:`text_target`; ``head:``,
+    :func:`head_target`) replaced by its target; the others as given."""
+    out: List[Union[str, Target]] = []
+    for t in targets:
+        if is_text_spec(t):
+            out.append(text_target(loaded, t))
+        elif isinstance(t, str) and t.strip().startswith("head:"):
+            out.append(head_target(loaded, t))
+        else:
+            out.append(t)
+    return out
+

@@ -20,7 +20,7 @@ from vital_fast.optim.parametrizations import Parametrization, Pixel, get_parame
 from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.progress import ProgressArg, resolve_progress
 from vital_fast.optim.result import ProgressFn, VisualizationResult
-from vital_fast.optim.targets import Target, parse_target, resolve_text_targets
+from vital_fast.optim.targets import Target, parse_target, resolve_model_targets
 from vital_fast.optim.transforms import RollViews
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet, load_images
@@ -146,7 +146,7 @@ def _visualize(model, targets, references, preset, settings, seed, size, device,
         settings = settings.with_steps(steps)
     if isinstance(targets, (str, Target)):
         targets = [targets]
-    targets = [parse_target(t) for t in resolve_text_targets(loaded, targets)]
+    targets = [parse_target(t) for t in resolve_model_targets(loaded, targets)]
     if isinstance(references, Mapping) and any(is_text_spec(k) for k in references):
         references = {text_key(k) if is_text_spec(k) else k: v for k, v in references.items()}
     if not targets:
