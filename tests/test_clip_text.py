@@ -185,3 +185,15 @@ def test_heads_of_nn_multiheadattention_are_refused(pool):
     tv = load_model("torchvision:vit_b_16", weights="random")
     with pytest.raises(ValueError, match="nn.MultiheadAttention"):
         vf.visualize(tv, ["head:encoder.layers.encoder_layer_3:1"], pool=pool, settings=_settings())
+
+
+def test_random_openclip_is_seeded_and_its_text_tower_built_on_demand(clip):
+    """Random weights are seeded (two loads: one model), so the text tower built again for a text target belongs
+    to the same model; nothing of it is held by the image tower between targets."""
+    again = load_model(f"openclip:{ARCH}", weights="random")
+    assert again.fingerprint == clip.fingerprint
+    a = text_target(clip, "text:a red car").direction.vector
+    b = text_target(again, "text:a red car").direction.vector
+    assert torch.equal(a, b)
+    held = [v for v in vars(again.model).values() if isinstance(v, torch.nn.Module)]
+    assert not any(hasattr(v, "encode_text") for v in held)

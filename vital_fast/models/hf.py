@@ -267,8 +267,9 @@ _TEXT_TOWERS = {"clip": "CLIPTextModelWithProjection", "siglip": "SiglipTextMode
 
 
 def _text_encoder(name: str, config, weights: str):
-    """``encode(prompts) -> (N, D)`` of a joint checkpoint's text tower and tokenizer, loaded at the first call
-    (from the same cache or folder; random weights built from the config, seeded, for ``weights="random"``)."""
+    """``encode(prompts) -> (N, D)`` of a joint checkpoint's text tower and tokenizer, loaded for each call and
+    dropped after it (from the same cache or folder; random weights built from the config, seeded, for
+    ``weights="random"``); :mod:`vital_fast.models.text` caches the directions per prompt."""
     mt = str(config.model_type)
     state: Dict[str, Any] = {}
 
@@ -294,13 +295,15 @@ def _text_encoder(name: str, config, weights: str):
         state.update(model=text.eval(), tok=tok)
 
     def encode(prompts):
-        if not state:
-            load()
-        batch = state["tok"](list(prompts), padding="max_length" if mt.startswith("siglip") else True,
-                             truncation=True, return_tensors="pt")
-        out = state["model"](**batch)
-        emb = getattr(out, "text_embeds", None)
-        return emb if isinstance(emb, torch.Tensor) else out.pooler_output
+        load()
+        try:
+            batch = state["tok"](list(prompts), padding="max_length" if mt.startswith("siglip") else True,
+                                 truncation=True, return_tensors="pt")
+            out = state["model"](**batch)
+            emb = getattr(out, "text_embeds", None)
+            return emb if isinstance(emb, torch.Tensor) else out.pooler_output
+        finally:
+            state.clear()  # the text tower runs once for these prompts and is dropped
 
     return encode
 

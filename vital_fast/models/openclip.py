@@ -7,9 +7,10 @@ URL checkpoints), never downloaded; ``weights="random"`` (``--random-weights``) 
 (no tag needed). The preprocessing (size, mean, std, interpolation) is the tower's own ``preprocess_cfg``.
 
 The loaded network is the visual tower (``model.visual``): its output is the image embedding, so its units
-are ``channel:``, ``neuron:`` and ``direction:`` targets, and ``text:`` targets (:mod:`vital_fast.models.text`)
-are directions in that embedding space given by the text tower, which is kept beside the visual tower (not a
-submodule of it: not in its layers, weights or fingerprint).
+are ``channel:``, ``neuron:``, ``head:`` and ``direction:`` targets, and ``text:`` targets
+(:mod:`vital_fast.models.text`) are directions in that embedding space given by the text tower, which is not kept
+with the image tower: it is built from the same weights when a text target needs it (random weights are seeded),
+runs once for the prompts and is dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import difflib
 import logging
 import os
 from typing import Optional
+
+import torch
 
 from vital_fast._errors import MissingPackageError
 from vital_fast.models.identity import guess_family, mark_embedding_model
@@ -50,6 +53,16 @@ def _quiet():
         yield
     finally:
         root.setLevel(level)
+
+
+def _build(open_clip, arch: str, path: Optional[str]):
+    """The whole CLIP model in eval mode: pretrained from ``path``, or random weights seeded (the same every time,
+    so that the text tower built again for a text target belongs to the same random model)."""
+    if path is not None:
+        return open_clip.create_model(arch, pretrained=path).eval()
+    with _quiet(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        return open_clip.create_model(arch, pretrained=None).eval()
 
 
 def _weights_file(open_clip, arch: str, tag: str) -> Optional[str]:
@@ -88,9 +101,9 @@ def load_openclip(spec: str, weights: str) -> dict:
     if tag and tag not in tags:
         raise ValueError(f"load_model: OpenCLIP model {arch} has no pretrained tag {tag!r}; its tags: "
                          f"{shown}")
+    path = None
     if weights == "random":
-        with _quiet():
-            model = open_clip.create_model(arch, pretrained=None)
+        model = _build(open_clip, arch, None)
     else:
         if not tag:
             raise ValueError(f"load_model: openclip:{arch} needs a pretrained tag for its weights "
@@ -102,12 +115,17 @@ def load_openclip(spec: str, weights: str) -> dict:
                 f"downloads. On a machine with network run `python -c \"import open_clip; "
                 f"open_clip.create_model('{arch}', pretrained='{tag}')\"` and copy its cache (~/.cache/huggingface/hub "
                 "or ~/.cache/clip) here, or pass --random-weights")
-        model = open_clip.create_model(arch, pretrained=path)
-    model.eval()
+        model = _build(open_clip, arch, path)
     visual = model.visual
-    model.visual = None  # the text side alone stays beside the tower (it is no submodule of it)
+    del model  # the text tower is built again when a text target needs it, and dropped after
     tokenizer = open_clip.get_tokenizer(arch)
-    set_text_tower(visual, lambda prompts: model.encode_text(tokenizer(list(prompts))))
+
+    def encode(prompts):
+        clip = _build(open_clip, arch, path)
+        clip.visual = None
+        return clip.encode_text(tokenizer(list(prompts)))
+
+    set_text_tower(visual, encode)
     mark_embedding_model(visual)
     pp = getattr(visual, "preprocess_cfg", None) or {}
     size = pp.get("size") or getattr(visual, "image_size", 224)
