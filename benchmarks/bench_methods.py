@@ -66,6 +66,7 @@ COLUMNS = [
     ("judge_top1", "judge top-1", "%"), ("judge_top5", "judge top-5", "%"),
     ("judge_top1_rec", "judge top-1, refs recognized", "%"), ("fid", "FID (judge) ↓", ".1f"), ("w2", "W2 ↓", ".3g"),
     ("afc", "2-AFC (judge)", "%"), ("afc_ci", "2-AFC 95 % CI", "ci"),  # shown only for runs with unit targets
+    ("specificity", "specificity", "%"), ("spec_ratio", "own / strongest other", ".2f"), ("copy", "copy ↓", ".2f"),
 ]
 
 

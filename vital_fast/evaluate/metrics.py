@@ -47,6 +47,8 @@ computed here, offline, for any run folder (:func:`evaluate_run`):
     For unit targets (every kind but class): the judge's two-alternative forced choice accuracy,
     which of two targets' reference prototypes a visualization is closer to, with a 95 % Wilson
     interval (:mod:`vital_fast.evaluate.afc`); needs at least two unit targets. Chance is 0.5.
+``specificity`` / ``spec_ratio``, ``copy``
+    Whether an image is specific to its unit, and whether it copies one reference: :mod:`.specificity`.
 ``diversity``
     Across runs of the same method and model with different seeds (:func:`compare_runs`): for
     each class target present in several of them, the mean pairwise cosine distance between the
@@ -86,6 +88,7 @@ from vital_fast.evaluate.features import (
     sort_match_distance,
     vis_inputs,
 )
+from vital_fast.evaluate.specificity import copy_metrics, specificity_metrics
 from vital_fast.references.images import load_image
 from vital_fast.report.metrics_io import COLUMNS, NA, markdown_table, write_compare_tables, write_run_metrics
 from vital_fast.results import read_manifest
@@ -477,6 +480,9 @@ def _evaluate(run_dir: str, *, model=None, judge: Any = "auto", arch: Optional[s
 
     if lm is not None:
         guarded("W2 / activation metrics", model_feature_metrics)
+        guarded("specificity", lambda: specificity_metrics(lm, rd, summary, per, msgs))
+    if jm is not None:
+        guarded("copy", lambda: copy_metrics(jm, rd, summary, per, msgs))
 
     for t in rd.targets:
         p = per[t["key"]]

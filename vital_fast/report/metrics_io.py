@@ -31,10 +31,11 @@ COLUMNS: List[Tuple[str, str, str]] = [
     ("judge_top1_rec", "judge top-1, refs recognized", "%"),
     ("fid", "FID (judge) ↓", ".1f"), ("w2", "W2 ↓", ".4g"), ("act_ratio", "act. ratio", ".2f"),
     ("afc", "2-AFC (judge)", "%"), ("afc_ci", "2-AFC 95 % CI", "ci"), ("afc_trials", "2-AFC trials", "d"),
+    ("specificity", "specificity", "%"), ("spec_ratio", "own / strongest other", ".2f"), ("copy", "copy ↓", ".2f"),
     ("diversity", "diversity", ".3f"),
 ]
-# Columns shown only when some row has a value (runs without unit targets have no 2-AFC).
-OPTIONAL = frozenset({"afc", "afc_ci", "afc_trials"})
+# Columns shown only when some row has a value (runs without unit targets have no 2-AFC or specificity).
+OPTIONAL = frozenset({"afc", "afc_ci", "afc_trials", "specificity", "spec_ratio", "copy"})
 
 
 def _fmt(v: Any, spec: str) -> str:
