@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vital_fast
-from vital_fast import reference as R
+from vital_fast import oracle as R
 from vital_fast.bench import RESNET50_SHAPES, fused_bytes, make_sync
 from benchmarks.conftest import DEVICES, record
 

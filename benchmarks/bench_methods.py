@@ -49,7 +49,7 @@ import torch
 
 from vital_fast.cli.demo import DEMO_CLASSES
 from vital_fast.cli.jobs import gather_references, labels_for
-from vital_fast.evaluate.baselines import METHODS
+from vital_fast.evaluate.baselines import BASELINES
 from vital_fast.evaluate.metrics import compare_runs, markdown_table
 from vital_fast.models import load_model
 from vital_fast.optim import Target, get_preset, visualize
@@ -117,8 +117,8 @@ def per_seed_table(runs: Dict[str, List[str]], methods: List[str], seeds: List[i
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD[+PARAM]",
-                   help=f"methods to compare (default: {' '.join(METHODS)}); METHOD+PARAM runs a method on another "
+    p.add_argument("--methods", nargs="+", default=["vital", *BASELINES], metavar="METHOD[+PARAM]",
+                   help=f"methods to compare (default: vital {' '.join(BASELINES)}); METHOD+PARAM runs a method on another "
                         f"parametrization ({', '.join(PARAMETRIZATIONS)}), e.g. vital+fourier")
     p.add_argument("--preset", default="fast")
     p.add_argument("--out", default=os.path.join("runs", "bench-methods"))

@@ -59,7 +59,7 @@ import torch
 from vital_fast.models import FeatureTaps, default_layers, load_model
 from vital_fast.optim import Settings, visualize
 from vital_fast.models.facts import plan_layers_before
-from vital_fast.reference import paper_style_sort_match_loss
+from vital_fast.oracle import paper_style_sort_match_loss
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet, tensor_hash
 from vital_fast.references.relevance import relevance_maps

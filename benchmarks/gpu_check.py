@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 import vital_fast  # noqa: E402
 from vital_fast import _backend, _ext  # noqa: E402
-from vital_fast import reference as R  # noqa: E402
+from vital_fast import oracle as R  # noqa: E402
 from vital_fast.bench import (PAPER_K, RESNET50_SHAPES, fused_bytes, interleaved_times,  # noqa: E402
                              make_inputs, make_sync)
 from vital_fast.bench import copy_bandwidth_gbs as bench_copy_bandwidth_gbs  # noqa: E402

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import vital_fast
-from vital_fast import reference as R
+from vital_fast import oracle as R
 
 
 class TinyNet(nn.Module):

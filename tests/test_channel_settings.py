@@ -74,7 +74,7 @@ def test_relevance_off_never_runs_lrp(lm, refs, tmp_path, monkeypatch):
 
 
 def test_relevance_off_matches_plain_prototypes(lm, refs, tmp_path):
-    from vital_fast.reference import sorted_prototype_reference as sorted_prototype
+    from vital_fast.oracle import sorted_prototype_reference as sorted_prototype
     from vital_fast.references.images import load_images
     from vital_fast.references.prototypes import _features, channel_references, prepare_inputs
 

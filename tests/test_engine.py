@@ -283,7 +283,7 @@ def test_channel_references_are_mined_from_a_pool(lm, tmp_path):
     """``pool=`` mines a channel target's references (what the CLI does); a bare folder is refused."""
     from vital_fast.references.images import load_images
     from vital_fast.references.mining import channel_reference_images, mine_topk
-    from vital_fast.report.images import save_png, to_uint8
+    from vital_fast.report.pngs import save_png, to_uint8
 
     g = torch.Generator().manual_seed(5)
     folder = tmp_path / "pool"

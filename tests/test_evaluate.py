@@ -28,7 +28,7 @@ from vital_fast.evaluate.metrics import (
 from vital_fast.models import load_model
 from vital_fast.optim import Settings, visualize
 from vital_fast.references.images import load_images
-from vital_fast.report.images import save_png, to_uint8
+from vital_fast.report.pngs import save_png, to_uint8
 from vital_fast.results import read_manifest, save_result
 
 

@@ -431,7 +431,7 @@ def test_default_layers_generic():
 @pytest.mark.parametrize(
     "module",
     ["vital_fast.models.taps", "vital_fast.models.loading", "vital_fast.models.identity",
-     "vital_fast.models.presets"],
+     "vital_fast.models.matched_layers"],
 )
 def test_docstring_examples(module):
     mod = importlib.import_module(module)

@@ -207,14 +207,14 @@ def test_engine_compile_compiles_the_loss_too_without_a_graph_break(monkeypatch)
     and the images are the eager ones up to rounding."""
     from torch._dynamo.utils import counters
 
-    import vital_fast.optim.sortmatch as sortmatch
+    import vital_fast.optim.matching as matching
     from _util import tiny_loaded, tiny_refs
     from vital_fast.optim import Settings, visualize
     from vital_fast.references.cache import DiskCache
 
     calls = []
-    real = sortmatch.compiled_matching_loss
-    monkeypatch.setattr(sortmatch, "compiled_matching_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = matching.compiled_matching_loss
+    monkeypatch.setattr(matching, "compiled_matching_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     lm, refs = tiny_loaded(), tiny_refs()
     targets = ["class:1", "class:3"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vital_fast
-from vital_fast import reference as R
+from vital_fast import oracle as R
 
 
 def test_w2_matches_numpy_quantile_matching():

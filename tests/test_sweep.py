@@ -188,7 +188,7 @@ def test_target_independent_of_batch_slot_and_neighbours(tmp_path, images, cache
             with torch.backends.mkldnn.flags(enabled=False):
                 v = visualize(m, [key], {key: refs[key]}, settings=s, seed=3, class_layers=LAYERS, cache=cache)
             assert float(v.losses[0, -1]) == a["final_loss"]
-            from vital_fast.report.images import to_uint8
+            from vital_fast.report.pngs import to_uint8
 
             from PIL import Image
 
@@ -325,7 +325,7 @@ def test_folder_of_another_sweep_or_in_use_is_untouched(tmp_path, images, cache_
 def test_class_relevance_in_a_sweep_equals_visualize(tmp_path, images, cache_dir):
     """With ``class_relevance`` a swept class target is relevance-weighted from its logit, exactly as
     ``visualize`` does it (bit for bit with oneDNN off)."""
-    from vital_fast.report.images import to_uint8
+    from vital_fast.report.pngs import to_uint8
 
     from PIL import Image
 

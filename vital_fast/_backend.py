@@ -2,7 +2,7 @@
 
 Three backends sit behind every op:
 
-* ``"reference"``: the pure-torch code in :mod:`vital_fast.reference` (any device);
+* ``"reference"``: the pure-torch code in :mod:`vital_fast.oracle` (any device);
 * ``"cpp"``: the C++ kernels in ``csrc/`` (CPU tensors), registered as ``torch.ops.vital_fast.*``;
 * ``"triton"``: the Triton kernels in :mod:`vital_fast.kernels.triton` (CUDA tensors, or CPU
   tensors when ``TRITON_INTERPRET=1`` is set in the environment).

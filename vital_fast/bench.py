@@ -15,7 +15,7 @@ import sys
 import torch
 
 import vital_fast
-from vital_fast import reference as R
+from vital_fast import oracle as R
 
 # ResNet-50 matched-layer shapes at 224 px: (C, H, W).
 RESNET50_SHAPES = [(64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]

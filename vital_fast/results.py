@@ -1,7 +1,7 @@
 """Saving visualization results: images, transparency, references, a grid and a manifest.
 
 The images themselves (PNG encoding, the alpha map, the reference strip, the grid) are made by
-:mod:`vital_fast.report.images`; this module owns the run folder's layout and its manifest.
+:mod:`vital_fast.report.pngs`; this module owns the run folder's layout and its manifest.
 
 A run folder looks like::
 
@@ -34,7 +34,7 @@ import torch
 
 from vital_fast._version import __version__
 from vital_fast.files import atomic_write_bytes
-from vital_fast.report.images import alpha_map, fit_within, reference_strip, save_png, to_uint8, write_grid
+from vital_fast.report.pngs import alpha_map, fit_within, reference_strip, save_png, to_uint8, write_grid
 from vital_fast.runfolder import (
     MANIFEST,
     check_identity_version,

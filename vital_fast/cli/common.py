@@ -311,7 +311,7 @@ def check_preset(loaded) -> None:
 
 def run_targets(args, loaded, targets, refs, settings, identity, extra=None) -> int:
     from vital_fast.cli.jobs import run_into_folder
-    from vital_fast.cli.progress import Progress
+    from vital_fast.cli.progress_bar import Progress
     from vital_fast.report.gallery import build_gallery
 
     bar = Progress(max(1, len(range(0, len(targets), args.batch)) * settings.steps), label="optimizing")

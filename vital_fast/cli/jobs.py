@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
-from vital_fast.cli.progress import Progress
+from vital_fast.cli.progress_bar import Progress
 from vital_fast.optim import Settings, Target, visualize
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import (

@@ -97,7 +97,7 @@ def _load_model(args):
 
 
 def cmd_sweep(args) -> int:
-    from vital_fast.cli.progress import Progress
+    from vital_fast.cli.progress_bar import Progress
 
     if args.layer is None and args.classes is None:
         raise UsageError("sweep: give --layer (its channels are swept) and/or --classes")

@@ -9,6 +9,6 @@
   ``compare_runs`` write ``metrics.json`` and tables into run folders.
 """
 
-from vital_fast.evaluate.baselines import BASELINES, METHODS, BaselineSettings, baseline_options, run_baseline
+from vital_fast.evaluate.baselines import BASELINES, BaselineSettings, baseline_options, run_baseline
 
-__all__ = ["BASELINES", "METHODS", "BaselineSettings", "baseline_options", "run_baseline"]
+__all__ = ["BASELINES", "BaselineSettings", "baseline_options", "run_baseline"]

@@ -72,10 +72,10 @@ from vital_fast.optim.progress import ProgressArg
 from vital_fast.optim.targets import Target
 from vital_fast.optim.visualize import visualize
 
-__all__ = ["BASELINES", "METHODS", "BaselineSettings", "baseline_options", "run_baseline"]
+__all__ = ["BASELINES", "BaselineSettings", "baseline_options", "run_baseline"]
 
+# The baselines among the registered methods (vital_fast.optim.methods.METHODS, the one registry).
 BASELINES = ("actmax", "fourier", "maco", "bnstats")
-METHODS = ("vital",) + BASELINES
 
 
 def baseline_options(method: str, **overrides: Any) -> Dict[str, Any]:
@@ -93,7 +93,7 @@ def baseline_options(method: str, **overrides: Any) -> Dict[str, Any]:
     0.05
     """
     if method not in BASELINES:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        raise ValueError(f"unknown baseline {method!r}; valid: {', '.join(BASELINES)}")
     return method_options(method, **overrides)
 
 
@@ -158,7 +158,7 @@ def run_baseline(
     (torch.Size([1, 3, 16, 16]), torch.Size([1, 2]))
     """
     if method not in BASELINES:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        raise ValueError(f"unknown baseline {method!r}; valid: {', '.join(BASELINES)}")
     return visualize(model, targets, references, method=method, preset=preset, settings=settings, seed=seed,
                      size=size, device=device, class_layers=class_layers, cache=cache, progress=progress,
                      options=options, param=param)

@@ -17,7 +17,7 @@ from vital_fast.models.loading import (
     load_model,
     weights_fingerprint,
 )
-from vital_fast.models.presets import (
+from vital_fast.models.matched_layers import (
     class_logit_layer,
     default_channel_layers,
     default_layers,

@@ -8,7 +8,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from vital_fast import _validate
-from vital_fast.reference import as_rows, math_dtype, resample_quantiles
+from vital_fast.oracle import as_rows, math_dtype, resample_quantiles
 
 REDUCTIONS = ("mean", "none", "sum")
 

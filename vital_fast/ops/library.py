@@ -48,7 +48,7 @@ def bwd_fake(grad_loss: Tensor, saved: Tensor, dtype: torch.dtype) -> Tensor:
 
 @torch.library.custom_op(f"{LIB}::sorted_prototype", mutates_args=())
 def sorted_prototype_op(features: Tensor, q: Optional[int], relevance: Optional[Tensor], channel_dim: int) -> Tensor:
-    from vital_fast.reference import sorted_prototype_reference
+    from vital_fast.oracle import sorted_prototype_reference
 
     with torch.no_grad():
         return sorted_prototype_reference(features.detach(), q, relevance=relevance, channel_dim=channel_dim)

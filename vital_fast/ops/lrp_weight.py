@@ -8,7 +8,7 @@ import torch
 from vital_fast import _backend
 from vital_fast.ops._common import FixedReferenceLoss, RowLossFunction, launchers, prepare
 from vital_fast.ops.library import row_losses
-from vital_fast.reference import normalize_relevance, reduce_row_losses, sort_match_rows_reference
+from vital_fast.oracle import normalize_relevance, reduce_row_losses, sort_match_rows_reference
 
 OP = "lrp_weight"
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from vital_fast import _validate
-from vital_fast.reference import channel_importance_reference
+from vital_fast.oracle import channel_importance_reference
 
 
 def sorted_prototype(

@@ -1,6 +1,6 @@
 """The optimizer: one engine (:mod:`~vital_fast.optim.engine`) running methods
 (:mod:`~vital_fast.optim.methods`) made of a parametrization (:mod:`~vital_fast.optim.parametrizations`),
-composable objectives (:mod:`~vital_fast.optim.objectives`, :mod:`~vital_fast.optim.sortmatch`) and
+composable objectives (:mod:`~vital_fast.optim.objectives`, :mod:`~vital_fast.optim.matching`) and
 random views (:mod:`~vital_fast.optim.transforms`); targets, presets and :func:`visualize`."""
 
 from vital_fast.optim.engine import Engine, Recipe
@@ -10,7 +10,7 @@ from vital_fast.optim.parametrizations import (PARAMETRIZATIONS, Fourier, Maco, 
                                                get_parametrization, register_parametrization)
 from vital_fast.optim.presets import PRESETS, Settings, get_preset
 from vital_fast.optim.result import VisualizationResult
-from vital_fast.optim.sortmatch import SortMatch
+from vital_fast.optim.matching import SortMatch
 from vital_fast.optim.targets import Target, parse_target
 from vital_fast.optim.visualize import visualize
 

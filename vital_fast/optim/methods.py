@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional
 
 from vital_fast.optim.engine import Recipe
 from vital_fast.optim.objectives import L2, ActMax, BNStats, DeepInversionPriors, ImagePriors, Objective, TotalVariation
-from vital_fast.optim.sortmatch import SortMatch
+from vital_fast.optim.matching import SortMatch
 from vital_fast.optim.parametrizations import Fourier, Maco, Parametrization, Pixel, get_parametrization
 from vital_fast.optim.presets import Settings
 from vital_fast.optim.transforms import LucidViews, MacoViews, RollViews

@@ -6,7 +6,7 @@ them and steps each element's own optimizer, so elements stay independent. Objec
 minimized.
 
 =========================  ==========================================================================
-:class:`SortMatch`         (:mod:`vital_fast.optim.sortmatch`) VITAL: the sort-matching loss against each target's reference prototypes at
+:class:`SortMatch`         (:mod:`vital_fast.optim.matching`) VITAL: the sort-matching loss against each target's reference prototypes at
                            every matched layer; relevance-weighted (LRP of the synthetic image) for
                            channel targets, and for class targets with ``class_relevance``
 :class:`ActMax`            minus the activation of each element's target (its class logit, or its

@@ -67,6 +67,7 @@ from zennit.rules import Pass
 from zennit.types import Activation, BatchNorm, Convolution
 
 from vital_fast.models.batching import pad_batch, unpad
+from vital_fast.models.identity import FAMILIES
 from vital_fast.references.lrp_canonizers import (
     CNBlockCanonizer,
     EfficientNetMergeBatchNorm,
@@ -104,7 +105,6 @@ __all__ = [
     "relevance_maps",
 ]
 
-FAMILIES = ("resnet", "efficientnet_lite", "efficientnet", "densenet", "convnext", "vit", "generic")
 COMPOSITES = ("paper", "epsilon_plus_flat", "epsilon_plus")
 
 

@@ -1,6 +1,6 @@
 """Writing what a run shows: images, the grid, the HTML gallery, compare pages and metric files.
 
-- :mod:`vital_fast.report.images`: tensors to PNG (``to_uint8``, ``save_png``, atomic writes), the
+- :mod:`vital_fast.report.pngs`: tensors to PNG (``to_uint8``, ``save_png``, atomic writes), the
   transparency alpha map, the reference strip and the grid of a run folder.
 - :mod:`vital_fast.report.gallery`: the run folder's ``index.html`` (``build_gallery``).
 - :mod:`vital_fast.report.compare`: the comparison page of two runs of the same targets.

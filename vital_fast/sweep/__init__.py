@@ -40,7 +40,7 @@ and merges all ranks after the final barrier. The gloo backend is used for the f
 The package, one job a module: :mod:`~vital_fast.sweep.spec` (which targets: index specs),
 :mod:`~vital_fast.sweep.plan` (validation, identity, reference sources), :mod:`~vital_fast.sweep.journal`
 (identity, index files, manifest, fsync), :mod:`~vital_fast.sweep.dist` (torchrun coordination),
-:mod:`~vital_fast.sweep.engine` (the engine with VITAL's recipe, and a finished slot's files) and :mod:`~vital_fast.sweep.driver`
+:mod:`~vital_fast.sweep.slots` (the engine with VITAL's recipe, and a finished slot's files) and :mod:`~vital_fast.sweep.driver`
 (:func:`run_sweep`: folder, lock, loop, results). The lock is :class:`vital_fast.runfolder.FolderLock`.
 """
 

@@ -19,7 +19,7 @@ from vital_fast.references.cache import DiskCache
 from vital_fast.runfolder import LOCK_FILES, FolderLock
 from vital_fast.references.images import ImageSet
 from vital_fast.sweep.dist import _Dist
-from vital_fast.sweep.engine import Engine as _Engine, Slot as _Slot, result_files, sweep_engine
+from vital_fast.sweep.slots import Engine as _Engine, Slot as _Slot, result_files, sweep_engine
 from vital_fast.sweep.journal import (INDEX_PREFIX, _fsync_tree, _identity_diff, _IndexWriter, _write_manifest,
                                       read_index, sweep_identity)
 from vital_fast.sweep.plan import _make_plan, _Plan, _reference_source

@@ -146,7 +146,7 @@ class _IndexWriter:
 def _write_manifest(out: str, meta: Dict[str, Any], header: Dict[str, Any], timings: Dict[str, float],
                     final: bool = False) -> Dict[str, Any]:
     """manifest.json from every rank's index (the index is the truth; this is its readable form)."""
-    from vital_fast.report.images import labelled_grid, write_png_atomic
+    from vital_fast.report.pngs import labelled_grid, write_png_atomic
     from vital_fast.results import MANIFEST, MANIFEST_FORMAT, write_json_atomic
 
     done = read_index(out, meta["id"])

@@ -26,9 +26,9 @@ from vital_fast.kernels.triton._rows import (
     ref_strides,
     scaled_rows_grad,
 )
-from vital_fast.reference import math_dtype
+from vital_fast.oracle import math_dtype
 
-LRP_EPS = tl.constexpr(1e-6)  # as vital_fast.reference.LRP_EPS
+LRP_EPS = tl.constexpr(1e-6)  # as vital_fast.oracle.LRP_EPS
 
 
 # ROWS rows per program (row = b * C + c), whole in registers: the row's relevance min and max

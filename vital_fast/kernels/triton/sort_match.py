@@ -25,7 +25,7 @@ from vital_fast.kernels.triton._rows import (
     ref_strides,
     scaled_rows_grad,
 )
-from vital_fast.reference import math_dtype
+from vital_fast.oracle import math_dtype
 
 
 # ROWS rows per program (row = b * C + c), each whole in registers as BLOCK_D = 2**LOG_D int64 keys

@@ -30,7 +30,7 @@ def sweep_engine(loaded, settings: Settings, seed: int, final_size: int, class_l
 
 def result_files(engine: Engine, slot: Slot) -> Dict[str, np.ndarray]:
     """A finished slot's image, image with transparency, and reference strip (uint8 HWC)."""
-    from vital_fast.report.images import alpha_map, reference_strip, to_uint8
+    from vital_fast.report.pngs import alpha_map, reference_strip, to_uint8
 
     rgb = to_uint8(engine.image(slot))
     return {"image": rgb, "image_rgba": np.concatenate([rgb, to_uint8(alpha_map(engine.transparency(slot)))], axis=-1),

@@ -272,7 +272,7 @@ def full_length_prototypes(g: dict, layer: str, f: torch.Tensor, channel_dim: in
     the steps that follow (the ops would otherwise resample the same Q quantiles to D points at every step:
     a sixth of a ResNet-50 class step). The same values the op computes; only kept when the op computes in
     the prototypes' dtype and the result is at most the group's ``keep_bytes`` (``Settings.resample_cache_mb``)."""
-    from vital_fast.reference import math_dtype, resample_quantiles
+    from vital_fast.oracle import math_dtype, resample_quantiles
 
     protos = g["protos"][layer]
     n, c = f.shape[0], f.shape[channel_dim]
@@ -292,7 +292,7 @@ def build_groups(targets: Sequence[Target], refs: Sequence[Any], dev, keep_bytes
     """Batch elements grouped so each group shares its matched layers: all class targets, and the
     channel targets of each target layer. Prototypes are stacked to ``(B_group, C, Q)``; resampled ones up to
     ``keep_bytes`` are kept with the group (:func:`full_length_prototypes`)."""
-    from vital_fast.reference import resample_quantiles
+    from vital_fast.oracle import resample_quantiles
 
     groups: Dict[tuple, dict] = {}
     for i, (t, r) in enumerate(zip(targets, refs)):
