@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vital_fast import sort_match_loss, sorted_prototype
+from vital_fast.models import FeatureTaps, LoadedModel, default_layers, load_model
+from vital_fast.models.facts import plan_layers_before
 from vital_fast.references.images import tensor_hash
 
 CORNER = 0.75  # side of the corner crops, relative to the image
@@ -18,8 +21,6 @@ CORNER = 0.75  # side of the corner crops, relative to the image
 
 def load_spec(spec, device, arch=None):
     """A model spec (name, file, ``nn.Module`` or ``LoadedModel``) loaded onto ``device``."""
-    from vital_fast.models import LoadedModel, load_model
-
     if isinstance(spec, LoadedModel):
         return spec.to(device)
     return load_model(spec, device=device, arch=arch)
@@ -92,8 +93,6 @@ def cached_views(loaded, img: torch.Tensor, kind: str, crops: int) -> Tuple[torc
 
 
 def _tap(loaded, x01: torch.Tensor, layers: Sequence[str], batch: int = 8) -> Dict[str, torch.Tensor]:
-    from vital_fast.models import FeatureTaps
-
     out: Dict[str, List[torch.Tensor]] = {l: [] for l in layers}
     with torch.no_grad(), FeatureTaps(loaded.model, list(layers), detach=True, stop_after=True) as taps:
         for i in range(0, x01.shape[0], batch):
@@ -105,9 +104,6 @@ def _tap(loaded, x01: torch.Tensor, layers: Sequence[str], batch: int = 8) -> Di
 
 def layer_plan(loaded, t: Mapping[str, Any]) -> List[str]:
     """The layers a target's W2 is measured at: the default layers (class), those before its layer (channel)."""
-    from vital_fast.models import default_layers
-    from vital_fast.models.facts import plan_layers_before
-
     base = list(default_layers(loaded))
     if t.get("kind") == "class":
         return [l for l, _ in base]
@@ -117,8 +113,6 @@ def layer_plan(loaded, t: Mapping[str, Any]) -> List[str]:
 def sort_match_distance(loaded, image: torch.Tensor, refs: Sequence[torch.Tensor],
                         layers: Sequence[str]) -> Dict[str, float]:
     """Per layer, the mean over channels of the sort-matching W2 between ``image`` and the references' prototype."""
-    from vital_fast import sort_match_loss, sorted_prototype
-
     fv = _tap(loaded, vis_inputs(loaded, [image]), layers)
     fr = _tap(loaded, ref_inputs(loaded, refs), layers)
     out = {}

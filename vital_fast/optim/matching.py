@@ -8,9 +8,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from vital_fast.models import class_logit_layer, default_layers
+from vital_fast.models.facts import check_matched_layers, plan_layers_before
 from vital_fast.ops import lrp_weight, sort_match_loss
 from vital_fast.optim.objectives import Objective
 from vital_fast.optim.targets import Target
+from vital_fast.oracle import math_dtype, resample_quantiles
+from vital_fast.references.cache import DiskCache
+
+# The relevance modules are imported where used: they load zennit (about 1 s at start-up), which only relevance
+# needs.
 
 __all__ = ["SortMatch", "build_groups", "matching_loss"]
 
@@ -38,14 +45,10 @@ class SortMatch(Objective):
         self._unshared: set = set()  # layers whose module runs more than once: their starts never share
 
     def setup(self, engine, targets):
-        from vital_fast.models import default_layers
-        from vital_fast.references.cache import DiskCache
-
         if self.cache is None:
             self.cache = DiskCache()
         if self.class_layers is None:
             self.class_layers = list(default_layers(engine.loaded))
-        from vital_fast.models.facts import check_matched_layers
 
         check_matched_layers(engine.loaded, self.class_layers)
         if self.settings.class_relevance and any(t.kind == "class" for t in targets):
@@ -53,14 +56,10 @@ class SortMatch(Objective):
 
     def _logit_layer(self, engine) -> str:
         if self._logit is None:
-            from vital_fast.models import class_logit_layer
-
             self._logit = class_logit_layer(engine.loaded)
         return self._logit
 
     def plan(self, engine, target):
-        from vital_fast.models.facts import plan_layers_before
-
         if not target.is_unit:
             return list(self.class_layers)
         plan = plan_layers_before(engine.loaded, target.layer, self.class_layers, self.settings.channel_stem_weight)
@@ -272,7 +271,6 @@ def full_length_prototypes(g: dict, layer: str, f: torch.Tensor, channel_dim: in
     the steps that follow (the ops would otherwise resample the same Q quantiles to D points at every step:
     a sixth of a ResNet-50 class step). The same values the op computes; only kept when the op computes in
     the prototypes' dtype and the result is at most the group's ``keep_bytes`` (``Settings.resample_cache_mb``)."""
-    from vital_fast.oracle import math_dtype, resample_quantiles
 
     protos = g["protos"][layer]
     n, c = f.shape[0], f.shape[channel_dim]
@@ -292,7 +290,6 @@ def build_groups(targets: Sequence[Target], refs: Sequence[Any], dev, keep_bytes
     """Batch elements grouped so each group shares its matched layers: all class targets, and the
     channel targets of each target layer. Prototypes are stacked to ``(B_group, C, Q)``; resampled ones up to
     ``keep_bytes`` are kept with the group (:func:`full_length_prototypes`)."""
-    from vital_fast.oracle import resample_quantiles
 
     groups: Dict[tuple, dict] = {}
     for i, (t, r) in enumerate(zip(targets, refs)):

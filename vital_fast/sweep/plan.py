@@ -11,12 +11,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from vital_fast.models import LoadedModel, class_logit_layer, default_layers, load_model, resolve_layer
+from vital_fast.models.facts import check_resolution, check_size, check_targets, layer_table
+from vital_fast.optim.directions import Directions, load_directions
 from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.targets import Target
-from vital_fast.models.facts import check_resolution, check_size, check_targets, layer_table
 from vital_fast.references.cache import DiskCache
-from vital_fast.references.images import ImageSet, list_image_files, load_images
+from vital_fast.references.images import (
+    ImageSet,
+    class_image_folder,
+    find_wnid_file,
+    list_image_files,
+    load_images,
+    missing_class_message,
+)
+from vital_fast.references.mining import channel_reference_images, mine_topk, print_progress
 from vital_fast.references.pool import ImagePool, as_pool
+from vital_fast.references.prototypes import layer_channels
+from vital_fast.references.units import layer_units
 from vital_fast.sweep.dist import _Dist
 from vital_fast.sweep.journal import ENGINE_VERSION, _identity_id
 from vital_fast.sweep.spec import _compact, parse_index_spec
@@ -34,8 +46,6 @@ def _listing_digest(root: str, files: Sequence[str]) -> str:
 
 
 def _layer_channels(loaded, layer: str) -> int:
-    from vital_fast.models import resolve_layer
-
     resolve_layer(loaded.model, layer)  # unknown name: ValueError with the closest names
     shapes = {d["name"]: d["shape"] for d in layer_table(loaded)}
     shape = shapes.get(layer)
@@ -68,8 +78,6 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
                early_stop_window, exact, device, class_layers, class_images, dist: _Dist,
                directions=None) -> _Plan:
     """Validate everything (every rank, before anything is written) and fix the sweep's identity."""
-    from vital_fast.models import LoadedModel, default_layers, load_model
-
     if batch < 1:
         raise ValueError(f"sweep: batch must be >= 1, got {batch}")
     if early_stop is not None and not (early_stop >= 0 and math.isfinite(early_stop)):
@@ -117,8 +125,6 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
         class_list = parse_index_spec(classes, loaded.num_classes, "classes")
         targets += [Target("class", c) for c in class_list]
         if settings.class_relevance:
-            from vital_fast.models import class_logit_layer
-
             class_logit_layer(loaded)  # a model without class logits fails here, before any work
     check_targets(loaded, targets)
     final = check_size(size, loaded.input_size)
@@ -151,8 +157,6 @@ def _make_plan(model, images, layer, channels, classes, preset, settings, seed, 
         files = list_image_files(images)
         listing = _listing_digest(images, files)
         if class_list:
-            from vital_fast.references.images import class_image_folder, find_wnid_file, missing_class_message
-
             wn = find_wnid_file(images)  # this folder's own mapping (never put in os.environ)
             for c in class_list:
                 src = (class_images or {}).get(c) or class_image_folder(images, c, wn)
@@ -181,7 +185,6 @@ def _directions(directions):
     """A sweep's direction matrix: a :class:`Directions`, a file, or an ``(N, C)`` / ``(C,)`` tensor."""
     import os
 
-    from vital_fast.optim.directions import Directions, load_directions
 
     if isinstance(directions, Directions):
         return directions
@@ -199,10 +202,6 @@ def _directions(directions):
 def _reference_source(plan: _Plan, pending: Sequence[Target], cache: DiskCache, dist: _Dist):
     """Mine the top-k of every pending channel (or direction) in one pass (rank 0 first, filling a shared
     cache); return ``refs_for(target) -> (reference ImageSet, extra metrics)``, loading lazily per target."""
-    from vital_fast.references.mining import channel_reference_images, mine_topk, print_progress
-    from vital_fast.references.prototypes import layer_channels
-    from vital_fast.references.units import layer_units
-
     loaded, settings = plan.loaded, plan.settings
     topk = None
     units, row_key = None, {}
