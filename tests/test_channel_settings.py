@@ -80,12 +80,14 @@ def test_relevance_off_matches_plain_prototypes(lm, refs, tmp_path):
 
     s = small(channel_relevance=False)
     imgs = load_images(refs)
-    got = channel_references(lm, T, "act3", 2, imgs, LAYERS[:2], 16, s, DiskCache(str(tmp_path)))
+    got = channel_references(lm, T, "act3", 2, imgs, record_layers=LAYERS[:2], size=16, settings=s,
+                             cache=DiskCache(str(tmp_path)))
     assert got.importance == {}
     feats = _features(lm, prepare_inputs(lm, imgs, 16, 0, None), ["act1", "act2"])
     for l in ("act1", "act2"):
         torch.testing.assert_close(got.prototypes[l], sorted_prototype(feats[l], q=16))
-    weighted = channel_references(lm, T, "act3", 2, imgs, LAYERS[:2], 16, small(), DiskCache(str(tmp_path)))
+    weighted = channel_references(lm, T, "act3", 2, imgs, record_layers=LAYERS[:2], size=16, settings=small(),
+                                  cache=DiskCache(str(tmp_path)))
     assert set(weighted.importance) == {"act1", "act2"}  # a different cache entry, with relevance
 
 

@@ -74,7 +74,7 @@ def test_directions_and_neurons_run_with_actmax_and_vital():
     # a neuron's references: images ranked by the channel at that one location
     from vital_fast.references.units import mine_unit_references
 
-    refs = mine_unit_references(lm, [n], pool, 3, "patch", 32, DiskCache(enabled=False))
+    refs = mine_unit_references(lm, [n], pool, 3, mode="patch", size=32, cache=DiskCache(enabled=False))
     assert len(refs[n.key]) == 3 and all("#patch(3, 4)" in nm for nm in refs[n.key].names)
 
 

@@ -260,3 +260,24 @@ def test_function_level_imports_stay_few():
                         seen.add(id(sub))
                         count += 1
     assert count <= 93, f"{count} function-level imports of vital_fast modules (93 allowed)"
+
+
+def test_wide_signatures_take_keywords():
+    """A function that takes more than 8 things takes the rest by keyword (issue 24). Exempt: Triton kernels (a
+    launch passes everything by position) and the few hot-path helpers whose arguments are all tensors."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "vital_fast"
+    exempt = {("optim/update.py", "_adam"), ("optim/update.py", "_nadam"), ("ops/_common.py", "prepare"),
+              ("references/relevance.py", "_backward")}
+    wide = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith("kernels/triton/"):
+            continue
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (rel, node.name) not in exempt:
+                if len(node.args.posonlyargs) + len(node.args.args) > 8:
+                    wide.append(f"{rel}:{node.name}")
+    assert not wide, wide

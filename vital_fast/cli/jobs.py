@@ -60,8 +60,8 @@ def gather_references(
             bar = Progress(len(pool), label=label)
             return lambda done, total, rate: bar.update(done, f"{rate:.1f} images/s")
 
-        refs.update(mine_unit_references(loaded, units, pool, k, settings.channel_refs, size or loaded.input_size,
-                                         cache, progress_for=bar_for))
+        refs.update(mine_unit_references(loaded, units, pool, k, mode=settings.channel_refs,
+                                         size=size or loaded.input_size, cache=cache, progress_for=bar_for))
     return refs
 
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -89,6 +89,7 @@ class Recipe:
     objective: Objective
     views: Views
     settings: Settings
+    _: KW_ONLY
     optimizer: str = "adam"
     lr: float = 0.05
     betas: Tuple[float, float] = (0.9, 0.999)

@@ -78,7 +78,8 @@ class SortMatch(Objective):
         else:
             rs = slot.refset.subset(range(min(len(slot.refset), s.n_refs)))
             unit = t.index if t.kind == "channel" else t.at_size(S, engine.loaded.input_size)
-            r = channel_references(engine.loaded, t.key, t.layer, unit, rs, plan, S, s, self.cache)
+            r = channel_references(engine.loaded, t.key, t.layer, unit, rs, record_layers=plan, size=S, settings=s,
+                                   cache=self.cache)
         slot.state["refs"] = r
         slot.state["rel"] = {}
         engine.t_refs += time.perf_counter() - t0

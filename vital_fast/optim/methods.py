@@ -196,24 +196,24 @@ def _vital(s: Settings, o, param, ctx) -> Recipe:
             kind_param = {"class": Fourier()}
         elif s.param not in ("pixel", None):
             param = get_parametrization(s.param)
-    return Recipe(param, obj, _roll(s), s, "adam", s.lr, tuple(s.betas), 1e-8, "cosine", s.warmup, "vital",
-                  kind_param)
+    return Recipe(param, obj, _roll(s), s, optimizer="adam", lr=s.lr, betas=tuple(s.betas), schedule="cosine",
+                  warmup=s.warmup, method="vital", kind_param=kind_param)
 
 
 def _actmax(s: Settings, o, param, ctx) -> Recipe:
     obj = _weighted((1, ActMax()), (o["tv_l1"], TotalVariation(1)), (o["tv_l2"], TotalVariation(2)), (o["l2"], L2()))
-    return Recipe(param, obj, _roll(s, o["affine"]), _baseline_settings(s, "actmax", o), "adam", o["lr"],
-                  tuple(o["betas"]), 1e-8, o["schedule"], s.warmup, "actmax")
+    return Recipe(param, obj, _roll(s, o["affine"]), _baseline_settings(s, "actmax", o), optimizer="adam",
+                  lr=o["lr"], betas=tuple(o["betas"]), schedule=o["schedule"], warmup=s.warmup, method="actmax")
 
 
 def _fourier(s: Settings, o, param, ctx) -> Recipe:
-    return Recipe(param, ActMax(), LucidViews(o), _baseline_settings(s, "fourier", o), "adam", o["lr"],
-                  (0.9, 0.999), 1e-8, o["schedule"], s.warmup, "fourier")
+    return Recipe(param, ActMax(), LucidViews(o), _baseline_settings(s, "fourier", o), optimizer="adam",
+                  lr=o["lr"], betas=(0.9, 0.999), schedule=o["schedule"], warmup=s.warmup, method="fourier")
 
 
 def _maco(s: Settings, o, param, ctx) -> Recipe:
-    return Recipe(param, ActMax(), MacoViews(o), _baseline_settings(s, "maco", o), "nadam", o["lr"],
-                  (0.9, 0.999), 1e-8, o["schedule"], s.warmup, "maco")
+    return Recipe(param, ActMax(), MacoViews(o), _baseline_settings(s, "maco", o), optimizer="nadam",
+                  lr=o["lr"], betas=(0.9, 0.999), schedule=o["schedule"], warmup=s.warmup, method="maco")
 
 
 def _bnstats(s: Settings, o, param, ctx) -> Recipe:
@@ -222,8 +222,8 @@ def _bnstats(s: Settings, o, param, ctx) -> Recipe:
     bn = BNStats(o["first_bn_multiplier"], o["bn_stats"] == "batch", weight=o["r_feature"])
     obj = _weighted((o["main"], ActMax(class_loss="ce")), (o["r_feature"], bn),
                     (o["tv_l2"], DeepInversionPriors("tv")), (o["l2"], DeepInversionPriors("norm")))
-    return Recipe(param, obj, _roll(s, o["affine"]), _baseline_settings(s, "bnstats", o), "adam", o["lr"],
-                  tuple(o["betas"]), 1e-8, o["schedule"], s.warmup, "bnstats")
+    return Recipe(param, obj, _roll(s, o["affine"]), _baseline_settings(s, "bnstats", o), optimizer="adam",
+                  lr=o["lr"], betas=tuple(o["betas"]), schedule=o["schedule"], warmup=s.warmup, method="bnstats")
 
 
 register_method("vital", _vital, options={}, param="pixel",

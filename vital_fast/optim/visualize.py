@@ -129,13 +129,15 @@ def visualize(
     try:
         # the caller's model comes back as given: training and requires_grad flags, device
         with preserved(module) if isinstance(module, torch.nn.Module) else contextlib.nullcontext():
-            return _visualize(model, targets, references, preset, settings, seed, size, device, class_layers,
-                              cache, callback, t_start, method, param, objective, options, pool, steps)
+            return _visualize(model, targets, references, preset=preset, settings=settings, seed=seed, size=size,
+                              device=device, class_layers=class_layers, cache=cache, progress=callback,
+                              t_start=t_start, method=method, param=param, objective=objective, options=options,
+                              pool=pool, steps=steps)
     finally:
         close_progress()
 
 
-def _visualize(model, targets, references, preset, settings, seed, size, device, class_layers, cache,
+def _visualize(model, targets, references, *, preset, settings, seed, size, device, class_layers, cache,
                progress: Optional[ProgressFn], t_start: float, method: str, param, objective, options, pool=None,
                steps: Optional[int] = None) -> VisualizationResult:
     loaded = as_loaded(model)
@@ -200,8 +202,8 @@ def custom_recipe(objective: Objective, settings: Settings, param=None) -> Recip
     p = Pixel(settings.init_std) if param is None else get_parametrization(param)
     views = RollViews(settings.jitter, settings.flip, settings.scale, settings.rotate)
     lr = settings.lr if p.lr is None else p.lr
-    return Recipe(p, objective, views, settings, "adam", lr, tuple(settings.betas), 1e-8, "cosine", settings.warmup,
-                  f"custom:{objective.name}")
+    return Recipe(p, objective, views, settings, optimizer="adam", lr=lr, betas=tuple(settings.betas),
+                  schedule="cosine", warmup=settings.warmup, method=f"custom:{objective.name}")
 
 
 def _mined(loaded, targets: Sequence[Target], references, pool, settings: Settings, size: int, cache) -> dict:
@@ -222,8 +224,8 @@ def _mined(loaded, targets: Sequence[Target], references, pool, settings: Settin
     from vital_fast.references.units import mine_unit_references
 
     pool = as_pool(pool, what="visualize: pool")
-    refs.update(mine_unit_references(loaded, todo, pool, min(settings.n_refs, len(pool)), settings.channel_refs,
-                                     size, cache))
+    refs.update(mine_unit_references(loaded, todo, pool, min(settings.n_refs, len(pool)), mode=settings.channel_refs,
+                                     size=size, cache=cache))
     return refs
 
 

@@ -142,7 +142,7 @@ def _validate_entry(loaded, layer: str, pool: ImagePool, k: int, rows: Optional[
     return validate
 
 
-def _stream_topk(loaded, layer: str, pool: ImagePool, k: int, size: int, batch: int, workers: Optional[int],
+def _stream_topk(loaded, layer: str, pool: ImagePool, k: int, *, size: int, batch: int, workers: Optional[int],
                  progress: Optional[Callable[[int, int, float], None]], units: Optional[Units] = None) -> dict:
     """One pass over ``pool`` for every channel of ``layer`` (or every unit of ``units``): per channel the running
     top ``k`` scores (spatial max, or the value at a neuron's location), with their image index and location;
@@ -241,7 +241,8 @@ def mine_topk(
     validate = _validate_entry(loaded, layer, pool, k, None if units is None else int(units.weights.shape[0]))
 
     def compute():
-        return _stream_topk(loaded, layer, pool, k, size, batch, workers, progress, units)
+        return _stream_topk(loaded, layer, pool, k, size=size, batch=batch, workers=workers, progress=progress,
+                            units=units)
 
     if ident is None:
         val = compute()

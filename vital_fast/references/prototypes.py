@@ -187,6 +187,7 @@ def channel_references(
     target_layer: str,
     channel: int,
     images: ImageSet,
+    *,
     record_layers: Sequence[Tuple[str, float]],
     size: int,
     settings,

@@ -39,7 +39,7 @@ def layer_units(targets: Sequence, channels: int, size: Optional[int] = None,
     return Units(torch.stack(w), torch.tensor(b), lt if bool((lt >= 0).any()) else None), of
 
 
-def mine_unit_references(loaded, targets: Sequence, pool, k: int, mode: str, size: int, cache,
+def mine_unit_references(loaded, targets: Sequence, pool, k: int, *, mode: str, size: int, cache,
                          progress_for: Optional[Callable[[str], Optional[Callable]]] = None,
                          workers: Optional[int] = None) -> Dict[str, ImageSet]:
     """Each unit target's top-``k`` references (full images or patches, ``mode``) mined from ``pool`` at ``size``:

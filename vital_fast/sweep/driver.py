@@ -150,8 +150,10 @@ def run_sweep(
     t_start = time.perf_counter()
     dist = _Dist(dist_timeout)
     try:
-        plan = _make_plan(model, images, layer, channels, classes, preset, settings, seed, size, batch, early_stop,
-                          early_stop_window, exact, device, class_layers, class_images, dist, directions)
+        plan = _make_plan(model, images, layer=layer, channels=channels, classes=classes, preset=preset,
+                          settings=settings, seed=seed, size=size, batch=batch, early_stop=early_stop,
+                          early_stop_window=early_stop_window, exact=exact, device=device, class_layers=class_layers,
+                          class_images=class_images, dist=dist, directions=directions)
         cache = cache if cache is not None else DiskCache()
         header = {"model_name": plan.loaded.name, "fingerprint": plan.loaded.fingerprint,
                   "settings": plan.settings.to_dict(), "seed": int(seed)}
@@ -178,12 +180,13 @@ def run_sweep(
             pending = [t for t in plan.targets if t.key not in done_before]
             dist.open_queue(state["nonce"])
             refs_for = _reference_source(plan, pending, cache, dist)
-            engine = sweep_engine(plan.loaded, plan.settings, seed, plan.final, plan.class_layers, cache, refs_for,
-                                  early_stop, early_stop_window, plan.targets)
+            engine = sweep_engine(plan.loaded, plan.settings, seed=seed, final_size=plan.final,
+                                  class_layers=plan.class_layers, cache=cache, refs_for=refs_for,
+                                  early_stop=early_stop, early_stop_window=early_stop_window, targets=plan.targets)
             header["precision"] = engine.precision
             header["threads"] = torch.get_num_threads()  # images round differently at another thread count
-            run = _Run(engine, plan, pending, len(done_before), out_dir, dist, meta, header, progress, manifest_every,
-                       t_start)
+            run = _Run(engine, plan, pending, done_before=len(done_before), out=out_dir, dist=dist, meta=meta,
+                       header=header, progress=progress, manifest_every=manifest_every, t_start=t_start)
             run.loop(batch, refill)
         finally:
             lock.release()
@@ -197,9 +200,9 @@ def run_sweep(
 class _Run:
     """The slot loop of one rank: claim, tick, write, report; rank 0 also keeps the manifest."""
 
-    def __init__(self, engine: _Engine, plan: _Plan, pending: List[Target], done_before: int, out: str, dist: _Dist,
-                 meta: Dict[str, Any], header: Dict[str, Any], progress: Optional[ProgressFn], manifest_every: float,
-                 t_start: float) -> None:
+    def __init__(self, engine: _Engine, plan: _Plan, pending: List[Target], *, done_before: int, out: str,
+                 dist: _Dist, meta: Dict[str, Any], header: Dict[str, Any], progress: Optional[ProgressFn],
+                 manifest_every: float, t_start: float) -> None:
         self.engine, self.plan, self.pending, self.done_before = engine, plan, pending, done_before
         self.out, self.dist, self.meta, self.header = out, dist, meta, header
         self.progress, self.manifest_every, self.t_start = progress, manifest_every, t_start

@@ -74,7 +74,7 @@ class _Plan:
     exact: bool
 
 
-def _make_plan(model, images, layer, channels, classes, preset, settings, seed, size, batch, early_stop,
+def _make_plan(model, images, *, layer, channels, classes, preset, settings, seed, size, batch, early_stop,
                early_stop_window, exact, device, class_layers, class_images, dist: _Dist,
                directions=None) -> _Plan:
     """Validate everything (every rank, before anything is written) and fix the sweep's identity."""

@@ -17,7 +17,7 @@ from vital_fast.references.images import ImageSet
 __all__ = ["Engine", "Slot", "result_files", "sweep_engine"]
 
 
-def sweep_engine(loaded, settings: Settings, seed: int, final_size: int, class_layers, cache: DiskCache,
+def sweep_engine(loaded, settings: Settings, *, seed: int, final_size: int, class_layers, cache: DiskCache,
                  refs_for: Callable[[Target], Tuple[ImageSet, Dict[str, Any]]], early_stop: Optional[float],
                  early_stop_window: Optional[int], targets=()) -> Engine:
     """An engine running VITAL with ``settings`` over slots that the driver fills and refills."""
