@@ -114,3 +114,14 @@ def test_completion_of_an_unknown_shell_is_one_line(capsys):
     assert main(["completion", "fish"]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'fish'" in err
+
+
+@pytest.mark.parametrize("cmd", ["demo", "visualize", "sweep"])
+def test_run_help_lists_every_setting_with_its_values(cmd, capsys):
+    """Settings declares each field's type, allowed values and range once; the CLI's help lists them (issue 24)."""
+    assert main([cmd, "--help"]) == 0
+    text = capsys.readouterr().out
+    tail = text[text.index("settings (--set NAME=VALUE"):]
+    for f in FIELDS:
+        assert f"\n  {f} " in tail, f
+    assert "amp" in tail and "off|bf16|fp16|auto" in tail and "warmup" in tail and ">= 0" in tail

@@ -39,6 +39,14 @@ class Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         raise UsageError(message + did_you_mean(self, message))
 
+    def format_help(self) -> str:
+        if self.__dict__.get("_settings_epilog"):  # built only for --help: it imports the presets (and torch)
+            from vital_fast.cli.settings_args import settings_epilog
+
+            self.epilog = settings_epilog()
+            self.formatter_class = argparse.RawDescriptionHelpFormatter
+        return super().format_help()
+
 
 def did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
     """``; did you mean ...?`` for a mistyped subcommand or option (argparse's own messages), else ''."""
@@ -70,7 +78,9 @@ def groups(p: argparse.ArgumentParser):
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    """The options every run takes (demo, visualize, sweep), each under its heading of :data:`GROUPS`."""
+    """The options every run takes (demo, visualize, sweep), each under its heading of :data:`GROUPS`; the help
+    ends with every setting ``--set`` and ``--config`` take."""
+    p.__dict__["_settings_epilog"] = True
     _, method, schedule, hw, output = groups(p)
     method.add_argument("--preset", default="fast", help="settings preset: fast (CPU-practical) or paper (default: fast)")
     schedule.add_argument("--steps", type=int, default=None, help="total optimization steps (stages scaled to fit)")

@@ -23,9 +23,9 @@ import os
 import typing
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from vital_fast.optim.presets import Settings, check_setting, type_name
+from vital_fast.optim.presets import CHOICES, MINIMUM, Settings, check_setting, get_preset, type_name
 
-__all__ = ["apply_overrides", "coerce_setting", "load_config", "parse_set", "setting_types"]
+__all__ = ["apply_overrides", "coerce_setting", "load_config", "parse_set", "setting_types", "settings_epilog"]
 
 # The allowed values and lower bounds are Settings' own (declared once, in vital_fast.optim.presets).
 _TRUE = ("true", "1", "yes", "on")
@@ -203,3 +203,31 @@ def apply_overrides(settings: Settings, config: Optional[str] = None, sets: Iter
         kw[name] = value
     return settings.replace(**kw) if kw else settings
 
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return json.dumps(v) if len(json.dumps(v)) <= 24 else "[...]"
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+# What check_setting allows beyond CHOICES and MINIMUM.
+_OTHER = {"lr": " > 0", "compile": " off|on|BACKEND", "param": " pixel|fourier|maco|auto|registered"}
+
+
+def settings_epilog() -> str:
+    """Every setting ``--set`` and ``--config`` take, one a line: its type, its allowed values or minimum (declared
+    once in :class:`Settings`) and its value in the ``fast`` and ``paper`` presets."""
+    fast, paper = get_preset("fast"), get_preset("paper")
+    rows = []
+    for name, tp in setting_types().items():
+        allowed = (" in " + "|".join(CHOICES[name])) if name in CHOICES else (
+            f" >= {MINIMUM[name]}" if name in MINIMUM else _OTHER.get(name, ""))
+        a, b = _short(getattr(fast, name)), _short(getattr(paper, name))
+        rows.append((name, f"{type_name(tp)}{allowed}", a if a == b else f"fast {a}, paper {b}"))
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    lines = [f"  {n:<{w0}}  {t:<{w1}}  {v}" for n, t, v in rows]
+    return ("settings (--set NAME=VALUE, --config FILE; checked when made, with the valid values named):\n"
+            + "\n".join(lines))
