@@ -12,7 +12,7 @@ in memory. The targets, all with VITAL's ``fast`` preset (``--steps`` scales it)
   (``chelsea``) against as many crops of the others, its held-out accuracy printed.
 
 Per group: the unit's mean activation on its visualization over its mean on its top-k references
-(:func:`vital_fast.report.predict.channel_activation_ratio`), and the model-observer 2-AFC by
+(:func:`vital_fast.models.predict.channel_activation_ratio`), and the model-observer 2-AFC by
 efficientnet-lite2 (:mod:`vital_fast.evaluate.afc`) within the group and over all targets together, with
 95 % Wilson intervals; and seconds per target-step.
 """
@@ -33,7 +33,7 @@ from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet, load_images, offline_photo_paths, random_resized_crops, tensor_hash
 from vital_fast.references.mining import mine_topk
 from vital_fast.references.pool import ImagePool
-from vital_fast.report.predict import channel_activation_ratio
+from vital_fast.models.predict import channel_activation_ratio
 
 
 def crops_of(paths, n, size, seed):

@@ -133,7 +133,7 @@ def test_labelled_grid(run):
 
 
 def test_top_predictions_on_a_real_model():
-    from vital_fast.report.predict import channel_activation_ratio, top_predictions
+    from vital_fast.models.predict import channel_activation_ratio, top_predictions
 
     class L:
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),

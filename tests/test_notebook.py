@@ -33,6 +33,22 @@ def test_repr_html_shows_every_image_label_and_reference(result):
     for u in uris:
         assert Image.open(io.BytesIO(base64.b64decode(u))).size[0] > 0
     assert "final loss" in h and "3 steps" in h
+    # what the model says of each image: its top prediction (a class target)
+    for t in ("class:1", "class:3"):
+        idx, name, prob = result.annotations[t]["predictions"][0]
+        assert 0 <= prob <= 1
+    assert h.count("model: ") == 2
+
+
+def test_repr_html_of_unit_targets_shows_their_activation():
+    import vital_fast as vf
+    from vital_fast.references.images import offline_photo_path
+
+    lite = vf.load_model("efficientnet-lite0")
+    photos = [offline_photo_path("coffee"), offline_photo_path("chelsea")]
+    r = vf.visualize(lite, "channel:_blocks.4:3", photos, steps=1, size=64, progress=False)
+    assert "activation_ratio" in r.annotations["channel:_blocks.4:3"]
+    assert "x its references" in r._repr_html_()
 
 
 def test_repr_is_short_and_show_and_save_work(result, tmp_path):

@@ -71,27 +71,6 @@ def labels_for(loaded, targets: Sequence[Target]) -> Dict[str, str]:
     return {t.key: t.label(names) for t in targets}
 
 
-def annotate(loaded, res) -> Dict[str, dict]:
-    """What the visualized model says of each result image, for its record: ``predictions`` (top-5
-    ``[index, name, probability]``) of class targets, ``activation_ratio`` of channel targets (its
-    mean activation on the image over the mean on its references). One forward pass each; cheap."""
-    from vital_fast.report.predict import channel_activation_ratio, top_predictions
-
-    out: Dict[str, dict] = {t.key: {} for t in res.targets}
-    cls = [i for i, t in enumerate(res.targets) if t.kind == "class"]
-    if cls:
-        preds = top_predictions(loaded, [res.images[i] for i in cls], getattr(loaded, "class_names", None))
-        for i, p in zip(cls, preds or []):
-            out[res.targets[i].key]["predictions"] = p
-    for i, t in enumerate(res.targets):
-        if t.is_unit:
-            r = channel_activation_ratio(loaded, t.layer, t.index if t.kind == "channel" else t, res.images[i],
-                                         res.references[i].images)
-            if r is not None:
-                out[t.key]["activation_ratio"] = r
-    return out
-
-
 def run_into_folder(
     loaded,
     targets: Sequence[Target],
@@ -129,7 +108,7 @@ def run_into_folder(
         done_steps += settings.steps
         manifest = save_result(res, out_dir, labels=labels, seed=seed,
                                extra=dict(extra or {}, preset=preset, method=res.method),
-                               annotations=annotate(loaded, res))
+                               annotations=res.annotations)
         if on_batch is not None:
             on_batch()
     return manifest

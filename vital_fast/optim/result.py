@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -38,6 +38,9 @@ class VisualizationResult:
     param: Dict[str, object] = field(default_factory=dict)  # the parametrization and its options
     precision: str = "float32"    # what the network ran in (Settings.amp resolved on the device)
     loss_scale: Dict[str, float] = field(default_factory=dict)  # float16: final loss scale and skipped steps
+    # what the model says of each image (models.predict.annotate): class targets' top-5 predictions, unit
+    # targets' activation ratio; written into the run's records and shown in notebooks
+    annotations: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
     # --- display --------------------------------------------------------------------------------
@@ -50,7 +53,8 @@ class VisualizationResult:
                 f"precision={self.precision!r})")
 
     def _repr_html_(self) -> str:
-        """A labelled grid: per target its image, its reference images (up to 8) and its final loss."""
+        """A labelled grid: per target its image, its label, what the model says of it (its top prediction for a
+        class target, its activation ratio for a unit), its reference images (up to 8) and its final loss."""
         import html
 
         cells = []
@@ -59,10 +63,11 @@ class VisualizationResult:
                            f'style="margin:1px">' for r, n in list(zip(self.references[i].images,
                                                                            self.references[i].names))[:8])
             final = float(self.losses[i, -1]) if self.losses.dim() == 2 and self.losses.shape[1] else float("nan")
+            said = _said(self.annotations.get(t.key, {}))
             cells.append(
                 f'<figure style="display:inline-block;margin:6px;vertical-align:top;text-align:center">'
                 f'<img src="{png_data_uri(self.images[i], 192)}" width="192" height="192" alt="{html.escape(t.key)}">'
-                f'<figcaption><b>{html.escape(t.key)}</b><br>final loss {final:.4g}<br>{refs}</figcaption></figure>')
+                f'<figcaption><b>{html.escape(t.key)}</b><br>{said}final loss {final:.4g}<br>{refs}</figcaption></figure>')
         head = (f"<p><b>vital_fast</b> {html.escape(self.method)} on {html.escape(self.model_name or 'a model')}: "
                 f"{len(self.targets)} target{'s' if len(self.targets) != 1 else ''}, {self.settings.steps} steps, "
                 f"{html.escape(self.precision)}</p>")
@@ -101,6 +106,20 @@ class VisualizationResult:
 
         return save_run(self, out_dir, seed=seed if seed is not None else (self.seeds[0] if self.seeds else None),
                         labels=labels)
+
+
+def _said(ann: Dict[str, Any]) -> str:
+    """One line of what the model says of an image: its top prediction, or a unit's activation ratio."""
+    import html
+
+    preds = ann.get("predictions")
+    if preds:
+        idx, name, prob = preds[0]
+        return f"model: {html.escape(str(name))} ({int(idx)}) {100 * float(prob):.0f} %<br>"
+    ratio = ann.get("activation_ratio")
+    if isinstance(ratio, (int, float)):
+        return f"activation {float(ratio):.2f}x its references<br>"
+    return ""
 
 
 def png_data_uri(img: torch.Tensor, side: int) -> str:

@@ -12,6 +12,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from vital_fast.models.facts import as_loaded, check_resolution, check_size, check_targets
+from vital_fast.models.predict import annotate
 from vital_fast.models.text import is_text_spec, text_key
 from vital_fast.optim.engine import Engine, Recipe
 from vital_fast.optim.methods import build_recipe, get_objective
@@ -185,7 +186,8 @@ def _visualize(model, targets, references, *, preset, settings, seed, size, devi
     timings = engine.timings(t_start)
     return VisualizationResult(targets, images, transparency, losses, recipe.settings, [sl.seed for sl in slots],
                                ref_sets, layer_plan, timings, loaded.name, loaded.fingerprint, recipe.method,
-                               _describe(recipe, targets), engine.precision, dict(engine.loss_scale))
+                               _describe(recipe, targets), engine.precision, dict(engine.loss_scale),
+                               annotations=annotate(loaded, targets, images, ref_sets))
 
 
 def _describe(recipe: Recipe, targets: Sequence[Target]) -> dict:

@@ -375,8 +375,8 @@ def _prepare_folder(out: str, ident: Dict[str, Any], sweep_id: str, resume: bool
 
 def _annotation(engine: _Engine, sl: _Slot, rgb: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
     """The visualized model's top-5 of a class target's image, or a channel's activation on its image
-    relative to its references (one forward pass; see :mod:`vital_fast.report.predict`)."""
-    from vital_fast.report.predict import channel_activation_ratio, top_predictions
+    relative to its references (one forward pass; see :mod:`vital_fast.models.predict`)."""
+    from vital_fast.models.predict import channel_activation_ratio, top_predictions
 
     img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
     t = sl.target

@@ -1,8 +1,10 @@
-"""What the visualized model itself says about a visualization, computed when a run is saved.
+"""What the visualized model itself says about a visualization, computed when a visualization ends.
 
 - :func:`top_predictions`: the model's top-k classes of each image, ``[index, name, probability]``.
 - :func:`channel_activation_ratio`: a channel's mean activation on the image relative to the mean
-  over its reference images (1.0: as strong as on its references).
+  over its reference images (1.0: as strong as on its references);
+- :func:`annotate`: both for the targets of a result, by key (``VisualizationResult.annotations``: shown in
+  notebooks, written into the run's records).
 
 Both run one forward pass without gradients on images resized to the model's input size; they are
 cheap next to the optimization, and a failure returns None instead of failing the save.
@@ -16,6 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from vital_fast.models.identity import is_embedding_model
 from vital_fast.models.taps import FeatureTaps
 
 
@@ -80,3 +83,22 @@ def channel_activation_ratio(loaded, layer: str, channel, image: torch.Tensor,
     except Exception as exc:  # noqa: BLE001
         warnings.warn(f"channel activation of {layer}:{channel} skipped: {exc}")
         return None
+
+
+def annotate(loaded, targets: Sequence, images: torch.Tensor, references: Sequence) -> dict:
+    """``{key: {...}}`` for each target: ``predictions`` (top-5 ``[index, name, probability]``) of class targets,
+    ``activation_ratio`` of unit targets (its mean activation on the image over the mean on its references). One
+    forward pass each; cheap next to the optimization."""
+    out: dict = {t.key: {} for t in targets}
+    cls = [i for i, t in enumerate(targets) if t.kind == "class"]
+    if cls and not is_embedding_model(loaded.model):
+        preds = top_predictions(loaded, [images[i] for i in cls], getattr(loaded, "class_names", None))
+        for i, p in zip(cls, preds or []):
+            out[targets[i].key]["predictions"] = p
+    for i, t in enumerate(targets):
+        if t.is_unit and references[i] is not None and len(references[i].images):
+            r = channel_activation_ratio(loaded, t.layer, t.index if t.kind == "channel" else t, images[i],
+                                         references[i].images)
+            if r is not None:
+                out[t.key]["activation_ratio"] = r
+    return out
