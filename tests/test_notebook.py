@@ -106,3 +106,23 @@ def test_help_texts_are_true_to_what_runs(capsys):
     args = build_parser().parse_args(["visualize", "--model", "m", "--target", "class:1", "--images", "i", "--out", "o",
                                       "--verbose"])
     assert args.cmd == "visualize"
+
+
+def test_bad_input_of_the_one_call_is_one_line(result, monkeypatch):
+    """A reference path that does not exist, and show() without matplotlib: one line naming the problem (and the
+    extra that installs the missing package)."""
+    import sys
+
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        vital_fast.visualize(tiny_loaded(), "class:2", "/no/such/photos", steps=1)
+    assert "/no/such/photos" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r"needs matplotlib: pip install matplotlib \(or vital_fast\[demo\]\)"):
+        result.show()
+
+
+def test_did_you_mean_for_options(capsys):
+    assert main(["visualize", "--model", "m", "--target", "class:1", "--images", ".", "--out", "o",
+                 "--stpes", "3"]) == 2
+    assert "--stpes -> --steps" in capsys.readouterr().err
