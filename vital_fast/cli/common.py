@@ -77,6 +77,44 @@ def groups(p: argparse.ArgumentParser):
     return tuple(group(p, t) for t in GROUPS)
 
 
+MODEL_HELP = ("efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, openclip:ARCH[:TAG], a model file, or "
+              "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
+
+
+def add_model_args(p: argparse.ArgumentParser, *, labels: bool = True, family: bool = True) -> None:
+    """The options that name the model (``--model``, ``--random-weights``, ``--arch``, and ``--labels``,
+    ``--family`` where the command uses them), under "targets and data"."""
+    from vital_fast.cli.pyref import FAMILY_CHOICES
+
+    data = group(p, "targets and data")
+    data.add_argument("--model", required=True, help=MODEL_HELP)
+    data.add_argument("--random-weights", action="store_true",
+                      help="random weights (torchvision, timm, hf, openclip and efficientnet-lite names; hf: from its "
+                      "cached config; nothing is downloaded)")
+    data.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
+                      "(e.g. torchvision:resnet50)")
+    if labels:
+        data.add_argument("--labels", default=None, metavar="FILE",
+                          help="the model's class names, one a line (or a JSON list), in output order (default: the "
+                          "weights' own metadata; none: 'class N')")
+    if family:
+        data.add_argument("--family", default=None, choices=list(FAMILY_CHOICES),
+                          help="architecture family (picks the matched layers, the relevance rules and the token "
+                          "layout; default: guessed from the model's class)")
+
+
+def add_matching_args(p: argparse.ArgumentParser) -> None:
+    """``--channel-refs`` and ``--layers``: what VITAL matches, under "method"."""
+    method = group(p, "method")
+    method.add_argument("--channel-refs", choices=["image", "patch"], default=None,
+                        help="channel references: top-k full images or patches at the unit (default: the "
+                        "preset's: patch for fast, image for paper)")
+    method.add_argument("--layers", default=None, metavar="L1[:W],L2[:W],...",
+                        help="matched layers (and weights, default 1) instead of the model family's preset, e.g. "
+                        "layer1,layer2,layer3:2 (see `vital-fast layers MODEL`); unit targets match those before their "
+                        "layer")
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The options every run takes (demo, visualize, sweep), each under its heading of :data:`GROUPS`; the help
     ends with every setting ``--set`` and ``--config`` take."""

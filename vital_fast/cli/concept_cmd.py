@@ -13,7 +13,7 @@ import argparse
 import shlex
 from typing import Any, Callable, Dict
 
-from vital_fast.cli.common import EXIT_OK, UsageError, device_from_args, groups, load_from_args
+from vital_fast.cli.common import EXIT_OK, UsageError, add_model_args, device_from_args, groups, load_from_args
 from vital_fast.cli.pyref import is_pyref, load_model_pyref
 
 
@@ -28,15 +28,11 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
         "direction:LAYER:FILE.pt:0`.",
     )
     data, method, schedule, hw, output = groups(p)
-    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, openclip:ARCH[:TAG], a model file, or "
-                      "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
+    add_model_args(p, labels=False, family=False)
     data.add_argument("--layer", required=True, help="the layer whose features are probed (see `vital-fast layers`)")
     data.add_argument("--positive", required=True, metavar="DIR", help="folder of images showing the concept")
     data.add_argument("--negative", required=True, metavar="DIR", help="folder of images without it")
     output.add_argument("--out", required=True, metavar="FILE.pt", help="the direction file to write")
-    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm, hf and efficientnet-lite names; hf: from its cached config; nothing is downloaded)")
-    data.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
-                      "(e.g. torchvision:resnet50)")
     schedule.add_argument("--size", type=int, default=None, help="image side fed to the model (default: the model's)")
     method.add_argument("--tokens", default="mean", metavar="mean|cls|T",
                         help="on a token layer (B, N, C): probe the mean of every token, the CLS token or token T; a "

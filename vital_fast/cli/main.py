@@ -19,6 +19,8 @@ from vital_fast.cli.common import (
     EXIT_USAGE,
     Parser,
     UsageError,
+    add_matching_args,
+    add_model_args,
     add_run_args,
     cache_from_args,
     check_log_args,
@@ -36,7 +38,6 @@ from vital_fast.cli.common import (
     settings_from_args,
 )
 from vital_fast.cli.completion import SHELLS, hook_argcomplete, script
-from vital_fast.cli.pyref import FAMILY_CHOICES
 
 
 def version_text() -> str:
@@ -83,37 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("visualize", help="visualize class and channel targets of a model")
     data, method, _, _, output = groups(v)
-    data.add_argument("--model", required=True, help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, openclip:ARCH[:TAG], a model file, or "
-                      "py:MODULE:CALLABLE (a function returning an nn.Module or a LoadedModel)")
+    add_model_args(v)
     data.add_argument("--target", action="append", required=True, metavar="SPEC",
                       help="class:285, channel:LAYER:17, direction:LAYER:FILE[:ROW] (a vector in the layer's channel "
-                      "space: .pt/.safetensors, e.g. from `vital-fast concept` or a sparse autoencoder's decoder) or "
-                      "neuron:LAYER:C:Y:X (channel C at row Y, column X of the layer's grid) or text:PROMPT (CLIP-like models: the "
+                      "space: .pt/.safetensors, e.g. from `vital-fast concept` or a sparse autoencoder's decoder), "
+                      "neuron:LAYER:C:Y:X (channel C at row Y, column X of the layer's grid), head:BLOCK:H[:T] (an "
+                      "attention head of a transformer block, or its token T) or text:PROMPT (CLIP-like models: the "
                       "text tower's direction in the image embedding; text:A|B averages prompts); repeat for more")
     data.add_argument("--images", required=True, help="folder: class subfolders (285/ or n02124075/); every image under "
                       "it is a candidate for channel top-k mining. Or py:MODULE:NAME: a map-style torch Dataset of images "
                       "(or a function returning one) to mine channel targets' references from")
-    data.add_argument("--labels", default=None, metavar="FILE",
-                      help="the model's class names, one a line (or a JSON list), in output order (default: the "
-                      "weights' own metadata; none: 'class N')")
     output.add_argument("--out", required=True, help="run folder to write")
-    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm, hf and efficientnet-lite names; hf: from its cached config; nothing is downloaded)")
-    data.add_argument("--arch", default=None, help="architecture of a state_dict or TorchScript model file "
-                      "(e.g. torchvision:resnet50)")
     method.add_argument("--method", default="vital", help="vital (default), a baseline (actmax, fourier, maco, bnstats) "
                         "or a method registered with vital_fast.optim.methods.register_method")
     method.add_argument("--param", default=None, metavar="NAME",
                         help="image parametrization: pixel, fourier or maco (default: the method's own; vital: the preset's, "
                         "fourier for fast, pixel for paper)")
-    method.add_argument("--channel-refs", choices=["image", "patch"], default=None,
-                        help="channel references: top-k full images or patches at the unit (default: the "
-                        "preset's: patch for fast, image for paper)")
-    data.add_argument("--family", default=None, choices=list(FAMILY_CHOICES),
-                      help="architecture family (picks the matched layers, the relevance rules and the token layout; "
-                      "default: guessed from the model's class)")
-    method.add_argument("--layers", default=None, metavar="L1[:W],L2[:W],...",
-                        help="matched layers (and weights, default 1) instead of the model family's preset, e.g. "
-                        "layer1,layer2,layer3:2 (see `vital-fast layers MODEL`); unit targets match those before their layer")
+    add_matching_args(v)
     add_run_args(v)
 
     r = sub.add_parser("report", help="(re)build the HTML gallery of a run folder, or the runs index of a folder of runs")

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict
 from vital_fast.cli.common import (
     EXIT_OK,
     UsageError,
+    add_matching_args,
+    add_model_args,
     add_run_args,
     cache_from_args,
     check_preset,
@@ -28,7 +30,7 @@ from vital_fast.cli.common import (
     parse_layers,
     settings_from_args,
 )
-from vital_fast.cli.pyref import FAMILY_CHOICES, images_arg, is_pyref, load_model_pyref
+from vital_fast.cli.pyref import images_arg, is_pyref, load_model_pyref
 
 
 def register(sub) -> Dict[str, Callable[[Any], int]]:
@@ -43,9 +45,7 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data, method, schedule, hw, output = groups(p)
-    data.add_argument("--model", required=True,
-                      help="efficientnet-lite0|1|2, torchvision:NAME, timm:NAME, hf:HUB_ID, openclip:ARCH[:TAG], a model file, or py:MODULE:CALLABLE (a function "
-                      "returning an nn.Module or a LoadedModel)")
+    add_model_args(p)
     data.add_argument("--layer", default=None, help="the layer whose channels are swept (see `vital-fast layers`)")
     data.add_argument("--channels", default=None, metavar="SPEC",
                       help="channels of --layer (or rows of --directions): all (default), 0-511, or 0,3,8-15")
@@ -57,19 +57,8 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
     data.add_argument("--images", required=True, help="folder of candidate images for top-k mining (every image under "
                       "it) and class subfolders; or py:MODULE:NAME, a map-style torch Dataset of images (or a function "
                       "returning one) to mine channels from")
-    data.add_argument("--labels", default=None, metavar="FILE",
-                      help="the model's class names, one a line (or a JSON list), in output order (default: the "
-                      "weights' own metadata; none: 'class N')")
     output.add_argument("--out", required=True, help="the sweep folder")
-    data.add_argument("--random-weights", action="store_true", help="random weights (torchvision, timm, hf and efficientnet-lite names; hf: from its cached config; nothing is downloaded)")
-    data.add_argument("--arch", default=None, help="architecture of a state_dict model file")
-    method.add_argument("--channel-refs", choices=["image", "patch"], default=None,
-                        help="channel references: top-k full images or patches at the unit (default: the "
-                        "preset's: patch for fast, image for paper)")
-    data.add_argument("--family", default=None, choices=list(FAMILY_CHOICES),
-                      help="architecture family (default: guessed from the model's class)")
-    method.add_argument("--layers", default=None, metavar="L1[:W],L2[:W],...",
-                        help="matched layers (and weights) instead of the model family's preset, e.g. layer1,layer2:2")
+    add_matching_args(p)
     schedule.add_argument("--early-stop", type=float, default=None, metavar="TOL",
                           help="finish a target once its loss improved by less than this fraction over the last window of "
                           "steps (a tenth of the steps); off by default")
