@@ -266,6 +266,8 @@ def test_one_token_probes_record_their_token_and_are_visualized_there(data, tmp_
         a = FeatureTaps(vit.model, ["vit.layers.1"], detach=True).run(vit.normalize(x))["vit.layers.1"].double()
     assert torch.allclose(cls, a[:, 0], atol=1e-5) and torch.allclose(third, a[:, 3], atol=1e-5)
     assert torch.allclose(mean, a.mean(1), atol=1e-5)
+    patches = pooled_features(vit, "vit.layers.1", pool, tokens="patches")  # the CLS token left out
+    assert torch.allclose(patches, a[:, 1:].mean(1), atol=1e-5)
     out = tmp_path / "cls.pt"
     code = main(["concept", "--model", f"hf:{folder}", "--layer", "vit.layers.1", "--positive", str(pos),
                  "--negative", str(neg), "--out", str(out), "--tokens", "cls"])
@@ -274,6 +276,15 @@ def test_one_token_probes_record_their_token_and_are_visualized_there(data, tmp_
     t = parse_target(f"direction:vit.layers.1:{out}")
     assert t.loc == (0, 0) and t.key.endswith("@0,0")
     assert parse_target(t.key) == t
+    out_p = tmp_path / "patches.pt"
+    assert main(["concept", "--model", f"hf:{folder}", "--layer", "vit.layers.1", "--positive", str(pos),
+                 "--negative", str(neg), "--out", str(out_p), "--tokens", "patches"]) == 0
+    capsys.readouterr()
+    import vital_fast as vf
+
+    r = vf.visualize(vit, [f"direction:vit.layers.1:{out_p}"], pool=str(pos), steps=1, size=32,
+                     settings=vf.get_preset("fast").replace(n_refs=2))
+    assert r.targets[0].layer == "vit.layers.1.patches" and torch.isfinite(r.losses).all()
     for tokens, fragment in (("cls", "not tokens"), ("-1", "--tokens must be")):
         layer = "_blocks.4" if tokens == "cls" else "vit.layers.1"
         model = "efficientnet-lite0" if tokens == "cls" else f"hf:{folder}"

@@ -223,3 +223,19 @@ def test_cli_class_and_channel_targets_for_each_family(family, folders, images, 
     assert code == 0, capsys.readouterr().err
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert len(m["targets"]) == len(targets) // 2
+
+
+@pytest.mark.parametrize("family, prefix", [("vit", 1), ("deit", 2), ("dinov2-registers", 5), ("siglip", 0)])
+def test_prefix_tokens_and_the_patches_layer(family, prefix, folders):
+    """LAYER.patches: the patch tokens alone (CLS, distillation and register tokens left out), values unchanged."""
+    from vital_fast.models import FeatureTaps
+    from vital_fast.models.tokens import patches_layer, prefix_tokens
+
+    lm = load_model("hf:" + folders[family])
+    assert prefix_tokens(lm) == prefix
+    layer = FAMILIES[family][2]
+    name = patches_layer(lm, layer)
+    x = lm.normalize(torch.rand(2, 3, 32, 32))
+    with torch.no_grad():
+        f = FeatureTaps(lm.model, [layer, name], detach=True).run(x)
+    assert torch.equal(f[name], f[layer][:, prefix:]) and lm.channel_dim_of(name) == -1

@@ -28,6 +28,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 
 from vital_fast.models import FeatureTaps, resolve_layer
+from vital_fast.models.tokens import patches_layer
 from vital_fast.optim.directions import save_directions
 from vital_fast.references.pool import ImagePool
 
@@ -136,17 +137,18 @@ def _pool(source: FolderLike, what: str) -> Tuple[ImagePool, str]:
 
 
 def check_tokens(tokens: Union[str, int]) -> Union[str, int]:
-    """``"mean"`` (every token or position), ``"cls"`` (token 0) or a token index; ValueError otherwise."""
+    """``"mean"`` (every token or position), ``"patches"`` (the patch tokens: the prefix left out), ``"cls"``
+    (token 0) or a token index; ValueError otherwise."""
     if isinstance(tokens, str) and tokens.strip().isdigit():
         tokens = int(tokens)
-    if tokens in ("mean", "cls") or (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0):
+    if tokens in ("mean", "patches", "cls") or (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0):
         return tokens
-    raise ValueError(f"--tokens must be mean, cls or a token index >= 0, got {tokens!r}")
+    raise ValueError(f"--tokens must be mean, patches, cls or a token index >= 0, got {tokens!r}")
 
 
 def token_index(tokens: Union[str, int]) -> Optional[int]:
-    """The one token ``tokens`` reads (0 for ``cls``), or None for the mean."""
-    return None if tokens == "mean" else (0 if tokens == "cls" else int(tokens))
+    """The one token ``tokens`` reads (0 for ``cls``), or None for a mean."""
+    return None if tokens in ("mean", "patches") else (0 if tokens == "cls" else int(tokens))
 
 
 def pooled_features(loaded: Any, layer: str, pool: ImagePool, *, size: Optional[int] = None,
@@ -156,6 +158,10 @@ def pooled_features(loaded: Any, layer: str, pool: ImagePool, *, size: Optional[
     CPU, in the pool's order (unreadable images skipped)."""
     tokens = check_tokens(tokens)
     one = token_index(tokens)
+    if tokens == "patches":
+        if loaded.channel_dim_of(layer) != -1:
+            raise ValueError(f"--tokens patches: layer '{layer}' is not a token layer (B, N, C)")
+        layer = patches_layer(loaded, layer)  # the patch tokens alone: their mean leaves the prefix out
     size = int(size or loaded.input_size)
     resize = int(round(size * loaded.resize_size / loaded.input_size))
     cd = loaded.channel_dim_of(layer)
@@ -255,10 +261,11 @@ def train_concept(loaded: Any, layer: str, positive: FolderLike, negative: Folde
         Decoding processes (default: the pool's rule; none for small folders).
     l2 : float
         Strength of the L2 penalty on the standardized weights (default 0.01).
-    tokens : "mean", "cls" or int
-        On a token layer ``(B, N, C)``: the mean over every token (default), the CLS token (0) or one token's
-        index. A one-token probe's file records the token (``token``): its direction target is read there
-        (``direction:LAYER:FILE@T,0``).
+    tokens : "mean", "patches", "cls" or int
+        On a token layer ``(B, N, C)``: the mean over every token (default), over the patch tokens (the CLS,
+        distillation and register tokens left out: the layer ``LAYER.patches``), the CLS token (0) or one token's
+        index. The file records the choice (``tokens``, and ``token`` for one token): its direction target is read
+        the same way (``direction:LAYER.patches:FILE``, ``direction:LAYER:FILE@T,0``).
 
     Returns
     -------

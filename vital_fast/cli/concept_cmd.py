@@ -34,9 +34,10 @@ def register(sub) -> Dict[str, Callable[[Any], int]]:
     data.add_argument("--negative", required=True, metavar="DIR", help="folder of images without it")
     output.add_argument("--out", required=True, metavar="FILE.pt", help="the direction file to write")
     schedule.add_argument("--size", type=int, default=None, help="image side fed to the model (default: the model's)")
-    method.add_argument("--tokens", default="mean", metavar="mean|cls|T",
-                        help="on a token layer (B, N, C): probe the mean of every token, the CLS token or token T; a "
-                        "one-token probe's direction is visualized at that token (default: mean)")
+    method.add_argument("--tokens", default="mean", metavar="mean|patches|cls|T",
+                        help="on a token layer (B, N, C): probe the mean of every token, of the patch tokens (CLS, "
+                        "distillation and register tokens left out), the CLS token or token T; the direction is "
+                        "visualized the same way (default: mean)")
     method.add_argument("--holdout", type=float, default=0.25,
                         help="fraction of each side held out to measure the accuracy (default: 0.25)")
     schedule.add_argument("--seed", type=int, default=0, help="seeds the train/held-out split (default: 0)")
@@ -70,7 +71,7 @@ def visualize_command(args) -> str:
 
 
 def cmd_concept(args) -> int:
-    from vital_fast.concepts import check_out, train_concept
+    from vital_fast.concepts import check_out, check_tokens, train_concept
 
     if not 0.0 < args.holdout < 1.0:
         raise UsageError(f"--holdout must be a fraction between 0 and 1 (exclusive), got {args.holdout}")
@@ -78,8 +79,6 @@ def cmd_concept(args) -> int:
         raise UsageError(f"--size must be at least 16 pixels, got {args.size}")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    from vital_fast.concepts import check_tokens
-
     try:
         tokens = check_tokens(args.tokens)
     except ValueError as exc:

@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from vital_fast.models.heads import head_layer
+from vital_fast.models.tokens import PATCHES, patches_layer
 from vital_fast.models.identity import OUTPUT_LAYER
 from vital_fast.models.text import is_text_spec, text_embedding, text_key
 from vital_fast.optim.directions import Direction, load_directions
@@ -240,7 +241,10 @@ def parse_target(spec: Union[str, Target]) -> Target:
                                  f"(0-{len(dirs) - 1})")
         token = dirs.meta.get("token")  # a probe of one token (vital_fast.concepts): read there
         loc = (int(token), 0) if isinstance(token, int) and not isinstance(token, bool) and token >= 0 else None
-        return Target("direction", i, parts[1], direction=dirs.row(i), loc=loc)
+        layer = parts[1]
+        if dirs.meta.get("tokens") == PATCHES and not layer.endswith("." + PATCHES):
+            layer = f"{layer}.{PATCHES}"  # a probe of the patch tokens: their mean, the prefix left out
+        return Target("direction", i, layer, direction=dirs.row(i), loc=loc)
     if parts[0] in ("text", "head"):
         raise ValueError(f"target {spec!r}: a {parts[0]} target is read with the model: pass it to visualize() or the "
                          f"command line with the model (vital_fast.optim.targets.resolve_model_targets)")
@@ -284,16 +288,25 @@ def head_target(loaded, spec: str) -> Target:
                   loc=None if tok is None else (tok, 0))
 
 
-def resolve_model_targets(loaded, targets: Sequence[Union[str, Target]]) -> List[Union[str, Target]]:
-    """``targets`` with every spec read with the model (``text:``, :func:`text_target`; ``head:``,
-    :func:`head_target`) replaced by its target; the others as given."""
-    out: List[Union[str, Target]] = []
+def resolve_model_targets(loaded, targets: Sequence[Union[str, Target]]) -> List[Target]:
+    """``targets`` as :class:`Target` objects, the specs read with the model too (``text:``, :func:`text_target`;
+    ``head:``, :func:`head_target`); a unit of a token layer's patch tokens (``LAYER.patches``) gets that layer
+    made on the model (:func:`vital_fast.models.tokens.patches_layer`)."""
+    out: List[Target] = []
     for t in targets:
         if is_text_spec(t):
             out.append(text_target(loaded, t))
         elif isinstance(t, str) and t.strip().startswith("head:"):
             out.append(head_target(loaded, t))
         else:
-            out.append(t)
+            out.append(parse_target(t))
+    module = getattr(loaded, "model", loaded)
+    names = None
+    for t in out:
+        if t.layer and t.layer.endswith("." + PATCHES):
+            names = names if names is not None else {n for n, _ in module.named_modules()}
+            if t.layer not in names:
+                patches_layer(loaded, t.layer[: -len(PATCHES) - 1])
+                names = None
     return out
 
