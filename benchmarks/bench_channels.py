@@ -12,7 +12,9 @@ gives ``--crops`` seeded random resized crops at the model's input size.
 
 The channels, by a rule fixed in advance: for each layer, every channel's spatial-max activation on every
 pool image; a channel's selectivity is (mean of its top-k − mean over the pool) / std over the pool; the
-``--channels`` most selective are visualized. Their references are the top-k patches at the unit
+``--channels`` most selective are visualized. Their references are the top-k patches at the unit, from ``k``
+distinct photographs (the best crop of each; ``--no-distinct``: any crops, the earlier benchmark, which copying
+one photograph's crops could win)
 (``channel_refs`` of the settings: patches around the best location, sized to the receptive field, or
 the full crops); the minimally activating patches are the k images with the lowest spatial max, cut the
 same way around their own best location.
@@ -26,6 +28,11 @@ and seeds. Per layer and method, over all seeds:
 - 2-AFC max vs min: is it closer to its channel's maximally than to its minimally activating patches?
   One trial per channel and seed.
 - activation: the channel's spatial max on the visualization over its mean on the top-k references.
+- specificity: how often a channel's visualization drives that channel harder than the other channels'
+  visualizations do, and the median ratio of its own drive to the strongest other's
+  (:mod:`vital_fast.evaluate.specificity`);
+- copy: the judge-feature similarity of a visualization to its nearest reference patch over the patches' own
+  nearest-neighbour similarity (well above 1: it reproduces one patch);
 - FD: Fréchet distance, in the judge's features, between the visualizations and the reference patches.
 
 ``--vital NAME:KEY=VALUE;...`` adds a VITAL variant with settings overrides (e.g.
@@ -53,6 +60,7 @@ import torch
 
 from vital_fast.evaluate.afc import judge_features, max_min_afc, two_afc, wilson_interval
 from vital_fast.evaluate.metrics import frechet_distance
+from vital_fast.evaluate.specificity import copy_index, specificity
 from vital_fast.models import FeatureTaps, load_model
 from vital_fast.optim import get_preset, visualize
 from vital_fast.references.cache import DiskCache
@@ -142,10 +150,36 @@ def parse_variant(text: str) -> Tuple[str, Dict]:
     return name, kw
 
 
-def channel_activation(model, images: torch.Tensor, layer: str, chans: Sequence[int]) -> torch.Tensor:
+def drive_matrix(model, images: torch.Tensor, layer: str, chans: Sequence[int]) -> torch.Tensor:
+    """``(n, n)``: the spatial max of channel ``chans[j]`` on image ``i`` (image i made for channel ``chans[i]``)."""
     with torch.no_grad(), FeatureTaps(model.model, [layer], stop_after=True) as taps:
         a = taps.run(model.normalize(images))[layer].float()
-    return a[torch.arange(len(chans)), torch.tensor(chans)].flatten(1).amax(1)
+    return a[:, torch.tensor(chans)].flatten(2).amax(2)
+
+
+def channel_activation(model, images: torch.Tensor, layer: str, chans: Sequence[int]) -> torch.Tensor:
+    return drive_matrix(model, images, layer, chans).diagonal()
+
+
+def topk_indices(scores: torch.Tensor, k: int, crops: int, distinct: bool, largest: bool = True) -> torch.Tensor:
+    """Per channel (a column of ``scores`` ``(N, n)``), the ``k`` highest (or lowest) crops; with ``distinct``, from
+    ``k`` different photographs (crop ``i`` comes from photograph ``i // crops``): the best crop of each."""
+    order = scores.argsort(dim=0, descending=largest)  # (N, n)
+    if not distinct:
+        return order[:k].t()
+    out = []
+    for j in range(scores.shape[1]):
+        seen, picked = set(), []
+        for i in order[:, j].tolist():
+            if i // crops not in seen:
+                seen.add(i // crops)
+                picked.append(i)
+                if len(picked) == k:
+                    break
+        out.append(picked)
+    if min(len(p) for p in out) < k:
+        raise SystemExit(f"--distinct: the pool has fewer than k = {k} photographs; lower --k or add photographs")
+    return torch.tensor(out)
 
 
 def main(argv=None) -> int:
@@ -156,6 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--k", type=int, default=8, help="top-k (and bottom-k) patches per channel")
     ap.add_argument("--crops", type=int, default=8, help="random resized crops per photograph")
+    ap.add_argument("--no-distinct", dest="distinct", action="store_false",
+                    help="top-k (and bottom-k) crops may come from one photograph (the old benchmark: a channel's "
+                    "references are then often crops of one or two photographs, which copying wins)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--vital", nargs="*", default=[], metavar="NAME:KEY=VALUE;...",
@@ -189,9 +226,9 @@ def main(argv=None) -> int:
         scores, locs, grid = pool_scores(model, layer, pool)
         chans = pick_channels(scores, a.k, a.channels)
         rf = receptive_field(model, layer, size)
-        top = scores[:, chans].topk(a.k, dim=0).indices.t()      # (n, k)
-        bot = (-scores[:, chans]).topk(a.k, dim=0).indices.t()
-        mean_top = scores[:, chans].topk(a.k, dim=0).values.mean(0)
+        top = topk_indices(scores[:, chans], a.k, a.crops, a.distinct)               # (n, k)
+        bot = topk_indices(scores[:, chans], a.k, a.crops, a.distinct, largest=False)
+        mean_top = scores[:, chans].gather(0, top.t()).mean(0)
         print(f"\n{layer}: channels {chans} (receptive field {rf} px, grid {grid})", flush=True)
         maxp = {c: patches(model, pool, top[j].tolist(), [locs[i, c].tolist() for i in top[j].tolist()], grid, rf,
                            size, "patch") for j, c in enumerate(chans)}
@@ -219,7 +256,7 @@ def main(argv=None) -> int:
                 refs[t].names = [f"{t}#{i}" for i in range(len(refs[t]))]
                 refs[t].hashes = [hashlib.sha256(im.numpy().tobytes()).hexdigest()[:16] for im in refs[t].images]
             afc_k = afc_n = mm_k = 0.0
-            acts, vis_all, secs = [], [], []
+            acts, vis_all, secs, spec, ratios, copies = [], [], [], [], [], []
             for seed in a.seeds:
                 key = hashlib.sha256(json.dumps([a.model, layer, chans, method, sorted(s.to_dict().items()), vsize, seed,
                                                  len(pool), a.k],
@@ -243,7 +280,12 @@ def main(argv=None) -> int:
                 afc_k += r["n_correct"]
                 afc_n += r["n_trials"]
                 mm_k += max_min_afc(list(vf), [ref_feats[c] for c in chans], [min_feats[c] for c in chans])["n_correct"]
-                acts.append((channel_activation(model, images, layer, chans) / mean_top.clamp_min(1e-6)))
+                drive = drive_matrix(model, images, layer, chans)
+                acts.append(drive.diagonal() / mean_top.clamp_min(1e-6))
+                frac, _, rat = specificity(drive.double().numpy())
+                spec.append(frac)
+                ratios += [float(v) for v in rat if np.isfinite(v)]
+                copies += [copy_index(vf[i], ref_feats[c]) for i, c in enumerate(chans)]
                 vis_all.append(vf)
                 if seed == a.seeds[0]:
                     figure_rows.append((layer, vname, chans, images, maxp))
@@ -255,19 +297,25 @@ def main(argv=None) -> int:
             row = {"layer": layer, "method": vname, "afc": afc_k / afc_n, "afc_ci": [lo, hi], "afc_trials": int(afc_n),
                    "minmax": mm_k / mm_n, "minmax_ci": [mlo, mhi], "minmax_trials": mm_n,
                    "activation": float(act.mean()), "activation_median": float(act.median()), "fd": fd,
+                   "specificity": float(np.mean(spec)), "spec_ratio": float(np.median(ratios)) if ratios else float("nan"),
+                   "copy": float(np.mean(copies)),
                    "s_per_target_step": float(np.nanmean(secs)), "settings": kw}
             rows.append(row)
             print(f"| {layer} | {vname} | {100 * row['afc']:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}] | "
                   f"{100 * row['minmax']:.0f} % [{100 * mlo:.0f}, {100 * mhi:.0f}] | {row['activation']:.2f} | "
+                  f"{100 * row['specificity']:.0f} % | {row['spec_ratio']:.2f} | {row['copy']:.2f} | "
                   f"{fd:.1f} | {row['s_per_target_step']:.3f} |", flush=True)
-    print("\n| layer | method | 2-AFC own vs other, 95 % CI | 2-AFC max vs min | activation / top-k mean | FD to "
-          "patches | s per target-step |\n|---|---|---:|---:|---:|---:|---:|")
+    print("\n| layer | method | 2-AFC own vs other, 95 % CI | 2-AFC max vs min | activation / top-k mean | "
+          "specificity | own / strongest other | copy | FD to patches | s per target-step |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['layer']} | {r['method']} | {100 * r['afc']:.0f} % [{100 * r['afc_ci'][0]:.0f}, "
               f"{100 * r['afc_ci'][1]:.0f}] of {r['afc_trials']} | {100 * r['minmax']:.0f} % "
               f"[{100 * r['minmax_ci'][0]:.0f}, {100 * r['minmax_ci'][1]:.0f}] of {r['minmax_trials']} | "
-              f"{r['activation']:.2f} | {r['fd']:.1f} | {r['s_per_target_step']:.3f} |")
-    print(f"\npool: {len(pool)} crops of {n_photos} photographs; seeds {a.seeds}; preset {a.preset}; "
+              f"{r['activation']:.2f} | {100 * r['specificity']:.0f} % | {r['spec_ratio']:.2f} | {r['copy']:.2f} | "
+              f"{r['fd']:.1f} | {r['s_per_target_step']:.3f} |")
+    print(f"\npool: {len(pool)} crops of {n_photos} photographs; top-k from "
+          f"{'distinct photographs' if a.distinct else 'any crops'}; seeds {a.seeds}; preset {a.preset}; "
           f"judge {a.judge}; threads {torch.get_num_threads()}")
     if a.json:
         with open(a.json, "w") as f:
