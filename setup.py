@@ -35,7 +35,7 @@ URL = "https://github.com/vital-fast/vital_fast"
 BUILD_NOTE = "_C_build_error.txt"
 
 # filelock: the run-folder lock (vital_fast.runfolder); 3.12 added thread_local=False
-INSTALL_REQUIRES = ["torch>=2.1", "torchvision", "numpy", "Pillow", "zennit", "filelock>=3.12"]
+INSTALL_REQUIRES = ["torch>=2.6", "torchvision", "numpy", "Pillow", "zennit", "filelock>=3.12"]
 EXTRAS_REQUIRE = {
     "timm": ["timm"],
     # hf:NAME models: Hugging Face transformers vision models from the local cache.

@@ -85,3 +85,20 @@ def test_imports_and_runs_without_compiled_parts():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_a_torch_without_triton_op_reports_triton_unavailable(monkeypatch):
+    """torch before 2.6 has no torch.library.triton_op: the Triton backend is unavailable with the reason, it does
+    not crash the backend probe."""
+    import sys
+
+    import torch
+
+    from vital_fast import _backend, _ext
+
+    if _ext.load_triton()[0] is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.delattr(torch.library, "triton_op")
+    monkeypatch.delitem(sys.modules, "vital_fast.ops.triton_ops", raising=False)
+    ok, why = _backend._status("triton")
+    assert not ok and "torch >= 2.6" in why

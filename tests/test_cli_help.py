@@ -106,6 +106,7 @@ def test_completion_script_completes_subcommands_options_and_choices(shell, tmp_
     assert set(_complete(text, ["vital-fast", "visualize", "--chan"], tmp_path)) == {
         "--channel-refs", "--channel-relevance", "--channels-last"}
     assert _complete(text, ["vital-fast", "visualize", "--amp", "b"], tmp_path) == ["bf16"]
+    assert set(_complete(text, ["vital-fast", "completion", ""], tmp_path)) == {"bash", "zsh"}  # positional choices
     (tmp_path / "photos").mkdir()
     assert _complete(text, ["vital-fast", "visualize", "--images", "pho"], tmp_path) == ["photos"]
 

@@ -197,3 +197,20 @@ def test_random_openclip_is_seeded_and_its_text_tower_built_on_demand(clip):
     assert torch.equal(a, b)
     held = [v for v in vars(again.model).values() if isinstance(v, torch.nn.Module)]
     assert not any(hasattr(v, "encode_text") for v in held)
+
+
+def test_pretrained_openclip_takes_its_tags_preprocessing(monkeypatch, tmp_path):
+    """Weights given to open_clip as a file lose the tag's preprocessing there: vital_fast takes mean, std and
+    interpolation (and QuickGELU) from the tag's config itself."""
+    import vital_fast.models.openclip as oc
+
+    model = open_clip.create_model(ARCH, pretrained=None)
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda arch: ["fake"])
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda arch, tag: {
+        "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bilinear", "quick_gelu": False})
+    monkeypatch.setattr(oc, "_weights_file", lambda *a: str(path))
+    lm = load_model(f"openclip:{ARCH}:fake")
+    assert lm.mean == (0.5, 0.5, 0.5) and lm.std == (0.25, 0.25, 0.25) and lm.interpolation == "bilinear"
+    assert lm.weights == "pretrained" and lm.name == f"openclip:{ARCH}:fake"

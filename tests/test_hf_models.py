@@ -239,3 +239,34 @@ def test_prefix_tokens_and_the_patches_layer(family, prefix, folders):
     with torch.no_grad():
         f = FeatureTaps(lm.model, [layer, name], detach=True).run(x)
     assert torch.equal(f[name], f[layer][:, prefix:]) and lm.channel_dim_of(name) == -1
+
+
+def test_adapted_models_still_pickle(folders, tmp_path):
+    """The hooks vital_fast adds (one tensor out, position interpolation, the output, heads and patches taps, the
+    text tower) are module-level functions and plain objects: a user's model still saves whole."""
+    import io
+
+    from vital_fast.models.heads import head_layer
+    from vital_fast.models.tokens import patches_layer
+
+    cls, cfg, layer = FAMILIES["vit"]
+    module = cls(cfg)
+    lm = load_model(module)
+    head_layer(lm, "vit.layers.1")
+    patches_layer(lm, "vit.layers.1")
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    clip = load_model("hf:" + folders["clip"])
+    torch.save(clip.model, io.BytesIO())
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.allclose(again(x), module(x))
+
+
+def test_convnext_processor_crop_pct(tmp_path):
+    """ConvNeXt's image processor resizes the short side to size / crop_pct and center-crops size."""
+    folder = _save(tmp_path / "cnx", "convnext", processor=False)
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875).save_pretrained(folder)
+    lm = load_model("hf:" + folder)
+    assert (lm.input_size, lm.resize_size) == (224, 256)

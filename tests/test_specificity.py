@@ -20,6 +20,10 @@ def test_specificity_of_a_diagonal_and_of_a_texture():
     assert np.isnan(ratios[0]) and ratios[1] == pytest.approx(-1.5)
     with pytest.raises(ValueError, match="at least 2 units"):
         specificity(np.ones((1, 1)))
+    with_nan = own.copy()
+    with_nan[0, 1] = np.nan  # a NaN drive is no trial: the rest still all won
+    frac, _, ratios = specificity(with_nan)
+    assert frac == 1.0 and np.isfinite(ratios).all()
 
 
 def test_copy_index_of_a_copy_and_of_a_blend():

@@ -75,3 +75,23 @@ def test_missing_tensorboard_names_the_extra(monkeypatch, images, tmp_path, caps
                  "--out", str(tmp_path / "run"), "--log", "tensorboard", str(tmp_path / "tb")])
     err = capsys.readouterr().err
     assert code == 2 and "vital_fast[tensorboard]" in err
+
+
+def test_a_run_replaced_with_force_is_logged_again(images, tmp_path, capsys, monkeypatch):
+    import vital_fast.results as results
+    from vital_fast.report.tensorboard import RECORD
+
+    out, log = tmp_path / "run", tmp_path / "tb"
+    args = ["visualize", "--model", "efficientnet-lite0", "--target", "class:967", "--images", str(images),
+            "--out", str(out), "--size", "64", "--steps", "2", "--cache", str(tmp_path / "cache"),
+            "--log", "tensorboard", str(log)]
+    assert main(args) == 0
+    capsys.readouterr()
+    stamps = iter(["2026-12-05T10:00:01+0000", "2026-12-05T10:00:02+0000"])
+    real = results.time.strftime
+    monkeypatch.setattr(results.time, "strftime", lambda fmt, *a: next(stamps) if "%S" in fmt else real(fmt, *a))
+    assert main(args + ["--force"]) == 0
+    assert "logged 1 target(s)" in capsys.readouterr().err  # the new run: logged although the folder is the same
+    import json
+
+    assert len(json.loads((log / RECORD).read_text())["logged"]) == 2

@@ -43,7 +43,11 @@ def _status(name: str) -> Tuple[bool, Optional[str]]:
     if name == "triton":
         mod, why = _ext.load_triton()
         if mod is not None:
-            import vital_fast.ops.triton_ops  # noqa: F401  (defines torch.ops.vital_fast.*_triton; imports dynamo)
+            try:
+                import vital_fast.ops.triton_ops  # noqa: F401  (defines torch.ops.vital_fast.*_triton; imports dynamo)
+            except (ImportError, AttributeError) as exc:  # a torch without torch.library.triton_op (before 2.6)
+                return False, (f"the Triton operators could not be defined ({type(exc).__name__}: {exc}); they need "
+                               f"torch >= 2.6 (this is {torch.__version__})")
         return mod is not None, why
     raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
 

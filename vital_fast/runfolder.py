@@ -217,9 +217,10 @@ def check_identity_version(old: Mapping[str, Any], out: str, what: str = "--resu
     """``ValueError`` naming both versions when ``old`` (a folder's identity) is not of :data:`IDENTITY_VERSION`."""
     v = old.get("version", 1)
     if v != IDENTITY_VERSION:
+        how = ("save into another folder" if what == "save" else
+               "rerun into a new --out folder, or pass --force to replace it")
         raise ValueError(f"{what}: {out} was written by a vital_fast whose run identity is version {v}; this one "
-                         f"writes version {IDENTITY_VERSION} and cannot continue it: rerun into a new --out folder, "
-                         f"or pass --force to replace it")
+                         f"writes version {IDENTITY_VERSION} and cannot continue it: {how}")
 
 
 def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any],

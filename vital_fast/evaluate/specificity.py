@@ -1,7 +1,7 @@
 """Two checks that a visualization shows its own unit, not something that merely looks right (issue 26).
 
 ``specificity`` (``spec_ratio``)
-    For unit targets of one layer: how often a unit's image drives that unit harder than the other units' images
+    For the channel targets of one layer: how often a channel's image drives it harder than the other channels' images
     do (the fraction of (own image, other image) pairs, over every unit; chance 0.5), and the median over units
     of the ratio of its own image's drive to the strongest other image's drive (> 1: its own image is the
     strongest; only units whose strongest other drive is positive count). The drive of an image on a unit is the
@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Mapping, MutableMapping, Tuple
 
 import numpy as np
@@ -38,9 +39,16 @@ def specificity(drive: np.ndarray) -> Tuple[float, float, np.ndarray]:
     own = np.diag(d)
     other = d.copy()
     np.fill_diagonal(other, np.nan)
-    wins = (own[None, :] > other)[~np.eye(n, dtype=bool)].reshape(n, n - 1)
-    strongest = np.nanmax(other, axis=0)
+    off = ~np.eye(n, dtype=bool)
+    valid = (np.isfinite(own)[None, :] & np.isfinite(other))[off]  # a NaN drive is no trial, won or lost
+    wins = (own[None, :] > other)[off][valid]
+    if not wins.size:
+        raise ValueError("specificity: every drive is NaN")
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: no strongest other
+        strongest = np.nanmax(other, axis=0)
     ratios = np.where(strongest > 0, own / np.where(strongest > 0, strongest, 1.0), np.nan)
+    ratios = np.where(np.isfinite(own), ratios, np.nan)
     good = ratios[np.isfinite(ratios)]
     return float(wins.mean()), (float(np.median(good)) if good.size else float("nan")), ratios
 

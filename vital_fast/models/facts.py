@@ -40,7 +40,9 @@ def traced_layers(model, input_size=None) -> List[dict]:
     module, loaded = taps._unwrap(model)
     if input_size is None:
         input_size = loaded.input_size if loaded is not None else 224
-    key = input_size if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+    size = input_size if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+    # layers made later (heads, LAYER.patches, output: Identity taps) change the module count: a new table
+    key = (size, sum(1 for _ in module.modules()))
     per_model = _LAYER_TABLES.get(module)
     if per_model is None:
         per_model = _LAYER_TABLES[module] = {}
@@ -48,7 +50,7 @@ def traced_layers(model, input_size=None) -> List[dict]:
         training = {m: m.training for m in module.modules()}
         try:
             module.eval()
-            per_model[key] = list_layers(module, key)
+            per_model[key] = list_layers(module, size)
         finally:
             for m, flag in training.items():
                 m.training = flag
@@ -96,7 +98,7 @@ def check_targets(loaded, targets: Sequence) -> Dict[str, tuple]:
             n = loaded.num_classes
             if n is None and is_embedding_model(loaded.model):
                 raise ValueError(f"target {t.key}: {loaded.name} has no classifier (its output is an embedding); "
-                                 "its units are channel:, neuron: and direction: targets")
+                                 "its units are channel:, neuron:, direction:, head: and text: targets")
             if n is not None and t.index >= n:
                 raise ValueError(f"target {t.key}: the model has {n} classes (0-{n - 1})")
         else:
@@ -120,7 +122,7 @@ def check_targets(loaded, targets: Sequence) -> Dict[str, tuple]:
                                      f"{t.layer!r} has {c} channels")
             elif t.index >= c:
                 raise ValueError(f"target {t.key}: layer {t.layer!r} has {c} channels (0-{c - 1})")
-            if t.kind == "neuron":
+            if t.loc is not None:  # a neuron, or a direction read at one position (a token: (T, 0))
                 grid = (shape[0], 1) if tokens else tuple(shape[1:3]) + (1,) * (3 - len(shape))
                 if t.loc[0] >= grid[0] or t.loc[1] >= grid[1]:
                     raise ValueError(f"target {t.key}: location ({t.loc[0]}, {t.loc[1]}) is outside layer "

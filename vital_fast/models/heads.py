@@ -59,5 +59,13 @@ def head_layer(model, block: str) -> Tuple[str, int, int]:
     if HEADS not in attn._modules:
         tap = nn.Identity()
         attn.add_module(HEADS, tap)
-        proj.register_forward_pre_hook(lambda m, args: (tap(args[0]),) + tuple(args[1:]))
+        proj.__dict__[_TAP] = tap  # not a submodule of the projection: the layer is <attention>.heads
+        proj.register_forward_pre_hook(_heads_hook)  # module-level: the model still pickles
     return f"{parent}.{HEADS}", heads, proj.in_features // heads
+
+
+_TAP = "_vital_fast_heads_tap"
+
+
+def _heads_hook(proj: nn.Module, args):
+    return (proj.__dict__[_TAP](args[0]),) + tuple(args[1:])

@@ -98,19 +98,24 @@ def adapt(model: nn.Module) -> nn.Module:
     """
     if getattr(model, _MARK, False):
         return model
-    model.register_forward_hook(lambda m, args, out: _one_tensor(out))
+    model.register_forward_hook(_one_tensor_hook)  # module-level hooks: the model still pickles
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins
         params = {}
     if "interpolate_pos_encoding" in params:
-        def pre(m, args, kwargs):
-            kwargs.setdefault("interpolate_pos_encoding", True)
-            return args, kwargs
-
-        model.register_forward_pre_hook(pre, with_kwargs=True)
+        model.register_forward_pre_hook(_interpolate_hook, with_kwargs=True)
     setattr(model, _MARK, True)
     return model
+
+
+def _one_tensor_hook(module: nn.Module, args, out):
+    return _one_tensor(out)
+
+
+def _interpolate_hook(module: nn.Module, args, kwargs):
+    kwargs.setdefault("interpolate_pos_encoding", True)
+    return args, kwargs
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +198,13 @@ def _preprocessing(name: str, config) -> Dict[str, Any]:
     short, square = _size(pp.get("size"))
     crop_short, crop_square = _size(pp.get("crop_size"))
     crop = crop_square or crop_short
+    crop_pct = pp.get("crop_pct")
+    if short and isinstance(crop_pct, (int, float)) and 0 < crop_pct < 1 and not crop:
+        # ConvNeXt's processor: resize the short side to size / crop_pct, then center-crop size (below 384 px)
+        return dict(input_size=int(short), resize_size=int(short / crop_pct) if short < 384 else int(short),
+                    mean=tuple(float(v) for v in (pp.get("image_mean") or IMAGENET_MEAN)),
+                    std=tuple(float(v) for v in (pp.get("image_std") or IMAGENET_STD)),
+                    interpolation=_RESAMPLE.get(pp.get("resample"), "bilinear"))
     if pp.get("do_center_crop", crop is not None) and crop:
         input_size = crop
         resize = short or square or crop
@@ -258,7 +270,7 @@ def load_hf(name: str, weights: str) -> dict:
     if num_classes is None:
         mark_embedding_model(model)
     if str(getattr(config, "model_type", "")) in _TEXT_TOWERS and getattr(config, "text_config", None) is not None:
-        set_text_tower(model, _text_encoder(name, config, weights))
+        set_text_tower(model, _TextEncoder(name, config, weights))
     return dict(model=model, name=f"hf:{name}", family=hf_family(model), num_classes=num_classes,
                 class_names=_class_names(model.config, num_classes), **_preprocessing(name, config))
 
@@ -266,46 +278,44 @@ def load_hf(name: str, weights: str) -> dict:
 _TEXT_TOWERS = {"clip": "CLIPTextModelWithProjection", "siglip": "SiglipTextModel", "siglip2": "Siglip2TextModel"}
 
 
-def _text_encoder(name: str, config, weights: str):
+class _TextEncoder:
     """``encode(prompts) -> (N, D)`` of a joint checkpoint's text tower and tokenizer, loaded for each call and
     dropped after it (from the same cache or folder; random weights built from the config, seeded, for
-    ``weights="random"``); :mod:`vital_fast.models.text` caches the directions per prompt."""
-    mt = str(config.model_type)
-    state: Dict[str, Any] = {}
+    ``weights="random"``); :mod:`vital_fast.models.text` caches the directions per prompt. A plain object, so the
+    image tower still pickles."""
 
-    def load():
+    def __init__(self, name: str, config, weights: str) -> None:
+        self.name, self.config, self.weights = name, config, weights
+
+    def _load(self):
         transformers = _transformers()
         from transformers import AutoTokenizer
 
+        config, mt = self.config, str(self.config.model_type)
         cls = getattr(transformers, _TEXT_TOWERS[mt])
         tcfg = cls.config_class.from_dict(config.text_config.to_dict())
         if hasattr(config, "projection_dim") and hasattr(tcfg, "projection_dim"):
             tcfg.projection_dim = config.projection_dim
         try:
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(self.name, local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(f"text targets: the tokenizer of hf:{name} is not on this machine "
-                             f"({str(exc).splitlines()[0][:160]}); {_fetch_hint(name)}") from None
-        if weights == "random":
+            raise ValueError(f"text targets: the tokenizer of hf:{self.name} is not on this machine "
+                             f"({str(exc).splitlines()[0][:160]}); {_fetch_hint(self.name)}") from None
+        if self.weights == "random":
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 text = cls.from_config(tcfg)
         else:
-            text = cls.from_pretrained(name, config=tcfg, local_files_only=True)
-        state.update(model=text.eval(), tok=tok)
+            text = cls.from_pretrained(self.name, config=tcfg, local_files_only=True)
+        return text.eval(), tok, mt
 
-    def encode(prompts):
-        load()
-        try:
-            batch = state["tok"](list(prompts), padding="max_length" if mt.startswith("siglip") else True,
-                                 truncation=True, return_tensors="pt")
-            out = state["model"](**batch)
-            emb = getattr(out, "text_embeds", None)
-            return emb if isinstance(emb, torch.Tensor) else out.pooler_output
-        finally:
-            state.clear()  # the text tower runs once for these prompts and is dropped
-
-    return encode
+    def __call__(self, prompts):
+        text, tok, mt = self._load()  # runs once for these prompts and is dropped
+        batch = tok(list(prompts), padding="max_length" if mt.startswith("siglip") else True, truncation=True,
+                    return_tensors="pt")
+        out = text(**batch)
+        emb = getattr(out, "text_embeds", None)
+        return emb if isinstance(emb, torch.Tensor) else out.pooler_output
 
 
 def hf_num_classes(model: nn.Module) -> Optional[int]:

@@ -131,16 +131,19 @@ def mark_embedding_model(model: nn.Module) -> nn.Module:
         return model
     model.__dict__[_EMBEDDING] = True
     if OUTPUT_LAYER not in model._modules:
-        tokens = guess_family(model) == "vit"
+        model.__dict__[_OUTPUT_TOKENS] = guess_family(model) == "vit"
         model.add_module(OUTPUT_LAYER, nn.Identity())
-
-        def tap(m, args, out):
-            if isinstance(out, torch.Tensor) and out.dim() == 2:
-                m._modules[OUTPUT_LAYER](out[:, None] if tokens else out[:, :, None, None])
-            return out
-
-        model.register_forward_hook(tap)
+        model.register_forward_hook(_output_tap)  # module-level: the model still pickles
     return model
+
+
+_OUTPUT_TOKENS = "_vital_fast_output_as_token"
+
+
+def _output_tap(m: nn.Module, args, out):
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        m._modules[OUTPUT_LAYER](out[:, None] if m.__dict__.get(_OUTPUT_TOKENS) else out[:, :, None, None])
+    return out
 
 
 def is_embedding_model(model: nn.Module) -> bool:

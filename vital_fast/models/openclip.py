@@ -55,11 +55,12 @@ def _quiet():
         root.setLevel(level)
 
 
-def _build(open_clip, arch: str, path: Optional[str]):
-    """The whole CLIP model in eval mode: pretrained from ``path``, or random weights seeded (the same every time,
+def _build(open_clip, arch: str, path: Optional[str], quick_gelu: bool = False):
+    """The whole CLIP model in eval mode: pretrained from ``path`` (with the tag's activation: ``quick_gelu``, which
+    open_clip applies by itself only when given the tag's name), or random weights seeded (the same every time,
     so that the text tower built again for a text target belongs to the same random model)."""
     if path is not None:
-        return open_clip.create_model(arch, pretrained=path).eval()
+        return open_clip.create_model(arch, pretrained=path, force_quick_gelu=quick_gelu).eval()
     with _quiet(), torch.random.fork_rng():
         torch.manual_seed(0)
         return open_clip.create_model(arch, pretrained=None).eval()
@@ -86,6 +87,20 @@ def _weights_file(open_clip, arch: str, tag: str) -> Optional[str]:
     return None
 
 
+class _TextTower:
+    """``encode(prompts) -> (N, D)``: the text side of the CLIP model, built for the call (from the same weights;
+    random weights seeded) and dropped after it. A plain object, so the image tower still pickles."""
+
+    def __init__(self, arch: str, path: Optional[str], quick_gelu: bool) -> None:
+        self.arch, self.path, self.quick_gelu = arch, path, quick_gelu
+
+    def __call__(self, prompts):
+        open_clip = _open_clip()
+        clip = _build(open_clip, self.arch, self.path, self.quick_gelu)
+        clip.visual = None
+        return clip.encode_text(open_clip.get_tokenizer(self.arch)(list(prompts)))
+
+
 def load_openclip(spec: str, weights: str) -> dict:
     """The loader's record of ``openclip:ARCH[:PRETRAINED]``; never downloads."""
     open_clip = _open_clip()
@@ -101,7 +116,7 @@ def load_openclip(spec: str, weights: str) -> dict:
     if tag and tag not in tags:
         raise ValueError(f"load_model: OpenCLIP model {arch} has no pretrained tag {tag!r}; its tags: "
                          f"{shown}")
-    path = None
+    path, cfg = None, {}
     if weights == "random":
         model = _build(open_clip, arch, None)
     else:
@@ -115,19 +130,15 @@ def load_openclip(spec: str, weights: str) -> dict:
                 f"downloads. On a machine with network run `python -c \"import open_clip; "
                 f"open_clip.create_model('{arch}', pretrained='{tag}')\"` and copy its cache (~/.cache/huggingface/hub "
                 "or ~/.cache/clip) here, or pass --random-weights")
-        model = _build(open_clip, arch, path)
+        cfg = open_clip.get_pretrained_cfg(arch, tag) or {}  # the tag's preprocessing and activation
+        model = _build(open_clip, arch, path, bool(cfg.get("quick_gelu", False)))
     visual = model.visual
     del model  # the text tower is built again when a text target needs it, and dropped after
-    tokenizer = open_clip.get_tokenizer(arch)
-
-    def encode(prompts):
-        clip = _build(open_clip, arch, path)
-        clip.visual = None
-        return clip.encode_text(tokenizer(list(prompts)))
-
-    set_text_tower(visual, encode)
+    set_text_tower(visual, _TextTower(arch, path, bool(cfg.get("quick_gelu", False))))
     mark_embedding_model(visual)
-    pp = getattr(visual, "preprocess_cfg", None) or {}
+    # the tag's preprocessing over the tower's defaults (open_clip sets them from the tag only for a tag's name)
+    pp = dict(getattr(visual, "preprocess_cfg", None) or {}, **{k: v for k, v in cfg.items()
+                                                                 if k in ("mean", "std", "interpolation") and v})
     size = pp.get("size") or getattr(visual, "image_size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     interp = pp.get("interpolation") if pp.get("interpolation") in ("bilinear", "bicubic") else "bicubic"

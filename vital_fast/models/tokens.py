@@ -44,14 +44,16 @@ def patches_layer(model, layer: str) -> str:
     module, _ = taps._unwrap(model)
     target = taps.resolve_layer(module, layer)
     if PATCHES not in target._modules:
-        skip = prefix_tokens(module)
-        tap = nn.Identity()
-        target.add_module(PATCHES, tap)
-
-        def hook(m, args, out):
-            if hasattr(out, "dim") and out.dim() == 3:
-                tap(out[:, skip:])
-            return out
-
-        target.register_forward_hook(hook)
+        target.__dict__[_PREFIX] = prefix_tokens(module)
+        target.add_module(PATCHES, nn.Identity())
+        target.register_forward_hook(_patches_hook)  # module-level: the model still pickles
     return f"{layer}.{PATCHES}"
+
+
+_PREFIX = "_vital_fast_prefix_tokens"
+
+
+def _patches_hook(m: nn.Module, args, out):
+    if hasattr(out, "dim") and out.dim() == 3:
+        m._modules[PATCHES](out[:, m.__dict__[_PREFIX]:])
+    return out

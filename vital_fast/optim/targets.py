@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from vital_fast.models.facts import layer_table
 from vital_fast.models.heads import head_layer
-from vital_fast.models.tokens import PATCHES, patches_layer
 from vital_fast.models.identity import OUTPUT_LAYER
 from vital_fast.models.text import is_text_spec, text_embedding, text_key
+from vital_fast.models.tokens import PATCHES, patches_layer, prefix_tokens
 from vital_fast.optim.directions import Direction, load_directions
 
 KINDS = ("class", "channel", "direction", "neuron")
@@ -45,6 +47,10 @@ class Target:
     layer: Optional[str] = None
     direction: Optional[Direction] = None
     loc: Optional[Tuple[int, int]] = None
+    # a location on a token layer: (prefix tokens, side of the patch grid at the model's input size), so that a
+    # patch token moves with the grid across sizes and a prefix token (CLS) stays (set with the model:
+    # resolve_model_targets); not part of the key
+    tokens: Optional[Tuple[int, int]] = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -106,6 +112,15 @@ class Target:
         targets as they are. (The key changes with the location: keep the original's key.)"""
         if self.loc is None or size == native:
             return self
+        if self.tokens is not None:  # a token: a prefix token stays, a patch token moves with its grid cell
+            prefix, side = self.tokens
+            t = self.loc[0]
+            if t < prefix:
+                return self
+            row, col = divmod(t - prefix, side)
+            new_side = max(1, size * side // native)
+            row, col = (min(int((v + 0.5) * size / native), new_side - 1) for v in (row, col))
+            return dataclasses.replace(self, loc=(prefix + row * new_side + col, 0))
         return dataclasses.replace(self, loc=tuple(int((v + 0.5) * size / native) for v in self.loc))
 
     @property
@@ -308,5 +323,23 @@ def resolve_model_targets(loaded, targets: Sequence[Union[str, Target]]) -> List
             if t.layer not in names:
                 patches_layer(loaded, t.layer[: -len(PATCHES) - 1])
                 names = None
-    return out
+    return [_with_tokens(loaded, t) for t in out]
+
+
+def _with_tokens(loaded, t: Target) -> Target:
+    """``t`` with its token layout (:attr:`Target.tokens`) when it has a location on a token layer whose tokens
+    are a prefix and a square patch grid; as it is otherwise."""
+    if t.loc is None or not hasattr(loaded, "channel_dim_of"):
+        return t
+    try:
+        if loaded.channel_dim_of(t.layer) != -1:
+            return t
+        shape = {d["name"]: d["shape"] for d in layer_table(loaded)}.get(t.layer)
+    except ValueError:
+        return t  # an unknown layer: check_targets names it
+    if not shape or len(shape) != 2:
+        return t
+    prefix = 0 if t.layer.endswith("." + PATCHES) else prefix_tokens(loaded)
+    side = int(round(math.sqrt(max(0, shape[0] - prefix))))
+    return dataclasses.replace(t, tokens=(prefix, side)) if side * side == shape[0] - prefix and side else t
 

@@ -3,8 +3,10 @@
 After each run (``visualize``, ``demo``, ``sweep``, also ``--resume``d ones) the targets that the run folder
 holds whole and that were not logged before are written to an event file in ``DIR``: each target's loss at
 every step (``loss/<target>``), its image (``image/<target>``) and its references (``references/<target>``).
-What was logged is recorded in ``DIR/.vital_fast_logged.json`` (written atomically), so a resumed run or a
-second call adds only what is new. Several runs may share ``DIR``: the tags carry the run folder's name.
+What was logged is recorded in ``DIR/.vital_fast_logged.json`` (by run folder, the run's creation time and target;
+read and rewritten under a lock, ``DIR/.vital_fast_logged.lock``), so a resumed run or a second call adds only
+what is new, a run replaced with ``--force`` is logged again, and several runs may share ``DIR`` (the tags carry
+the run folder's name).
 
     tensorboard --logdir DIR
 """
@@ -15,6 +17,8 @@ import json
 import os
 from typing import List, Optional, Sequence
 
+from filelock import FileLock
+
 from vital_fast.files import atomic_write_bytes
 from vital_fast.runfolder import read_manifest
 
@@ -22,6 +26,7 @@ __all__ = ["LOGGERS", "check_log", "log_run_folder"]
 
 LOGGERS = ("tensorboard",)
 RECORD = ".vital_fast_logged.json"
+LOCK = ".vital_fast_logged.lock"
 _EXTRA = "pip install tensorboard (or the extra: pip install 'vital_fast[tensorboard]')"
 
 
@@ -63,11 +68,18 @@ def _image(path: str):
 def log_run_folder(run_dir: str, log_dir: str, keys: Optional[Sequence[str]] = None) -> int:
     """Write the finished targets of ``run_dir`` not logged before (only ``keys`` when given) to TensorBoard
     event files in ``log_dir``; returns how many were written."""
+    os.makedirs(log_dir, exist_ok=True)
+    with FileLock(os.path.join(log_dir, LOCK)):  # another run sharing DIR waits: no record entry is lost
+        return _log_locked(run_dir, log_dir, keys)
+
+
+def _log_locked(run_dir: str, log_dir: str, keys: Optional[Sequence[str]]) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     manifest = read_manifest(run_dir)
     run_name = os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
-    run_id = os.path.abspath(run_dir)
+    # the folder and when its run was made: a run replaced with --force in the same folder is another run
+    run_id = f"{os.path.abspath(run_dir)}@{manifest.get('created', '')}"
     logged = _read_record(log_dir)
     seen = set(logged)
     wanted = set(keys) if keys is not None else None
@@ -84,7 +96,6 @@ def log_run_folder(run_dir: str, log_dir: str, keys: Optional[Sequence[str]] = N
         todo.append((key, t, rec))
     if not todo:
         return 0
-    os.makedirs(log_dir, exist_ok=True)
     writer = SummaryWriter(log_dir)
     try:
         for key, t, rec in todo:
