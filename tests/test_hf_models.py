@@ -270,3 +270,17 @@ def test_convnext_processor_crop_pct(tmp_path):
     transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875).save_pretrained(folder)
     lm = load_model("hf:" + folder)
     assert (lm.input_size, lm.resize_size) == (224, 256)
+
+
+def test_token_locations_move_with_the_patch_grid(folders, photos):
+    """head:BLOCK:H:T on a 4x4 patch grid + CLS: the CLS token stays at every size, a patch token moves with its
+    grid cell; a token past the last is one line before any work."""
+    from vital_fast.optim.targets import resolve_model_targets
+
+    lm = load_model("hf:" + folders["vit"])
+    cls_t, patch = resolve_model_targets(lm, ["head:vit.layers.2:0:0", "head:vit.layers.2:0:16"])
+    assert cls_t.tokens == (1, 4) and cls_t.at_size(16, 32).loc == (0, 0) and cls_t.at_size(64, 32).loc == (0, 0)
+    assert patch.at_size(16, 32).loc == (1 + 1 * 2 + 1, 0)   # row 3, col 3 of 4x4 -> row 1, col 1 of 2x2
+    assert patch.at_size(64, 32).loc == (1 + 7 * 8 + 7, 0)   # -> row 7, col 7 of 8x8
+    with pytest.raises(ValueError, match=r"location \(17, 0\) is outside"):
+        vf.visualize(lm, ["head:vit.layers.2:0:17"], pool=photos, steps=1, size=32)
