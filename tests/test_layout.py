@@ -59,8 +59,12 @@ def test_runs_agree_across_layouts_and_leave_the_model_as_it_was(lm):
             seen.clear()
             s = Settings(stages=[(1.0, 3)], warmup=1, n_refs=3, quantiles=16, lr=0.1, channels_last=cl)
             out[cl] = visualize(lm, tg, {t: refs for t in tg}, settings=s, cache=DiskCache(enabled=False))
-            # seen[0]: the target check's probe of layer shapes, before the engine (values unused)
-            assert len(seen) > 2 and all(seen[1:]) == (cl == "auto") and any(seen) == (cl == "auto")
+            # seen[0]: the target check's probe of layer shapes, before the engine (values unused); the last two:
+            # the annotations of the finished images (a prediction, an activation ratio), in the model's own layout
+            # again, once the run gave it back
+            run = seen[1:-2]
+            assert len(run) > 2 and all(run) == (cl == "auto") and any(seen) == (cl == "auto")
+            assert not any(seen[-2:])
     finally:
         hook.remove()
     for a, b in zip(out["off"].images, out["auto"].images):
