@@ -110,3 +110,21 @@ def test_fourier_for_every_target_leaves_class_targets_as_auto_made_them(lm, ref
     f = visualize(lm, list(targets), targets, settings=small(param="fourier"), class_layers=LAYERS,
                   cache=DiskCache(str(tmp_path)))
     assert torch.equal(a.images, f.images)
+
+
+def test_channel_activation_weight_pushes_units_and_leaves_classes(lm, refs, tmp_path):
+    """Settings.channel_activation_weight adds minus the unit's activation to a unit target's loss (class targets
+    get nothing from it); 0 is the recipe without it."""
+    from vital_fast.optim.methods import build_recipe
+
+    targets = {"class:1": refs, "channel:act3:2": refs}
+    base = small()
+    assert "actmax" not in build_recipe("vital", base).objective.name
+    pushed = base.replace(channel_activation_weight=1.0)
+    assert "actmax(units)" in build_recipe("vital", pushed).objective.name.replace("[", "(").replace("]", ")")
+    a = visualize(lm, list(targets), targets, settings=base, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    b = visualize(lm, list(targets), targets, settings=pushed, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    assert torch.equal(a.images[0], b.images[0])  # the class target: unchanged
+    assert not torch.equal(a.images[1], b.images[1])  # the unit: pushed
+    with pytest.raises(ValueError, match="channel_activation_weight must be >= 0.0"):
+        base.replace(channel_activation_weight=-1.0)

@@ -322,14 +322,19 @@ class ActMax(Objective):
 
     ``unit``: one fixed unit for every element instead (``"class:3"``, ``"channel:layer3:5"``).
     ``class_loss="ce"``: class targets take the cross-entropy of their class (DeepInversion's).
+    ``units_only``: class targets get nothing (0) from it: an activation term for unit targets alone, composed with
+    another objective (``Settings.channel_activation_weight``).
     """
 
-    def __init__(self, unit: Union[None, str, Target] = None, class_loss: str = "logit") -> None:
+    def __init__(self, unit: Union[None, str, Target] = None, class_loss: str = "logit",
+                 units_only: bool = False) -> None:
         if class_loss not in ("logit", "ce"):
             raise ValueError(f"ActMax class_loss must be 'logit' or 'ce', got {class_loss!r}")
         self.unit = parse_target(unit) if unit is not None else None
         self.class_loss = class_loss
-        self.name = "actmax" if self.unit is None else f"actmax({self.unit.key})"
+        self.units_only = bool(units_only)
+        self.name = ("actmax" if self.unit is None else f"actmax({self.unit.key})") + (
+            "[units]" if self.units_only else "")
         self._index: Dict[Any, Any] = {}
 
     def _targets(self, slots) -> List[Target]:
@@ -339,7 +344,7 @@ class ActMax(Objective):
         return sorted({t.layer for t in self._targets(slots) if t.is_unit})
 
     def needs_logits(self, slots):
-        return any(t.kind == "class" for t in self._targets(slots))
+        return not self.units_only and any(t.kind == "class" for t in self._targets(slots))
 
     def setup(self, engine, targets):
         from vital_fast.models.facts import check_targets
@@ -354,7 +359,7 @@ class ActMax(Objective):
     def _indices(self, targets: Sequence[Target], dev):
         key = (tuple(t.key for t in targets), str(dev))
         if key not in self._index:
-            cls = [i for i, t in enumerate(targets) if t.kind == "class"]
+            cls = [] if self.units_only else [i for i, t in enumerate(targets) if t.kind == "class"]
             by_layer: Dict[str, List[int]] = {}
             for i, t in enumerate(targets):
                 if t.is_unit:

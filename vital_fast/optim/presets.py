@@ -21,7 +21,7 @@ CHOICES = {
 MINIMUM = {
     "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
     "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
-    "channel_target_weight": 0.0, "loss_every": 1, "resample_cache_mb": 0,
+    "channel_target_weight": 0.0, "channel_activation_weight": 0.0, "loss_every": 1, "resample_cache_mb": 0,
 }
 
 
@@ -123,6 +123,10 @@ class Settings:
     # weight of the target's own layer in a unit target's loss (its relevance there is the unit's own
     # activation map, so only the target channel is matched); 0: only the matched layers before it
     channel_target_weight: float = 0.0
+    # weight of an activation term for unit targets: minus the unit's mean activation on the image, added to the
+    # matching loss (0: none, the paper; class targets never get it). Unlike channel_target_weight, which matches
+    # the unit's distribution to its references' and so holds its activation near theirs, this pushes it up
+    channel_activation_weight: float = 0.0
     # weight a unit target's features by their LRP relevance to the unit (the paper); off: plain sort matching
     # of the matched layers against the unit's top-k references, as for class targets
     channel_relevance: bool = True
