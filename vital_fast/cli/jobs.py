@@ -8,14 +8,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 from vital_fast.cli.progress_bar import Progress
 from vital_fast.optim import Settings, Target, visualize
 from vital_fast.references.cache import DiskCache
-from vital_fast.references.images import (
-    ImageSet,
-    class_image_folder,
-    missing_class_message,
-    list_image_files,
-    load_images,
-)
-from vital_fast.references.units import mine_unit_references
+from vital_fast.references.gather import folder_pool, gather_references as _gather
+from vital_fast.references.images import ImageSet
 from vital_fast.references.pool import ImagePool
 from vital_fast.results import read_manifest, save_result
 
@@ -36,33 +30,20 @@ def gather_references(
         pool = None
         if not os.path.isdir(images):
             raise ValueError(f"--images: no such folder: {images}")
-    refs: Dict[str, ImageSet] = {}
-    for t in targets:
-        if t.kind == "class":
-            if images is None:
+    if images is None:
+        for t in targets:
+            if not t.is_unit:
                 raise ValueError(f"no reference images for {t.key}: a dataset given as --images serves channel "
                                  f"targets; class targets need a folder of class subfolders")
-            folder = class_image_folder(images, t.index)
-            if folder is None:
-                raise ValueError(missing_class_message(images, t.index))
-            refs[t.key] = load_images(folder, what=f"references of {t.key}")
-    units = [t for t in targets if t.is_unit]
-    if units:
-        if pool is None:
-            files = list_image_files(images)
-            if not files:
-                raise ValueError(f"--images: no image files under {images} to mine references from")
-            pool = ImagePool.from_files(files, root=images, what=f"candidate images under {images}")
-        pool.check()  # no readable image: fail before any mining
-        k = min(settings.n_refs, len(pool))
+    if pool is None and any(t.is_unit for t in targets):
+        pool = folder_pool(images)
 
-        def bar_for(label):
-            bar = Progress(len(pool), label=label)
-            return lambda done, total, rate: bar.update(done, f"{rate:.1f} images/s")
+    def bar_for(label):
+        bar = Progress(len(pool), label=label)
+        return lambda done, total, rate: bar.update(done, f"{rate:.1f} images/s")
 
-        refs.update(mine_unit_references(loaded, units, pool, k, mode=settings.channel_refs,
-                                         size=size or loaded.input_size, cache=cache, progress_for=bar_for))
-    return refs
+    return _gather(loaded, targets, classes=images, pool=pool, n_refs=settings.n_refs, mode=settings.channel_refs,
+                   size=size or (loaded.input_size if pool is not None else 0), cache=cache, progress_for=bar_for)
 
 
 def labels_for(loaded, targets: Sequence[Target]) -> Dict[str, str]:

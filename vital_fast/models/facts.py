@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vital_fast.models import taps
-from vital_fast.models.identity import is_embedding_model
 from vital_fast.models.loading import LoadedModel, load_model
 from vital_fast.models.taps import list_layers, resolve_layer
 
@@ -94,41 +93,38 @@ def check_targets(loaded, targets: Sequence) -> Dict[str, tuple]:
     not the layer's channels, a neuron's location outside the layer's grid (at the model's input size)."""
     shapes = {d["name"]: d["shape"] for d in layer_table(loaded)}
     for t in targets:
-        if t.kind == "class":
-            n = loaded.num_classes
-            if n is None and is_embedding_model(loaded.model):
-                raise ValueError(f"target {t.key}: {loaded.name} has no classifier (its output is an embedding); "
-                                 "its units are channel:, neuron:, direction:, head: and text: targets")
-            if n is not None and t.index >= n:
-                raise ValueError(f"target {t.key}: the model has {n} classes (0-{n - 1})")
-        else:
-            resolve_layer(loaded.model, t.layer)
-            shape = shapes.get(t.layer)
-            if shape is None:
-                raise ValueError(f"target {t.key}: layer {t.layer!r} produces no tensor output")
-            tokens = loaded.channel_dim_of(t.layer) == -1
-            if len(shape) < 2:
-                raise ValueError(f"target {t.key}: layer {t.layer!r} outputs (B, {', '.join(map(str, shape))}) with no "
-                                 f"spatial grid or tokens; {t.kind} targets need a convolutional or token layer (a "
-                                 f"classifier's outputs are class:N targets)")
-            if len(shape) == 2 and not tokens:
-                raise ValueError(f"target {t.key}: layer {t.layer!r} outputs (B, {shape[0]}, {shape[1]}), whose channel "
-                                 f"dimension cannot be told for family {loaded.family!r}; for tokens (B, N, C), channels "
-                                 f"last, load the model with family='vit' (--family vit)")
-            c = shape[-1] if tokens else shape[0]
-            if t.kind == "direction":
-                if t.direction.channels != c:
-                    raise ValueError(f"target {t.key}: the direction has {t.direction.channels} values but layer "
-                                     f"{t.layer!r} has {c} channels")
-            elif t.index >= c:
-                raise ValueError(f"target {t.key}: layer {t.layer!r} has {c} channels (0-{c - 1})")
-            if t.loc is not None:  # a neuron, or a direction read at one position (a token: (T, 0))
-                grid = (shape[0], 1) if tokens else tuple(shape[1:3]) + (1,) * (3 - len(shape))
-                if t.loc[0] >= grid[0] or t.loc[1] >= grid[1]:
-                    raise ValueError(f"target {t.key}: location ({t.loc[0]}, {t.loc[1]}) is outside layer "
-                                     f"{t.layer!r}'s {grid[0]}x{grid[1]} grid at the model's input size "
-                                     f"({loaded.input_size} px)")
+        t.check(loaded, shapes)  # each kind checks itself (vital_fast.optim.targets)
     return shapes
+
+
+def check_unit_target(loaded, t, shapes: Dict[str, tuple]) -> None:
+    """The checks of a unit target (channel, direction, neuron) ``t`` on ``loaded`` (``shapes``: each layer's
+    output shape): its layer has channels and a grid or tokens, its unit vector fits the channels (a channel index
+    in range, a direction of the right length), its location lies on the grid."""
+    resolve_layer(loaded.model, t.layer)
+    shape = shapes.get(t.layer)
+    if shape is None:
+        raise ValueError(f"target {t.key}: layer {t.layer!r} produces no tensor output")
+    tokens = loaded.channel_dim_of(t.layer) == -1
+    if len(shape) < 2:
+        raise ValueError(f"target {t.key}: layer {t.layer!r} outputs (B, {', '.join(map(str, shape))}) with no "
+                         f"spatial grid or tokens; {t.kind} targets need a convolutional or token layer (a "
+                         f"classifier's outputs are class:N targets)")
+    if len(shape) == 2 and not tokens:
+        raise ValueError(f"target {t.key}: layer {t.layer!r} outputs (B, {shape[0]}, {shape[1]}), whose channel "
+                         f"dimension cannot be told for family {loaded.family!r}; for tokens (B, N, C), channels "
+                         f"last, load the model with family='vit' (--family vit)")
+    c = shape[-1] if tokens else shape[0]
+    try:
+        t.unit_vector(c)
+    except ValueError as exc:
+        raise ValueError(f"target {t.key}: {exc}".replace(f"target {t.key}: {t.key}: ", f"target {t.key}: ")) from None
+    if t.loc is not None:  # a neuron, or a direction read at one position (a token: (T, 0))
+        grid = (shape[0], 1) if tokens else tuple(shape[1:3]) + (1,) * (3 - len(shape))
+        if t.loc[0] >= grid[0] or t.loc[1] >= grid[1]:
+            raise ValueError(f"target {t.key}: location ({t.loc[0]}, {t.loc[1]}) is outside layer "
+                             f"{t.layer!r}'s {grid[0]}x{grid[1]} grid at the model's input size "
+                             f"({loaded.input_size} px)")
 
 
 def check_matched_layers(loaded, layers: Sequence, what: str = "matched layer") -> None:

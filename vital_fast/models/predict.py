@@ -90,14 +90,14 @@ def annotate(loaded, targets: Sequence, images: torch.Tensor, references: Sequen
     ``activation_ratio`` of unit targets (its mean activation on the image over the mean on its references). One
     forward pass each; cheap next to the optimization."""
     out: dict = {t.key: {} for t in targets}
-    cls = [i for i, t in enumerate(targets) if t.kind == "class"]
+    cls = [i for i, t in enumerate(targets) if not t.is_unit]
     if cls and not is_embedding_model(loaded.model):
         preds = top_predictions(loaded, [images[i] for i in cls], getattr(loaded, "class_names", None))
         for i, p in zip(cls, preds or []):
             out[targets[i].key]["predictions"] = p
     for i, t in enumerate(targets):
         if t.is_unit and references[i] is not None and len(references[i].images):
-            r = channel_activation_ratio(loaded, t.layer, t.index if t.kind == "channel" else t, images[i],
+            r = channel_activation_ratio(loaded, t.layer, t.unit_at(), images[i],
                                          references[i].images)
             if r is not None:
                 out[t.key]["activation_ratio"] = r

@@ -51,7 +51,7 @@ class SortMatch(Objective):
             self.class_layers = list(default_layers(engine.loaded))
 
         check_matched_layers(engine.loaded, self.class_layers)
-        if self.settings.class_relevance and any(t.kind == "class" for t in targets):
+        if self.settings.class_relevance and any(not t.is_unit for t in targets):
             self._logit_layer(engine)  # a model without class logits fails here, before any work
 
     def _logit_layer(self, engine) -> str:
@@ -73,11 +73,11 @@ class SortMatch(Objective):
 
         t0 = time.perf_counter()
         t, S, s, plan = slot.target, engine.sizes[slot.stage], self.settings, self.plan(engine, slot.target)
-        if t.kind == "class":
+        if not t.is_unit:
             r = class_references(engine.loaded, t.key, slot.refset, plan, S, s, slot.seed, self.cache)
         else:
             rs = slot.refset.subset(range(min(len(slot.refset), s.n_refs)))
-            unit = t.index if t.kind == "channel" else t.at_size(S, engine.loaded.input_size)
+            unit = t.unit_at(S, engine.loaded.input_size)
             r = channel_references(engine.loaded, t.key, t.layer, unit, rs, record_layers=plan, size=S, settings=s,
                                    cache=self.cache)
         slot.state["refs"] = r
@@ -105,7 +105,7 @@ class SortMatch(Objective):
         out: Dict[str, List[int]] = {}
         for i in idx:
             t = slots[i].target
-            out.setdefault(t.layer if t.is_unit else self._logit_layer(engine), []).append(i)
+            out.setdefault(t.layer or self._logit_layer(engine), []).append(i)  # a class: the logits
         return out
 
     @staticmethod
@@ -188,8 +188,8 @@ def unit_starts(targets: Sequence[Target], size: int, final: int, dev):
     """Where relevance starts for each target (class logits, channels, directions, neurons) as
     :func:`~vital_fast.references.relevance.relevance_maps` takes it: channel indices ``(B,)``, or directions
     ``(B, C)`` when any target is a direction; and ``(B, 2)`` locations when any is a neuron (else None)."""
-    if any(t.kind == "direction" for t in targets):
-        c = next(t.direction.channels for t in targets if t.kind == "direction")
+    if any(t.direction is not None for t in targets):
+        c = next(t.direction.channels for t in targets if t.direction is not None)
         chans = torch.stack([t.unit_vector(c) for t in targets]).to(dev)
     else:
         chans = torch.tensor([t.index for t in targets], device=dev)

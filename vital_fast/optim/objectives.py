@@ -344,7 +344,7 @@ class ActMax(Objective):
         return sorted({t.layer for t in self._targets(slots) if t.is_unit})
 
     def needs_logits(self, slots):
-        return not self.units_only and any(t.kind == "class" for t in self._targets(slots))
+        return not self.units_only and any(not t.is_unit for t in self._targets(slots))
 
     def setup(self, engine, targets):
         from vital_fast.models.facts import check_targets
@@ -354,12 +354,12 @@ class ActMax(Objective):
 
     def plan(self, engine, target):
         t = self.unit or target
-        return [(last_linear(engine.loaded.model) or "output", 1.0)] if t.kind == "class" else [(t.layer, 1.0)]
+        return [(t.layer or last_linear(engine.loaded.model) or "output", 1.0)]  # a class: the logits
 
     def _indices(self, targets: Sequence[Target], dev):
         key = (tuple(t.key for t in targets), str(dev))
         if key not in self._index:
-            cls = [] if self.units_only else [i for i, t in enumerate(targets) if t.kind == "class"]
+            cls = [] if self.units_only else [i for i, t in enumerate(targets) if not t.is_unit]
             by_layer: Dict[str, List[int]] = {}
             for i, t in enumerate(targets):
                 if t.is_unit:
@@ -389,7 +389,7 @@ class ActMax(Objective):
                 f = f.transpose(1, 2)
             grid = tuple(f.shape[2:]) if f.dim() == 4 else (f.shape[2], 1)
             f = f.reshape(B, R, f.shape[1], -1)[idx]                                      # (n, R, C, D)
-            if all(t.kind == "channel" for t in ts):
+            if all(t.whole_channel is not None for t in ts):
                 act = f.gather(2, ch.view(-1, 1, 1, 1).expand(-1, R, 1, f.shape[-1]))[:, :, 0].mean(-1)
             else:
                 act = _unit_activation(f, ts, grid, ctx.view.shape[-1], ctx.engine.loaded.input_size)

@@ -13,26 +13,36 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from vital_fast.models.facts import layer_table
+from vital_fast.models.facts import check_unit_target, layer_table
 from vital_fast.models.heads import head_layer
-from vital_fast.models.identity import OUTPUT_LAYER
+from vital_fast.models.identity import OUTPUT_LAYER, is_embedding_model
 from vital_fast.models.text import is_text_spec, text_embedding, text_key
 from vital_fast.models.tokens import PATCHES, patches_layer, prefix_tokens
 from vital_fast.optim.directions import Direction, load_directions
 
-KINDS = ("class", "channel", "direction", "neuron")
-UNIT_KINDS = ("channel", "direction", "neuron")
 FORMS = ("'class:285', 'channel:LAYER:17', 'direction:LAYER:FILE[:ROW][@Y,X]', 'neuron:LAYER:C:Y:X', "
          "'head:BLOCK:H[:T]' (attention heads), 'text:PROMPT' (CLIP-like models)")
+
+# kind -> its class (ClassTarget, ChannelTarget, DirectionTarget, NeuronTarget); register_target_kind adds one
+TARGET_KINDS: Dict[str, type] = {}
+
+
+def register_target_kind(cls: type) -> type:
+    """Register a :class:`Target` subclass under its ``KIND`` (``Target(kind, ...)`` then builds it, and
+    :func:`parse_target` reads its ``KIND:...`` text through its ``parse``). Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Target)) or not isinstance(getattr(cls, "KIND", None), str):
+        raise ValueError(f"register_target_kind: {cls!r} is not a Target subclass with a KIND")
+    TARGET_KINDS[cls.KIND] = cls
+    return cls
 
 
 @dataclass(frozen=True)
 class Target:
-    """One unit to visualize.
+    """One unit to visualize; ``Target(kind, ...)`` builds the class of its kind (:data:`TARGET_KINDS`).
 
     ``Target("class", 285)`` is the class neuron 285; ``Target("channel", 17, "layer3")`` is
     channel 17 of the output of module ``layer3``; ``Target.of_direction("layer3", vector)`` a direction
@@ -40,6 +50,12 @@ class Target:
     column 9 of ``layer3``'s grid (for a token layer ``(B, N, C)``: token 5, column 0). ``key`` is the
     canonical text form (``class:285``, ``channel:layer3:17``, ``direction:layer3:FILE:ROW``,
     ``neuron:layer3:17:5:9``) that :func:`parse_target` reads back.
+
+    What differs by kind is the kind's to say, so that the engine, the sweep and the command line ask the target:
+    its key, label and record; :attr:`is_unit` (a unit of a layer, whose references are mined by its activation,
+    or a class, whose references are its photographs); :attr:`whole_channel`; :meth:`unit_vector`,
+    :meth:`unit_at` and :meth:`unit_identity` (where its activation and relevance start); :meth:`check` (does it
+    fit a model).
     """
 
     kind: str
@@ -52,59 +68,77 @@ class Target:
     # resolve_model_targets); not part of the key
     tokens: Optional[Tuple[int, int]] = dataclasses.field(default=None, compare=False, hash=False)
 
+    KIND: ClassVar[str] = ""
+    #: a unit of a layer (channel, direction, neuron: references mined by its activation map), not a class
+    is_unit: ClassVar[bool] = False
+    takes_direction: ClassVar[bool] = False
+
+    def __new__(cls, kind: Any = None, *args: Any, **kwargs: Any) -> "Target":
+        if cls is Target:
+            if kind not in TARGET_KINDS:
+                raise ValueError(f"target kind must be one of {', '.join(TARGET_KINDS)}, got {kind!r}")
+            cls = TARGET_KINDS[kind]
+        return object.__new__(cls)
+
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"target kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind != self.KIND:
+            raise ValueError(f"a {type(self).__name__} has kind {self.KIND!r}, got {self.kind!r}")
         if not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 0:
             raise ValueError(f"target index must be a non-negative int, got {self.index!r}")
-        if self.kind in UNIT_KINDS and not self.layer:
-            raise ValueError(f"a {self.kind} target needs a layer name: {self.kind}:LAYER:...")
-        if self.kind == "class" and self.layer is not None:
-            raise ValueError("a class target takes no layer")
-        if (self.kind == "direction") != (self.direction is not None):
+        if (self.direction is not None) != self.takes_direction:
             raise ValueError("a direction target needs its direction, and only it takes one")
-        if self.kind == "neuron" or (self.kind == "direction" and self.loc is not None):
-            if (not isinstance(self.loc, tuple) or len(self.loc) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.loc)):
-                raise ValueError(f"a {self.kind} target's location (Y, X) is two non-negative ints, got {self.loc!r}")
-        elif self.loc is not None:
+        self._check_fields()
+
+    def _check_fields(self) -> None:
+        if not self.layer:
+            raise ValueError(f"a {self.kind} target needs a layer name: {self.kind}:LAYER:...")
+        if self.loc is not None:
             raise ValueError("only neuron and direction targets take a location")
 
-    @property
-    def is_unit(self) -> bool:
-        """A unit of a layer (channel, direction, neuron), not a class."""
-        return self.kind in UNIT_KINDS
+    def _check_loc(self) -> None:
+        if (not isinstance(self.loc, tuple) or len(self.loc) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.loc)):
+            raise ValueError(f"a {self.kind} target's location (Y, X) is two non-negative ints, got {self.loc!r}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Target":
+        """The target of the text ``spec`` (``KIND:...``); ValueError naming the forms."""
+        raise ValueError(f"bad target {spec!r}; valid forms: {FORMS}")
 
     @property
     def key(self) -> str:
-        if self.kind == "class":
-            return f"class:{self.index}"
-        if self.kind == "channel":
-            return f"channel:{self.layer}:{self.index}"
-        if self.kind == "direction":
-            src = self.direction.source
-            if src.startswith(("text:", "head:")):  # read with the model: text:PROMPTS, head:LAYER:H[:T]
-                return src + (f":{self.loc[0]}" if self.loc is not None and src.startswith("head:") else "")
-            return f"direction:{self.layer}:{src}:{self.index}" + (
-                f"@{self.loc[0]},{self.loc[1]}" if self.loc is not None else "")
-        return f"neuron:{self.layer}:{self.index}:{self.loc[0]}:{self.loc[1]}"
+        raise NotImplementedError
+
+    @property
+    def whole_channel(self) -> Optional[int]:
+        """The channel index when the unit is one whole channel of its layer (a channel target); None otherwise."""
+        return None
 
     def unit_vector(self, channels: int) -> torch.Tensor:
         """The unit's weights over the layer's ``channels`` (float32): one-hot for a channel or a neuron, the
         direction's vector for a direction. ``ValueError`` when they do not fit the layer."""
-        if self.kind == "direction":
-            if self.direction.channels != channels:
-                raise ValueError(f"{self.key}: the direction has {self.direction.channels} values but layer "
-                                 f"{self.layer!r} has {channels} channels")
-            return self.direction.vector
-        if self.kind == "class":
-            raise ValueError(f"{self.key}: a class target has no unit vector")
         if self.index >= channels:
             raise ValueError(f"layer {self.layer!r} has {channels} channels (0-{channels - 1}); got channel "
                              f"{self.index}")
         v = torch.zeros(channels)
         v[self.index] = 1.0
         return v
+
+    def unit_at(self, size: Optional[int] = None, native: Optional[int] = None) -> Union[int, "Target"]:
+        """What activation, mining and relevance take for this unit on an image of ``size`` px: the channel index of
+        a whole channel, else the target (its location on the grid at ``size``, :meth:`at_size`)."""
+        if self.whole_channel is not None:
+            return self.whole_channel
+        return self if size is None or native is None else self.at_size(size, native)
+
+    def unit_identity(self) -> tuple:
+        """Equal for targets that are the same unit (they share a mined row)."""
+        return (self.kind, self.index, self.loc)
+
+    def check(self, loaded, shapes: Dict[str, tuple]) -> None:
+        """Raise ValueError, naming the target, when it does not fit ``loaded`` (``shapes``: the output shape of
+        each layer, batch left out): an unknown layer, an index out of range, a location off the grid."""
+        check_unit_target(loaded, self, shapes)
 
     def at_size(self, size: int, native: int) -> "Target":
         """This target with a neuron's location moved from its layer's grid at ``native`` px (the model's input
@@ -125,7 +159,7 @@ class Target:
 
     @property
     def unit_bias(self) -> float:
-        return self.direction.bias if self.kind == "direction" else 0.0
+        return 0.0
 
     @property
     def slug(self) -> str:
@@ -147,46 +181,16 @@ class Target:
     def label(self, class_names: Optional[Sequence[str]] = None) -> str:
         """What results and the gallery call the target: ``285 Egyptian cat`` with the model's class names
         (:attr:`vital_fast.models.LoadedModel.class_names`), ``class:285`` without; ``layer3 channel 17``."""
-        if self.kind == "class":
-            if class_names and self.index < len(class_names):
-                return f"{self.index} {class_names[self.index]}"
-            return self.key
-        if self.kind == "direction":
-            if self.direction.source.startswith("text:"):
-                return "text " + " | ".join(f'"{p}"' for p in self.direction.source[5:].split("|"))
-            if self.direction.source.startswith("head:"):
-                _, block, h = self.direction.source.split(":")
-                return f"{block} head {h}" + (f" at token {self.loc[0]}" if self.loc is not None else "")
-            name = self.direction.source.replace("\\", "/").rsplit("/", 1)[-1]
-            return f"{self.layer} direction {name}:{self.index}"
-        if self.kind == "neuron":
-            return f"{self.layer} channel {self.index} at ({self.loc[0]}, {self.loc[1]})"
         return f"{self.layer} channel {self.index}"
 
     def record(self) -> dict:
         """What a result record says of the unit beyond its key: a direction's source, row, digest, bias and
         a probe's held-out accuracy (when its file has one); a neuron's location."""
-        if self.kind == "direction":
-            d = self.direction
-            out = {"source": d.source, "row": d.row, "digest": d.digest, "bias": d.bias}
-            for k in ("accuracy", "n_test"):
-                if isinstance(d.meta.get(k), (int, float)) and not isinstance(d.meta.get(k), bool):
-                    out["probe_" + k] = d.meta[k]
-            return {"direction": out}
-        if self.kind == "neuron":
-            return {"loc": list(self.loc)}
         return {}
 
     def canonical(self) -> "Target":
         """The channel a one-hot direction with no bias names (it *is* that channel: same references, relevance,
         seed and image); any other target itself."""
-        if self.kind == "direction" and self.direction.bias == 0.0:
-            v = self.direction.vector
-            nz = torch.nonzero(v).flatten()
-            if nz.numel() == 1 and float(v[nz[0]]) == 1.0:
-                if self.loc is not None:
-                    return Target("neuron", int(nz[0]), self.layer, loc=self.loc)
-                return Target("channel", int(nz[0]), self.layer)
         return self
 
     def seed(self, base_seed: int) -> int:
@@ -197,6 +201,207 @@ class Target:
 
     def __str__(self) -> str:
         return self.key
+
+
+def _ints(spec: str, parts: Sequence[str]) -> List[int]:
+    try:
+        return [int(p) for p in parts]
+    except ValueError as exc:
+        raise ValueError(f"bad target {spec!r}: {exc}; valid forms: {FORMS}") from None
+
+
+@register_target_kind
+class ClassTarget(Target):
+    """A class logit: ``class:N``. Its references are photographs of the class; its relevance starts at the
+    logits."""
+
+    KIND = "class"
+
+    def _check_fields(self) -> None:
+        if self.layer is not None:
+            raise ValueError("a class target takes no layer")
+        if self.loc is not None:
+            raise ValueError("only neuron and direction targets take a location")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Target":
+        parts = spec.strip().split(":")
+        if len(parts) != 2:
+            return super().parse(spec)
+        return cls("class", *_ints(spec, parts[1:]))
+
+    @property
+    def key(self) -> str:
+        return f"class:{self.index}"
+
+    def unit_vector(self, channels: int) -> torch.Tensor:
+        raise ValueError(f"{self.key}: a class target has no unit vector")
+
+    def unit_at(self, size: Optional[int] = None, native: Optional[int] = None) -> Union[int, "Target"]:
+        return self.index
+
+    def check(self, loaded, shapes: Dict[str, tuple]) -> None:
+        n = loaded.num_classes
+        if n is None and is_embedding_model(loaded.model):
+            raise ValueError(f"target {self.key}: {loaded.name} has no classifier (its output is an embedding); "
+                             "its units are channel:, neuron:, direction:, head: and text: targets")
+        if n is not None and self.index >= n:
+            raise ValueError(f"target {self.key}: the model has {n} classes (0-{n - 1})")
+
+    def label(self, class_names: Optional[Sequence[str]] = None) -> str:
+        if class_names and self.index < len(class_names):
+            return f"{self.index} {class_names[self.index]}"
+        return self.key
+
+
+@register_target_kind
+class ChannelTarget(Target):
+    """One channel of a layer: ``channel:LAYER:C`` (its mean activation over the grid or the tokens)."""
+
+    KIND = "channel"
+    is_unit = True
+
+    @classmethod
+    def parse(cls, spec: str) -> "Target":
+        parts = spec.strip().split(":")
+        if len(parts) != 3:
+            return super().parse(spec)
+        return cls("channel", *_ints(spec, parts[2:]), parts[1])
+
+    @property
+    def key(self) -> str:
+        return f"channel:{self.layer}:{self.index}"
+
+    @property
+    def whole_channel(self) -> Optional[int]:
+        return self.index
+
+
+@register_target_kind
+class NeuronTarget(Target):
+    """One channel at one location of its layer's grid: ``neuron:LAYER:C:Y:X`` (a token layer: ``Y`` the token,
+    ``X`` 0)."""
+
+    KIND = "neuron"
+    is_unit = True
+
+    def _check_fields(self) -> None:
+        if not self.layer:
+            raise ValueError(f"a {self.kind} target needs a layer name: {self.kind}:LAYER:...")
+        self._check_loc()
+
+    @classmethod
+    def parse(cls, spec: str) -> "Target":
+        parts = spec.strip().split(":")
+        if len(parts) != 5:
+            return super().parse(spec)
+        c, y, x = _ints(spec, parts[2:])
+        return cls("neuron", c, parts[1], loc=(y, x))
+
+    @property
+    def key(self) -> str:
+        return f"neuron:{self.layer}:{self.index}:{self.loc[0]}:{self.loc[1]}"
+
+    def label(self, class_names: Optional[Sequence[str]] = None) -> str:
+        return f"{self.layer} channel {self.index} at ({self.loc[0]}, {self.loc[1]})"
+
+    def record(self) -> dict:
+        return {"loc": list(self.loc)}
+
+
+@register_target_kind
+class DirectionTarget(Target):
+    """A direction in a layer's channel space (:class:`Direction`), over the grid or at one location:
+    ``direction:LAYER:FILE[:ROW][@Y,X]``; attention heads (``head:``) and text prompts (``text:``) are directions
+    too, read with the model (:func:`resolve_model_targets`)."""
+
+    KIND = "direction"
+    is_unit = True
+
+    takes_direction = True
+
+    def _check_fields(self) -> None:
+        if not self.layer:
+            raise ValueError(f"a {self.kind} target needs a layer name: {self.kind}:LAYER:...")
+        if self.loc is not None:
+            self._check_loc()
+
+    @classmethod
+    def parse(cls, spec: str) -> "Target":
+        parts = spec.strip().split(":")
+        if not (len(parts) >= 3 and parts[1] and parts[2]):
+            return super().parse(spec)
+        rest = spec.strip().split(":", 2)[2]
+        m = re.fullmatch(r"(.*)@(\d+),(\d+)", rest)
+        if m:  # a direction read at one location (a token: Y = its index, X = 0)
+            t = cls.parse(f"direction:{parts[1]}:{m.group(1)}")
+            return dataclasses.replace(t, loc=(int(m.group(2)), int(m.group(3))))
+        path, sep, row = rest.rpartition(":")
+        if sep and row.strip().lstrip("-").isdigit():
+            dirs, i = load_directions(path), int(row)
+        else:
+            dirs, i = load_directions(rest), 0
+            if len(dirs) != 1:
+                raise ValueError(f"{rest} holds {len(dirs)} directions: name one, direction:{parts[1]}:{rest}:ROW "
+                                 f"(0-{len(dirs) - 1})")
+        token = dirs.meta.get("token")  # a probe of one token (vital_fast.concepts): read there
+        loc = (int(token), 0) if isinstance(token, int) and not isinstance(token, bool) and token >= 0 else None
+        layer = parts[1]
+        if dirs.meta.get("tokens") == PATCHES and not layer.endswith("." + PATCHES):
+            layer = f"{layer}.{PATCHES}"  # a probe of the patch tokens: their mean, the prefix left out
+        return cls("direction", i, layer, direction=dirs.row(i), loc=loc)
+
+    @property
+    def key(self) -> str:
+        src = self.direction.source
+        if src.startswith(("text:", "head:")):  # read with the model: text:PROMPTS, head:LAYER:H[:T]
+            return src + (f":{self.loc[0]}" if self.loc is not None and src.startswith("head:") else "")
+        return f"direction:{self.layer}:{src}:{self.index}" + (
+            f"@{self.loc[0]},{self.loc[1]}" if self.loc is not None else "")
+
+    def unit_vector(self, channels: int) -> torch.Tensor:
+        if self.direction.channels != channels:
+            raise ValueError(f"{self.key}: the direction has {self.direction.channels} values but layer "
+                             f"{self.layer!r} has {channels} channels")
+        return self.direction.vector
+
+    def unit_identity(self) -> tuple:
+        return (self.kind, self.direction.digest, self.loc)
+
+    @property
+    def unit_bias(self) -> float:
+        return self.direction.bias
+
+    def label(self, class_names: Optional[Sequence[str]] = None) -> str:
+        if self.direction.source.startswith("text:"):
+            return "text " + " | ".join(f'"{p}"' for p in self.direction.source[5:].split("|"))
+        if self.direction.source.startswith("head:"):
+            _, block, h = self.direction.source.split(":")
+            return f"{block} head {h}" + (f" at token {self.loc[0]}" if self.loc is not None else "")
+        name = self.direction.source.replace("\\", "/").rsplit("/", 1)[-1]
+        return f"{self.layer} direction {name}:{self.index}"
+
+    def record(self) -> dict:
+        d = self.direction
+        out = {"source": d.source, "row": d.row, "digest": d.digest, "bias": d.bias}
+        for k in ("accuracy", "n_test"):
+            if isinstance(d.meta.get(k), (int, float)) and not isinstance(d.meta.get(k), bool):
+                out["probe_" + k] = d.meta[k]
+        return {"direction": out}
+
+    def canonical(self) -> "Target":
+        if self.direction.bias == 0.0:
+            v = self.direction.vector
+            nz = torch.nonzero(v).flatten()
+            if nz.numel() == 1 and float(v[nz[0]]) == 1.0:
+                if self.loc is not None:
+                    return Target("neuron", int(nz[0]), self.layer, loc=self.loc)
+                return Target("channel", int(nz[0]), self.layer)
+        return self
+
+
+KINDS = tuple(TARGET_KINDS)
+UNIT_KINDS = tuple(k for k, c in TARGET_KINDS.items() if c.is_unit)
 
 
 def direction_target(layer: str, direction, row: int = 0, bias: float = 0.0, source: Optional[str] = None) -> Target:
@@ -230,40 +435,13 @@ def parse_target(spec: Union[str, Target]) -> Target:
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"a target must be a string like 'class:285' or 'channel:LAYER:17', got {spec!r}")
-    parts = spec.strip().split(":")
-    try:
-        if parts[0] == "class" and len(parts) == 2:
-            return Target("class", int(parts[1]))
-        if parts[0] == "channel" and len(parts) == 3:
-            return Target("channel", int(parts[2]), parts[1])
-        if parts[0] == "neuron" and len(parts) == 5:
-            return Target("neuron", int(parts[2]), parts[1], loc=(int(parts[3]), int(parts[4])))
-    except ValueError as exc:
-        raise ValueError(f"bad target {spec!r}: {exc}; valid forms: {FORMS}") from None
-    if parts[0] == "direction" and len(parts) >= 3 and parts[1] and parts[2]:
-        rest = spec.strip().split(":", 2)[2]
-        m = re.fullmatch(r"(.*)@(\d+),(\d+)", rest)
-        if m:  # a direction read at one location (a token: Y = its index, X = 0)
-            t = parse_target(f"direction:{parts[1]}:{m.group(1)}")
-            return dataclasses.replace(t, loc=(int(m.group(2)), int(m.group(3))))
-        path, sep, row = rest.rpartition(":")
-        if sep and row.strip().lstrip("-").isdigit():
-            dirs, i = load_directions(path), int(row)
-        else:
-            dirs, i = load_directions(rest), 0
-            if len(dirs) != 1:
-                raise ValueError(f"{rest} holds {len(dirs)} directions: name one, direction:{parts[1]}:{rest}:ROW "
-                                 f"(0-{len(dirs) - 1})")
-        token = dirs.meta.get("token")  # a probe of one token (vital_fast.concepts): read there
-        loc = (int(token), 0) if isinstance(token, int) and not isinstance(token, bool) and token >= 0 else None
-        layer = parts[1]
-        if dirs.meta.get("tokens") == PATCHES and not layer.endswith("." + PATCHES):
-            layer = f"{layer}.{PATCHES}"  # a probe of the patch tokens: their mean, the prefix left out
-        return Target("direction", i, layer, direction=dirs.row(i), loc=loc)
-    if parts[0] in ("text", "head"):
-        raise ValueError(f"target {spec!r}: a {parts[0]} target is read with the model: pass it to visualize() or the "
+    kind = spec.strip().split(":", 1)[0]
+    if kind in ("text", "head"):
+        raise ValueError(f"target {spec!r}: a {kind} target is read with the model: pass it to visualize() or the "
                          f"command line with the model (vital_fast.optim.targets.resolve_model_targets)")
-    raise ValueError(f"bad target {spec!r}; valid forms: {FORMS}")
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"bad target {spec!r}; valid forms: {FORMS}")
+    return TARGET_KINDS[kind].parse(spec)
 
 
 def text_target(loaded, spec: str) -> Target:

@@ -219,16 +219,14 @@ def _mined(loaded, targets: Sequence[Target], references, pool, settings: Settin
             raise ValueError(f"visualize: {t.key} was given the folder {src} as references; a channel's references "
                              f"are its top-k images mined from a pool: pass pool={str(src)!r} (or load_images(...) of "
                              f"the files to use them as they are)")
-    todo = [t for t in targets if t.is_unit and refs.get(t.key, refs.get(t)) is None]  # type: ignore
-    if not todo or pool is None:
+    if pool is None or not any(t.is_unit and refs.get(t.key, refs.get(t)) is None for t in targets):  # type: ignore
         return refs
+    from vital_fast.references.gather import gather_references
     from vital_fast.references.pool import as_pool
-    from vital_fast.references.units import mine_unit_references
 
-    pool = as_pool(pool, what="visualize: pool")
-    refs.update(mine_unit_references(loaded, todo, pool, min(settings.n_refs, len(pool)), mode=settings.channel_refs,
-                                     size=size, cache=cache))
-    return refs
+    return gather_references(loaded, targets, given=refs, pool=as_pool(pool, what="visualize: pool"),
+                             n_refs=settings.n_refs, mode=settings.channel_refs, size=size, cache=cache,
+                             check_pool=False)
 
 
 def _reference_sets(targets: Sequence[Target], references, required: bool) -> List[ImageSet]:

@@ -171,7 +171,7 @@ def _relevance_of(loaded, x: torch.Tensor, start_layer: str, index, names: Seque
     if hasattr(index, "unit_vector"):  # a unit target
         t = index
         loc = t.loc
-        if t.kind == "direction":
+        if t.direction is not None:
             unit = t.unit_vector(t.direction.channels).to(dev)
         else:
             unit = torch.full((x.shape[0],), t.index, dtype=torch.long, device=dev)

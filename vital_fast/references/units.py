@@ -28,7 +28,7 @@ def layer_units(targets: Sequence, channels: int, size: Optional[int] = None,
     of: Dict[str, int] = {}
     for t0 in targets:
         t = t0.at_size(size, native) if size is not None and native is not None else t0  # at the mining size
-        ident = (t.kind, t.direction.digest if t.kind == "direction" else t.index, t.loc)
+        ident = t.unit_identity()
         if ident not in rows:
             rows[ident] = len(w)
             w.append(t.unit_vector(channels))
@@ -51,14 +51,14 @@ def mine_unit_references(loaded, targets: Sequence, pool, k: int, *, mode: str, 
     units = [t for t in targets if t.is_unit]
     for layer in sorted({t.layer for t in units}):
         here = [t for t in units if t.layer == layer]
-        chans = [t for t in here if t.kind == "channel"]
+        chans = [t for t in here if t.whole_channel is not None]
         if chans:
             top = mine_topk(loaded, layer, pool, sorted({t.index for t in chans}), k, size, cache,
                             workers=workers, progress=progress_for(f"mining {layer}") if progress_for else None)
             per = channel_reference_images(loaded, top, pool, mode, size)
             for t in chans:
                 out[t.key] = per[t.index]
-        other = [t for t in here if t.kind != "channel"]
+        other = [t for t in here if t.whole_channel is None]
         if other:
             c = layer_channels(loaded, layer, None)
             if c is None:

@@ -380,10 +380,10 @@ def _annotation(engine: _Engine, sl: _Slot, rgb: np.ndarray, names: Sequence[str
 
     img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
     t = sl.target
-    if t.kind == "class":
+    if not t.is_unit:
         p = top_predictions(engine.loaded, [img], names or None)
         return {"predictions": p[0]} if p else {}
-    r = channel_activation_ratio(engine.loaded, t.layer, t.index if t.kind == "channel" else t, img,
+    r = channel_activation_ratio(engine.loaded, t.layer, t.unit_at(), img,
                                  list(sl.refset.images))
     return {} if r is None else {"activation_ratio": r}
 

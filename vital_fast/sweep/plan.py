@@ -17,12 +17,12 @@ from vital_fast.optim.directions import Directions, load_directions
 from vital_fast.optim.presets import Settings, get_preset
 from vital_fast.optim.targets import Target
 from vital_fast.references.cache import DiskCache
+from vital_fast.references.gather import class_reference_set
 from vital_fast.references.images import (
     ImageSet,
     class_image_folder,
     find_wnid_file,
     list_image_files,
-    load_images,
     missing_class_message,
 )
 from vital_fast.references.mining import channel_reference_images, mine_topk, print_progress
@@ -206,7 +206,7 @@ def _reference_source(plan: _Plan, pending: Sequence[Target], cache: DiskCache, 
     topk = None
     units, row_key = None, {}
     pending_u = [t for t in pending if t.is_unit]
-    if any(t.kind != "channel" for t in pending_u):
+    if any(t.whole_channel is None for t in pending_u):
         # every unit of the sweep, not only the pending ones: a resumed sweep then finds the first run's entry
         units, row_key = layer_units([t for t in plan.targets if t.is_unit], layer_channels(loaded, plan.layer, None),
                                      plan.final, loaded.input_size)
@@ -222,9 +222,9 @@ def _reference_source(plan: _Plan, pending: Sequence[Target], cache: DiskCache, 
     row_of = {c: i for i, c in enumerate(topk.channels)} if topk is not None else {}
 
     def refs_for(t: Target) -> Tuple[ImageSet, Dict[str, Any]]:
-        if t.kind == "class":
+        if not t.is_unit:
             src = plan.class_src[t.index]
-            return (src if isinstance(src, ImageSet) else load_images(src, what=f"references of {t.key}")), {}
+            return class_reference_set(t, src), {}
         u = t.index if units is None else row_key[t.key]
         r = row_of[u]
         one = type(topk)(topk.layer, [u], topk.index[r:r + 1], topk.score[r:r + 1], topk.loc[r:r + 1],
