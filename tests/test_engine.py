@@ -202,6 +202,22 @@ def test_cli_param(tmp_path, capsys):
     assert code == 2 and "unknown method 'nope'; valid: vital, actmax" in err
 
 
+def test_vital_param_has_one_home_in_the_settings(lm, refs, tmp_path):
+    """``param=NAME`` for VITAL is ``Settings.param``: the recorded settings say which image ran (issue 24), and the
+    two ways to ask give the same images; a baseline's settings are left alone."""
+    fast = small().replace(param="fourier")
+    cache = DiskCache(str(tmp_path))
+    asked = visualize(lm, ["class:1"], {"class:1": refs}, settings=fast, param="pixel", cache=cache, seed=3)
+    set_ = visualize(lm, ["class:1"], {"class:1": refs}, settings=fast.replace(param="pixel"), cache=cache, seed=3)
+    assert asked.settings.param == "pixel" and asked.param["name"] == "pixel" and asked.method == "vital"
+    assert torch.equal(asked.images, set_.images)
+    four = visualize(lm, ["class:1"], {"class:1": refs}, settings=small(), param="fourier", cache=cache, seed=3)
+    assert four.settings.param == "fourier" and four.method == "vital+fourier"
+    base = visualize(lm, ["class:1"], {"class:1": refs}, settings=small(), method="actmax", param="fourier",
+                     cache=cache, seed=3)
+    assert base.settings.param == small().param and base.method == "actmax+fourier"
+
+
 def test_cli_param_recorded(tmp_path, capsys):
     """``--param fourier`` runs VITAL on a Fourier image and records ``vital+fourier``."""
     import shutil

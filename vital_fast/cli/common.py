@@ -168,7 +168,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args):
     from vital_fast.cli.settings_args import apply_overrides
-    from vital_fast.optim import get_preset
+    from vital_fast.optim import get_preset, settings_with_param
 
     try:
         s = get_preset(args.preset)
@@ -211,6 +211,11 @@ def settings_from_args(args):
         except ValueError as exc:
             raise UsageError(f"--compile {args.compile}: {exc}") from None
         s = s.replace(compile=args.compile)
+    if getattr(args, "param", None) is not None:  # VITAL's parametrization has one home, Settings.param
+        try:
+            s = settings_with_param(getattr(args, "method", "vital"), s, args.param)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     return s

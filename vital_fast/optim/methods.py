@@ -33,7 +33,7 @@ from vital_fast.optim.presets import Settings
 from vital_fast.optim.transforms import LucidViews, MacoViews, RollViews
 
 __all__ = ["BaselineSettings", "METHODS", "Method", "OBJECTIVES", "build_recipe", "get_objective", "method_options",
-           "register_method"]
+           "register_method", "settings_with_param"]
 
 # Objectives by name (``visualize(objective="actmax")``): factories of the run's settings.
 OBJECTIVES: Dict[str, Callable[[Settings], Objective]] = {
@@ -93,22 +93,26 @@ class Method:
     options: Dict[str, Any] = field(default_factory=dict)
     param: str = "pixel"
     description: str = ""
+    # the method's image parametrization is a setting (Settings.param): a parametrization asked for by name is
+    # written there (settings_with_param), so that the recorded settings say what ran
+    settings_param: bool = False
 
 
 METHODS: Dict[str, Method] = {}
 
 
 def register_method(name: str, build: Callable[..., Recipe], *, options: Optional[Dict[str, Any]] = None,
-                    param: str = "pixel", description: str = "") -> Method:
+                    param: str = "pixel", description: str = "", settings_param: bool = False) -> Method:
     """Register a recipe under ``name`` (``visualize(method=name)``, CLI ``--method name``).
 
     ``build(settings, options, param, context)`` returns a :class:`~vital_fast.optim.engine.Recipe`;
     ``param`` is the :class:`~vital_fast.optim.parametrizations.Parametrization` to use (the
-    method's own unless the caller chose another).
+    method's own unless the caller chose another). ``settings_param``: the method reads its parametrization from
+    ``Settings.param`` (VITAL), where a parametrization asked for by name goes (:func:`settings_with_param`).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a method name must be a non-empty string, got {name!r}")
-    m = Method(name, build, dict(options or {}), param, description)
+    m = Method(name, build, dict(options or {}), param, description, bool(settings_param))
     METHODS[name] = m
     return m
 
@@ -136,21 +140,37 @@ def method_options(method: str, **overrides: Any) -> Dict[str, Any]:
     return opts
 
 
+def settings_with_param(method: str, settings: Settings, param: Any) -> Settings:
+    """The settings a run of ``method`` records when asked for parametrization ``param``: for a method whose
+    parametrization is a setting (``settings_param``, VITAL), ``Settings.param`` set to a name given
+    (``visualize(param="fourier")``, ``--param fourier``), so that ``Settings.param`` is the one home of VITAL's
+    parametrization and two runs on different images never record the same settings; otherwise as they are (a
+    baseline's parametrization is its method's, or the ``param`` its label records; an instance is the caller's)."""
+    if isinstance(param, str) and get_method(method).settings_param:
+        get_parametrization(param)  # an unknown name: the registry's message
+        return settings.replace(param=param) if settings.param != param else settings
+    return settings
+
+
 def build_recipe(method: str, settings: Settings, *, param: Any = None, options: Optional[Dict[str, Any]] = None,
                  class_layers=None, cache=None) -> Recipe:
     """The recipe of ``method`` with ``settings``, its options overridden by ``options``, on
-    parametrization ``param`` (a name, an instance, or None for the method's own)."""
+    parametrization ``param`` (a name, an instance, or None for the method's own). A name given to a method that
+    reads ``Settings.param`` goes there (:func:`settings_with_param`). The step size and schedule follow the
+    parametrization that runs: one that is not the method's own and has its usual step size (a spectral image)
+    brings it, and a constant schedule."""
     m = get_method(method)
     opts = method_options(method, **dict(options or {}))
     own = param is None or param == m.param
-    p = _default_param(m, settings, opts) if own else get_parametrization(param)
+    settings = settings_with_param(method, settings, param)
+    folded = isinstance(param, str) and m.settings_param
+    default = _default_param(m, settings, opts)
+    p = default if own or folded else get_parametrization(param)
     recipe = m.build(settings, opts, p, {"class_layers": class_layers, "cache": cache,
-                                         "explicit_param": param is not None})
-    if recipe.param is not p and recipe.param.lr is not None:  # the settings chose a spectral image
+                                         "explicit_param": param is not None and not folded})
+    if recipe.param is not default and recipe.param.lr is not None:
         recipe.lr, recipe.schedule = recipe.param.lr, "constant" if not recipe.param.per_stage else recipe.schedule
-    if not own and p.lr is not None:  # a foreign parametrization brings its usual step size and schedule
-        recipe.lr, recipe.schedule = p.lr, "constant" if not p.per_stage else recipe.schedule
-    recipe.method = method if own else f"{method}+{p.name}"
+    recipe.method = method if own else f"{method}+{recipe.param.name}"
     return recipe
 
 
@@ -228,7 +248,7 @@ def _bnstats(s: Settings, o, param, ctx) -> Recipe:
                   lr=o["lr"], betas=tuple(o["betas"]), schedule=o["schedule"], warmup=s.warmup, method="bnstats")
 
 
-register_method("vital", _vital, options={}, param="pixel",
+register_method("vital", _vital, options={}, param="pixel", settings_param=True,
                 description="VITAL: sort-matching of feature distributions to references (relevance-weighted for channels)")
 register_method("actmax", _actmax, param="pixel", description="activation maximization in pixel space",
                 options=dict(lr=0.05, betas=(0.9, 0.999), schedule="cosine", init_std=0.01, tv_l1=0.0, tv_l2=10.0,
