@@ -161,6 +161,34 @@ def channel_activation(model, images: torch.Tensor, layer: str, chans: Sequence[
     return drive_matrix(model, images, layer, chans).diagonal()
 
 
+def patch_row(model, layer: str, chans: Sequence[int], maxp, ref_feats, mean_top) -> dict:
+    """The row of a real patch shown in place of a visualization (leave-one-out): for each ``j`` of the top-k, channel
+    c's ``j``-th patch against every channel's other patches. What a method that drew one more top-k patch would
+    score: the ceiling the benchmark's judge and pool allow, printed as method ``patch (held out)``."""
+    k = min(len(maxp[c]) for c in chans)
+    afc_k = afc_n = 0.0
+    spec, ratios, acts = [], [], []
+    for j in range(k):
+        keep = [i for i in range(k) if i != j]
+        r = two_afc([ref_feats[c][j] for c in chans], [ref_feats[c][keep] for c in chans])
+        afc_k, afc_n = afc_k + r["n_correct"], afc_n + r["n_trials"]
+        drive = drive_matrix(model, torch.stack([maxp[c][j] for c in chans]), layer, chans)
+        acts.append(drive.diagonal() / mean_top.clamp_min(1e-6))
+        frac, _, rat = specificity(drive.double().numpy())
+        spec.append(frac)
+        ratios += [float(v) for v in rat if np.isfinite(v)]
+    lo, hi = wilson_interval(afc_k, int(afc_n))
+    row = {"layer": layer, "method": "patch (held out)", "afc": afc_k / afc_n, "afc_ci": [lo, hi],
+           "afc_trials": int(afc_n), "minmax": float("nan"), "minmax_ci": [float("nan")] * 2, "minmax_trials": 0,
+           "activation": float(torch.cat(acts).mean()), "activation_median": float(torch.cat(acts).median()),
+           "fd": float("nan"), "specificity": float(np.mean(spec)), "spec_ratio": float(np.median(ratios)),
+           "copy": float("nan"), "s_per_target_step": float("nan"), "settings": {}}
+    print(f"| {layer} | {row['method']} | {100 * row['afc']:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}] | - | "
+          f"{row['activation']:.2f} | {100 * row['specificity']:.0f} % | {row['spec_ratio']:.2f} | - | - | - |",
+          flush=True)
+    return row
+
+
 def topk_indices(scores: torch.Tensor, k: int, crops: int, distinct: bool, largest: bool = True) -> torch.Tensor:
     """Per channel (a column of ``scores`` ``(N, n)``), the ``k`` highest (or lowest) crops; with ``distinct``, from
     ``k`` different photographs (crop ``i`` comes from photograph ``i // crops``): the best crop of each."""
@@ -202,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--figure", default=None, help="write a PNG or JPEG: for the first four channels of each layer, "
                     "every method's visualization (first seed) beside the channel's top patches")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-patch-row", dest="patch_row", action="store_false",
+                    help="leave out the row of real top-k patches held out in turn (the judge's ceiling)")
     ap.add_argument("--json", default=None, help="write the table's numbers as JSON")
     a = ap.parse_args(argv)
     if a.threads:
@@ -237,6 +267,8 @@ def main(argv=None) -> int:
         ref_feats = {c: judge_features(judge, maxp[c], "ref") for c in chans}
         min_feats = {c: judge_features(judge, minp[c], "ref") for c in chans}
         targets = [f"channel:{layer}:{c}" for c in chans]
+        if a.patch_row:
+            rows.append(patch_row(model, layer, chans, maxp, ref_feats, mean_top))
         for vname, (method, kw) in variants.items():
             kw = dict(kw)
             vsize = kw.pop("size", None)  # the visualization's side: pixels, or "rf" (the receptive field's)
@@ -309,11 +341,13 @@ def main(argv=None) -> int:
           "specificity | own / strongest other | copy | FD to patches | s per target-step |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        mm = ("-" if not r["minmax_trials"] else f"{100 * r['minmax']:.0f} % [{100 * r['minmax_ci'][0]:.0f}, "
+              f"{100 * r['minmax_ci'][1]:.0f}] of {r['minmax_trials']}")
         print(f"| {r['layer']} | {r['method']} | {100 * r['afc']:.0f} % [{100 * r['afc_ci'][0]:.0f}, "
-              f"{100 * r['afc_ci'][1]:.0f}] of {r['afc_trials']} | {100 * r['minmax']:.0f} % "
-              f"[{100 * r['minmax_ci'][0]:.0f}, {100 * r['minmax_ci'][1]:.0f}] of {r['minmax_trials']} | "
-              f"{r['activation']:.2f} | {100 * r['specificity']:.0f} % | {r['spec_ratio']:.2f} | {r['copy']:.2f} | "
-              f"{r['fd']:.1f} | {r['s_per_target_step']:.3f} |")
+              f"{100 * r['afc_ci'][1]:.0f}] of {r['afc_trials']} | {mm} | "
+              f"{r['activation']:.2f} | {100 * r['specificity']:.0f} % | {r['spec_ratio']:.2f} | "
+              + " | ".join("-" if not np.isfinite(r[k]) else f"{r[k]:{f}}"
+                           for k, f in (("copy", ".2f"), ("fd", ".1f"), ("s_per_target_step", ".3f"))) + " |")
     print(f"\npool: {len(pool)} crops of {n_photos} photographs; top-k from "
           f"{'distinct photographs' if a.distinct else 'any crops'}; seeds {a.seeds}; preset {a.preset}; "
           f"judge {a.judge}; threads {torch.get_num_threads()}")

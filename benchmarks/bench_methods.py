@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["vital", *BASELINES], metavar="METHOD[+PARAM]",
                    help=f"methods to compare (default: vital {' '.join(BASELINES)}); METHOD+PARAM runs a method on another "
                         f"parametrization ({', '.join(PARAMETRIZATIONS)}), e.g. vital+fourier")
+    p.add_argument("--vital", nargs="*", default=[], metavar="NAME:KEY=VALUE;...",
+                   help="add a VITAL variant with settings overrides under its own row, e.g. "
+                        "--vital \"logit0.1:class_logit_weight=0.1\" (values read as Python literals)")
     p.add_argument("--preset", default="fast")
     p.add_argument("--out", default=os.path.join("runs", "bench-methods"))
     p.add_argument("--threads", type=int, default=2)
@@ -141,6 +144,15 @@ def main(argv=None) -> int:
         parsed = {m: parse_method(m) for m in args.methods}
     except ValueError as err:
         p.error(str(err))
+    from benchmarks.bench_channels import parse_variant
+
+    overrides: Dict[str, dict] = {}
+    for v in args.vital:
+        name, kw = parse_variant(v)
+        if not name or name in parsed:
+            p.error(f"--vital {v}: give the variant a new name (NAME:KEY=VALUE;...)")
+        parsed[name], overrides[name] = ("vital", None, "off"), kw
+        args.methods.append(name)
     if len(set(args.methods)) != len(args.methods):
         p.error(f"--methods: a method is named twice in {' '.join(args.methods)}")
     torch.set_num_threads(args.threads)
@@ -163,7 +175,11 @@ def main(argv=None) -> int:
     print(f"{args.model}, {len(targets)} class targets, preset {args.preset} "
           f"({settings.steps} steps: {settings.stages}), seeds {args.seeds}, {args.threads} threads", file=sys.stderr)
     runs: Dict[str, List[str]] = {}
-    recipes = {m: build_recipe(base, settings, param=param) for m, (base, param, _) in parsed.items()}
+    try:
+        run_settings = {m: settings.replace(**overrides.get(m, {})) for m in parsed}
+    except ValueError as err:
+        p.error(str(err))
+    recipes = {m: build_recipe(base, run_settings[m], param=param) for m, (base, param, _) in parsed.items()}
     for m in args.methods:
         base, param, amp = parsed[m]
         for seed in args.seeds:
@@ -174,7 +190,7 @@ def main(argv=None) -> int:
             if os.path.isdir(out):
                 shutil.rmtree(out)
             t0, c0 = time.perf_counter(), time.process_time()
-            res = visualize(loaded, targets, refs, settings=settings.replace(amp=amp), seed=seed, method=base,
+            res = visualize(loaded, targets, refs, settings=run_settings[m].replace(amp=amp), seed=seed, method=base,
                             param=param, cache=DiskCache(enabled=False))
             wall = (time.perf_counter() - t0) / len(targets)
             cpu = (time.process_time() - c0) / len(targets)
@@ -211,6 +227,8 @@ def main(argv=None) -> int:
             print(f"  {m}: network in {amp} (Settings.amp)", file=sys.stderr)
         if base != "vital":
             print(f"  {m}: {method_options(base)}", file=sys.stderr)
+        if overrides.get(m):
+            print(f"  {m}: vital with {overrides[m]}", file=sys.stderr)
         if param is not None:
             r = recipes[m]
             print(f"  {m}: parametrization {r.param.describe()}, lr {r.lr}, schedule {r.schedule}", file=sys.stderr)

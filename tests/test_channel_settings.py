@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from vital_fast.models import load_model
-from vital_fast.optim import Settings, visualize
+from vital_fast.optim import ActMax, Settings, visualize
 from vital_fast.references.cache import DiskCache
 
 
@@ -128,3 +128,39 @@ def test_channel_activation_weight_pushes_units_and_leaves_classes(lm, refs, tmp
     assert not torch.equal(a.images[1], b.images[1])  # the unit: pushed
     with pytest.raises(ValueError, match="channel_activation_weight must be >= 0.0"):
         base.replace(channel_activation_weight=-1.0)
+
+
+def test_class_logit_weight_pushes_classes_and_leaves_units(lm, refs, tmp_path):
+    """Settings.class_logit_weight adds minus the class logit to a class target's loss (unit targets get nothing from
+    it; their recorded plan has no logits); 0 is the recipe without it."""
+    from vital_fast.optim.methods import build_recipe
+
+    targets = {"class:1": refs, "channel:act3:2": refs}
+    base = small()
+    pushed = base.replace(class_logit_weight=1.0)
+    assert "actmax[classes]" in build_recipe("vital", pushed).objective.name
+    a = visualize(lm, list(targets), targets, settings=base, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    b = visualize(lm, list(targets), targets, settings=pushed, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    assert not torch.equal(a.images[0], b.images[0])  # the class: pushed
+    assert torch.equal(a.images[1], b.images[1])  # the unit: unchanged
+    assert a.layers[1] == b.layers[1]
+    with pytest.raises(ValueError, match="class_logit_weight must be >= 0.0"):
+        base.replace(class_logit_weight=-0.5)
+    with pytest.raises(ValueError, match="exclude each other"):
+        ActMax(units_only=True, classes_only=True)
+
+
+def test_channel_later_weight_matches_the_layers_after_the_unit(lm, refs, tmp_path):
+    """Settings.channel_later_weight adds the matched layers after a unit's own layer, at that weight, to its plan (and
+    its loss); class targets keep theirs."""
+    targets = {"class:1": refs, "channel:act2:2": refs}
+    base = small().replace(channel_relevance=False)
+    later = base.replace(channel_later_weight=0.5)
+    with pytest.raises(ValueError, match="channel_later_weight needs channel_relevance=False"):
+        later.replace(channel_relevance=True)
+    a = visualize(lm, list(targets), targets, settings=base, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    b = visualize(lm, list(targets), targets, settings=later, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    assert a.layers[0] == b.layers[0] and torch.equal(a.images[0], b.images[0])
+    added = [p for p in b.layers[1] if p not in a.layers[1]]
+    assert added and all(w == 0.5 for _, w in added) and "act2" not in [l for l, _ in added]
+    assert not torch.equal(a.images[1], b.images[1])

@@ -66,6 +66,10 @@ class SortMatch(Objective):
         w = float(getattr(self.settings, "channel_target_weight", 0.0) or 0.0)
         if w > 0 and all(l != target.layer for l, _ in plan):
             plan.append((target.layer, w))
+        later = float(self.settings.channel_later_weight)
+        if later > 0:
+            have = {l for l, _ in plan} | {target.layer}
+            plan += [(l, later) for l, _ in self.class_layers if l not in have]
         return plan
 
     def enter_stage(self, engine, slot):

@@ -210,6 +210,8 @@ def _vital(s: Settings, o, param, ctx) -> Recipe:
     obj: Objective = SortMatch(s, ctx.get("class_layers"), ctx.get("cache"))
     if s.channel_activation_weight:
         obj = obj + s.channel_activation_weight * ActMax(units_only=True)
+    if s.class_logit_weight:
+        obj = obj + s.class_logit_weight * ActMax(classes_only=True)
     if s.tv_l1 or s.tv_l2 or s.l2:
         obj = obj + ImagePriors(s.tv_l1, s.tv_l2, s.l2)
     kind_param: Dict[str, Parametrization] = {}

@@ -323,25 +323,29 @@ class ActMax(Objective):
     ``unit``: one fixed unit for every element instead (``"class:3"``, ``"channel:layer3:5"``).
     ``class_loss="ce"``: class targets take the cross-entropy of their class (DeepInversion's).
     ``units_only``: class targets get nothing (0) from it: an activation term for unit targets alone, composed with
-    another objective (``Settings.channel_activation_weight``).
+    another objective (``Settings.channel_activation_weight``). ``classes_only``: unit targets get nothing from it
+    (``Settings.class_logit_weight``).
     """
 
     def __init__(self, unit: Union[None, str, Target] = None, class_loss: str = "logit",
-                 units_only: bool = False) -> None:
+                 units_only: bool = False, classes_only: bool = False) -> None:
         if class_loss not in ("logit", "ce"):
             raise ValueError(f"ActMax class_loss must be 'logit' or 'ce', got {class_loss!r}")
+        if units_only and classes_only:
+            raise ValueError("ActMax: units_only and classes_only exclude each other")
         self.unit = parse_target(unit) if unit is not None else None
         self.class_loss = class_loss
         self.units_only = bool(units_only)
+        self.classes_only = bool(classes_only)
         self.name = ("actmax" if self.unit is None else f"actmax({self.unit.key})") + (
-            "[units]" if self.units_only else "")
+            "[units]" if self.units_only else "[classes]" if self.classes_only else "")
         self._index: Dict[Any, Any] = {}
 
     def _targets(self, slots) -> List[Target]:
         return [self.unit] * len(slots) if self.unit is not None else [sl.target for sl in slots]
 
     def layers(self, slots):
-        return sorted({t.layer for t in self._targets(slots) if t.is_unit})
+        return [] if self.classes_only else sorted({t.layer for t in self._targets(slots) if t.is_unit})
 
     def needs_logits(self, slots):
         return not self.units_only and any(not t.is_unit for t in self._targets(slots))
@@ -354,6 +358,8 @@ class ActMax(Objective):
 
     def plan(self, engine, target):
         t = self.unit or target
+        if (self.classes_only and t.is_unit) or (self.units_only and not t.is_unit):
+            return []
         return [(t.layer or last_linear(engine.loaded.model) or "output", 1.0)]  # a class: the logits
 
     def _indices(self, targets: Sequence[Target], dev):
@@ -362,7 +368,7 @@ class ActMax(Objective):
             cls = [] if self.units_only else [i for i, t in enumerate(targets) if not t.is_unit]
             by_layer: Dict[str, List[int]] = {}
             for i, t in enumerate(targets):
-                if t.is_unit:
+                if t.is_unit and not self.classes_only:
                     by_layer.setdefault(t.layer, []).append(i)
             self._index[key] = (
                 torch.tensor(cls, device=dev, dtype=torch.long),

@@ -21,7 +21,9 @@ CHOICES = {
 MINIMUM = {
     "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
     "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
-    "channel_target_weight": 0.0, "channel_activation_weight": 0.0, "loss_every": 1, "resample_cache_mb": 0,
+    "channel_target_weight": 0.0, "channel_activation_weight": 0.0, "channel_later_weight": 0.0, "class_logit_weight": 0.0,
+    "loss_every": 1,
+    "resample_cache_mb": 0,
 }
 
 
@@ -127,6 +129,12 @@ class Settings:
     # matching loss (0: none, the paper; class targets never get it). Unlike channel_target_weight, which matches
     # the unit's distribution to its references' and so holds its activation near theirs, this pushes it up
     channel_activation_weight: float = 0.0
+    # weight of the matched layers after a unit target's own layer (the class targets' layers that run later), matched
+    # against the unit's top-k references too (0: none, the paper: only the layers up to the unit's)
+    channel_later_weight: float = 0.0
+    # weight of a logit term for class targets: minus the class logit, added to the matching loss (0: none, the
+    # paper; unit targets never get it)
+    class_logit_weight: float = 0.0
     # weight a unit target's features by their LRP relevance to the unit (the paper); off: plain sort matching
     # of the matched layers against the unit's top-k references, as for class targets
     channel_relevance: bool = True
@@ -177,6 +185,9 @@ class Settings:
             if not has_type(value, hints[f.name]):
                 raise ValueError(f"setting {f.name} expects {type_name(hints[f.name])}, got {value!r}")
             check_setting(f.name, value)
+        if self.channel_later_weight > 0 and self.channel_relevance:
+            raise ValueError("setting channel_later_weight needs channel_relevance=False: relevance starts at a unit's "
+                             "own layer, so the matched layers after it have none to weight their features by")
 
     @property
     def steps(self) -> int:
