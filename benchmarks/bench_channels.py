@@ -6,7 +6,7 @@
 
 The pool: a few hundred crops of real photographs that work offline: the nine photographs shipped in
 scikit-image, scikit-learn and matplotlib, plus the photographs of Debian's wallpaper packages when they
-are installed (``apt-get install mate-backgrounds lomiri-wallpapers``; :data:`DEBIAN_PHOTOS` names the
+are installed (``apt-get install mate-backgrounds lomiri-wallpapers plasma-workspace-wallpapers``; :data:`DEBIAN_PHOTOS` names the
 files; without them the pool is the nine photographs' crops and the table says so). Each photograph
 gives ``--crops`` seeded random resized crops at the model's input size.
 
@@ -86,7 +86,11 @@ DEBIAN_PHOTOS = [
     "/usr/share/backgrounds/sunset_by_Aitzol_Berasategi.jpg",
 ] + [f"/usr/share/backgrounds/mate/nature/{n}.jpg" for n in (
     "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
-    "TwoWings", "Wood", "YellowFlower")]
+    "TwoWings", "Wood", "YellowFlower")] + [f"/usr/share/wallpapers/{n}/contents/images/{s}.jpg" for n, s in (
+    # photographs of plasma-workspace-wallpapers (the largest size of each)
+    ("ColdRipple", "2560x1600"), ("DarkestHour", "2560x1600"), ("EveningGlow", "2560x1600"),
+    ("FallenLeaf", "2560x1600"), ("Grey", "2560x1600"), ("Kite", "2560x1600"), ("OneStandsOut", "2560x1600"),
+    ("Path", "2560x1600"), ("Volna", "5120x2880"), ("summer_1am", "2560x1600"))]
 
 METHODS = ("vital", "actmax", "fourier", "maco")
 

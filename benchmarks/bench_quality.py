@@ -75,7 +75,7 @@ def channel_rows(model, cache, n_channels=4, k=3, params=("settings",), judge=No
     top = mine_topk(model, DEMO_LAYER, pool, chans, k, size, cache)
     fast = get_preset("fast")
     # the relevance-weighted loss of the paper (the fast preset's unit targets match without relevance)
-    rel = fast.replace(channel_relevance=True, channel_target_weight=0.0)
+    rel = fast.replace(channel_relevance=True, channel_target_weight=0.0, channel_later_weight=0.0)
     variants = {
         "fast preset (patches, no relevance, unit's layer matched)": ("patch", fast),
         "image references, lrp_every=1": ("image", rel.replace(channel_refs="image")),

@@ -54,7 +54,7 @@ def test_steady_state_step_reads_the_device_once_every_ten_steps(lm, kind, tmp_p
 
 
 def test_channel_relevance_step_reads_nothing_either(lm, tmp_path):
-    c = _counts(lm, "channel", 2, tmp_path, steps=10, channel_relevance=True)
+    c = _counts(lm, "channel", 2, tmp_path, steps=10, channel_relevance=True, channel_later_weight=0.0)
     assert c["reads"] <= 0.1, c
 
 
@@ -68,7 +68,8 @@ def test_relevance_weighted_channel_step_of_a_real_network_reads_nothing(tmp_pat
     refs = {t: tiny_refs() for t in targets}
 
     def run(n):
-        s = get_preset("fast").replace(stages=[(1.0, n)], n_refs=3, ref_crops=0, quantiles=16, channel_relevance=True)
+        s = get_preset("fast").replace(stages=[(1.0, n)], n_refs=3, ref_crops=0, quantiles=16, channel_relevance=True,
+                                          channel_later_weight=0.0)
         visualize(lite, targets, refs, settings=s, size=48, progress=False, cache=DiskCache(str(tmp_path)))
 
     c = steady_state_counts(run, 10, [lite.model])

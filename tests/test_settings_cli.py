@@ -233,7 +233,10 @@ def test_channel_relevance_flag_and_a_note_when_lrp_every_does_nothing(capsys):
     parsed_settings("--lrp-every", "3")
     assert "--lrp-every 3 has no effect" in capsys.readouterr().err
     s = parsed_settings("--lrp-every", "3", "--channel-relevance")
-    assert s.channel_relevance is True and s.lrp_every == 3 and capsys.readouterr().err == ""
+    # relevance starts at the unit's layer: the fast preset's matched layers after it are left out, with a note
+    assert s.channel_relevance is True and s.lrp_every == 3 and s.channel_later_weight == 0.0
+    err = capsys.readouterr().err
+    assert "--channel-relevance leaves out the matched layers after the unit" in err and "no effect" not in err
     paper = parsed_settings("--preset", "paper")
     assert paper.channel_relevance is True and paper.channel_target_weight == 0.0 and paper.param == "pixel"
 

@@ -195,7 +195,11 @@ def settings_from_args(args):
     if getattr(args, "class_relevance", False):
         s = s.replace(class_relevance=True)
     if getattr(args, "channel_relevance", False):
-        s = s.replace(channel_relevance=True)
+        if s.channel_later_weight > 0:  # relevance starts at the unit's layer: the layers after it have none
+            print(f"vital-fast: note: --channel-relevance leaves out the matched layers after the unit "
+                  f"(channel_later_weight {s.channel_later_weight} of the {args.preset} preset set to 0)",
+                  file=sys.stderr)
+        s = s.replace(channel_relevance=True, channel_later_weight=0.0)
     if getattr(args, "lrp_every", None) is not None and not (s.channel_relevance or s.class_relevance):
         print(f"vital-fast: note: --lrp-every {args.lrp_every} has no effect: the {args.preset} preset computes no "
               f"relevance (add --channel-relevance or --class-relevance)", file=sys.stderr)

@@ -1,0 +1,75 @@
+"""Seconds per target-step of VITAL's channel recipe against variants of it, interleaved in one process.
+
+    python -m benchmarks.bench_recipe_step [--model efficientnet-lite0] [--layers _blocks.4 _blocks.10]
+                                           [--channels 8] [--steps 20] [--rounds 3] [--threads 2]
+                                           [--vital NAME:KEY=VALUE;...]
+
+Each round runs the preset (``--preset``, default ``fast``) and then every ``--vital`` variant (settings overrides, as in
+:mod:`benchmarks.bench_channels`) on the same channels of each layer, with the same random reference images and the
+prototype cache off, so that a recipe pays for its prototypes too (the matched layers it adds cost references as well
+as steps). The table gives each variant's median over the rounds and its ratio to the preset's (under 1: faster).
+Quality is not measured here (:mod:`benchmarks.bench_channels` does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks.bench_channels import parse_variant
+from vital_fast.models import load_model
+from vital_fast.optim import get_preset, visualize
+from vital_fast.references.cache import DiskCache
+from vital_fast.references.images import ImageSet
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="efficientnet-lite0")
+    ap.add_argument("--layers", nargs="+", default=["_blocks.4", "_blocks.10"])
+    ap.add_argument("--channels", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--vital", nargs="*", default=[], metavar="NAME:KEY=VALUE;...")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model = load_model(a.model)
+    base = get_preset(a.preset).with_steps(a.steps)
+    variants = {a.preset: base}
+    for v in a.vital:
+        name, kw = parse_variant(v)
+        try:
+            variants[name] = base.replace(**kw)
+        except ValueError as err:
+            ap.error(f"--vital {v}: {err}")
+    g = torch.Generator().manual_seed(0)
+    refs = ImageSet([torch.rand(3, model.input_size, model.input_size, generator=g) for _ in range(base.n_refs)],
+                    [f"r{i}" for i in range(base.n_refs)], [f"h{i}" for i in range(base.n_refs)])
+    times = {(l, n): [] for l in a.layers for n in variants}
+    for _ in range(a.rounds):
+        for layer in a.layers:
+            targets = [f"channel:{layer}:{c}" for c in range(a.channels)]
+            for name, s in variants.items():
+                t0 = time.perf_counter()
+                visualize(model, targets, {t: refs for t in targets}, settings=s, seed=0,
+                          cache=DiskCache(enabled=False))
+                times[(layer, name)].append((time.perf_counter() - t0) / (a.steps * len(targets)))
+    print(f"| layer | recipe | s per target-step (median of {a.rounds}) | ratio to {a.preset} |\n|---|---|---:|---:|")
+    for layer in a.layers:
+        ref = statistics.median(times[(layer, a.preset)])
+        for name in variants:
+            m = statistics.median(times[(layer, name)])
+            print(f"| {layer} | {name} | {m:.4f} | {m / ref:.2f} |")
+    print(f"\n{a.model}, {a.channels} channels per layer, {a.steps} steps, {a.threads} threads, prototype cache off",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
