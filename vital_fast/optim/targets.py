@@ -4,7 +4,11 @@ channel space (:mod:`vital_fast.optim.directions`), or one channel at one locati
 Channel, direction and neuron targets are *unit* targets: their activation map at their layer is the
 projection of the layer's features on a vector (:meth:`Target.unit_vector`; one-hot for a channel),
 restricted to one location for a neuron. Their references are mined by that map and their relevance
-starts from ``A * vector`` (and the location's mask)."""
+starts from ``A * vector`` (and the location's mask).
+
+Each kind is a class (:class:`ClassTarget`, :class:`ChannelTarget`, :class:`DirectionTarget`,
+:class:`NeuronTarget`) that ``Target(kind, ...)`` builds, registered in :data:`TARGET_KINDS`
+(:func:`register_target_kind` adds one); what differs by kind is asked of the target, never tested by its kind."""
 
 from __future__ import annotations
 
