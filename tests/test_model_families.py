@@ -180,7 +180,9 @@ def test_cli_layers_when_no_preset_fits(tmp_path, capsys):
     import json
 
     m = json.loads((tmp_path / "r2" / "manifest.json").read_text())
-    assert m["targets"][0]["layers"] == [["a", 1.0], ["b", 2.0]] and m["run"]["layers"] == [["a", 1.0], ["b", 2.0]]
+    # the layers the objective reads: the matched ones, then the logits of the fast preset's logit term
+    assert m["targets"][0]["layers"] == [["a", 1.0], ["b", 2.0], ["fc", 1.0]]
+    assert m["run"]["layers"] == [["a", 1.0], ["b", 2.0]]
     rc = main(base + ["--out", str(tmp_path / "r3"), "--layers", "a,nope"])
     assert rc == 2 and "unknown layer 'nope'" in capsys.readouterr().err
     rc = main(base + ["--out", str(tmp_path / "r4"), "--family", "generic"])
