@@ -43,7 +43,7 @@ def gather_references(
         return lambda done, total, rate: bar.update(done, f"{rate:.1f} images/s")
 
     return _gather(loaded, targets, classes=images, pool=pool, n_refs=settings.n_refs, mode=settings.channel_refs,
-                   size=size or (loaded.input_size if pool is not None else 0), cache=cache, progress_for=bar_for)
+                   size=size, cache=cache, progress_for=bar_for)
 
 
 def labels_for(loaded, targets: Sequence[Target]) -> Dict[str, str]:

@@ -118,7 +118,7 @@ def check_unit_target(loaded, t, shapes: Dict[str, tuple]) -> None:
     try:
         t.unit_vector(c)
     except ValueError as exc:
-        raise ValueError(f"target {t.key}: {exc}".replace(f"target {t.key}: {t.key}: ", f"target {t.key}: ")) from None
+        raise ValueError(f"target {t.key}: {str(exc).removeprefix(t.key + ': ')}") from None
     if t.loc is not None:  # a neuron, or a direction read at one position (a token: (T, 0))
         grid = (shape[0], 1) if tokens else tuple(shape[1:3]) + (1,) * (3 - len(shape))
         if t.loc[0] >= grid[0] or t.loc[1] >= grid[1]:

@@ -37,13 +37,13 @@ def class_folder_references(target, root: str) -> ImageSet:
 
 
 def gather_references(loaded, targets: Sequence, *, given: Optional[Mapping] = None, classes: Optional[str] = None,
-                      pool: Any = None, n_refs: int, mode: str, size: int, cache,
+                      pool: Any = None, n_refs: int, mode: str, size: Optional[int] = None, cache,
                       progress_for: Optional[Callable[[str], Optional[Callable]]] = None,
                       check_pool: bool = True) -> Dict[Any, Any]:
     """``given`` (keyed by target key or target; kept as given) with every other target's references added: a class
     target's from ``classes`` (a folder of class subfolders; without one it stays missing, for the caller to name),
     a unit target's top-``n_refs`` mined from ``pool`` (anything :func:`~vital_fast.references.pool.as_pool` takes;
-    without one they stay missing) at ``size`` px, as full images or patches (``mode``), in one pass per layer.
+    without one they stay missing) at ``size`` px (default: the model's input size), as full images or patches (``mode``), in one pass per layer.
 
     ``check_pool``: fail before any mining when no image of the pool can be read. ``progress_for(label)``: a
     progress callback for each mining pass, or None."""
@@ -61,7 +61,8 @@ def gather_references(loaded, targets: Sequence, *, given: Optional[Mapping] = N
         pool = as_pool(pool, what="candidate images")
         if check_pool:
             pool.check()  # no readable image: fail before any mining
-        refs.update(mine_unit_references(loaded, units, pool, min(n_refs, len(pool)), mode=mode, size=size,
+        refs.update(mine_unit_references(loaded, units, pool, min(n_refs, len(pool)), mode=mode,
+                                         size=size or loaded.input_size,
                                          cache=cache, progress_for=progress_for))
     return refs
 
