@@ -142,6 +142,23 @@ def patches(model, pool: ImageSet, idx, locs, grid, rf: int, size: int, mode: st
     return [crop_patch(model, pool.images[i], loc, grid, rf, size) for i, loc in zip(idx, locs)]
 
 
+# Settings that only VITAL's loss reads: a baseline's saved run is keyed without them, so that a change to the
+# preset's VITAL terms does not rerun the baselines.
+VITAL_ONLY = ("channel_activation_weight", "channel_activation_norm", "channel_later_weight", "channel_later_layers",
+              "class_logit_weight")
+
+
+def run_key(model: str, layer: str, chans: Sequence[int], method: str, s, vsize, seed: int, n_pool: int,
+            k: int) -> str:
+    """The saved run's key: everything that makes its images."""
+    d = s.to_dict()
+    if method != "vital":
+        for f in VITAL_ONLY:
+            d.pop(f)
+    return hashlib.sha256(json.dumps([model, layer, list(chans), method, sorted(d.items()), vsize, seed, n_pool, k],
+                                     default=str).encode()).hexdigest()[:12]
+
+
 def parse_variant(text: str) -> Tuple[str, Dict]:
     name, _, rest = text.partition(":")
     kw = {}
@@ -294,9 +311,7 @@ def main(argv=None) -> int:
             afc_k = afc_n = mm_k = 0.0
             acts, vis_all, secs, spec, ratios, copies = [], [], [], [], [], []
             for seed in a.seeds:
-                key = hashlib.sha256(json.dumps([a.model, layer, chans, method, sorted(s.to_dict().items()), vsize, seed,
-                                                 len(pool), a.k],
-                                                default=str).encode()).hexdigest()[:12]
+                key = run_key(a.model, layer, chans, method, s, vsize, seed, len(pool), a.k)
                 path = os.path.join(a.out, f"{layer}-{vname}-s{seed}-{key}.pt")
                 if os.path.isfile(path):
                     saved = torch.load(path, weights_only=True)

@@ -130,6 +130,23 @@ def test_channel_activation_weight_pushes_units_and_leaves_classes(lm, refs, tmp
         base.replace(channel_activation_weight=-1.0)
 
 
+def test_channel_activation_norm_scales_the_term_by_the_layers_width(lm, refs, tmp_path):
+    """Settings.channel_activation_norm N scales a unit's activation term by N / C (C: its layer's channels, 8 for
+    act3): N = 8 is the term unscaled, N = 16 at half the weight the same again (powers of two: bit-equal images),
+    N = 4 a weaker push."""
+    images = {}
+    for w, n in ((1.0, 0), (1.0, 8), (0.5, 16), (1.0, 4)):
+        images[w, n] = run(lm, refs, tmp_path, channel_relevance=False, channel_target_weight=1.0,
+                           channel_activation_weight=w, channel_activation_norm=n).images
+    assert torch.equal(images[1.0, 0], images[1.0, 8])
+    assert torch.equal(images[1.0, 0], images[0.5, 16])
+    assert not torch.equal(images[1.0, 0], images[1.0, 4])
+    with pytest.raises(ValueError, match="channel_activation_norm must be >= 0"):
+        small(channel_activation_norm=-1)
+    with pytest.raises(ValueError, match="channel_norm must be a whole number"):
+        ActMax(units_only=True, channel_norm=1.5)
+
+
 def test_class_logit_weight_pushes_classes_and_leaves_units(lm, refs, tmp_path):
     """Settings.class_logit_weight adds minus the class logit to a class target's loss (unit targets get nothing from
     it; their recorded plan has no logits); 0 is the recipe without it."""
@@ -164,3 +181,17 @@ def test_channel_later_weight_matches_the_layers_after_the_unit(lm, refs, tmp_pa
     added = [p for p in b.layers[1] if p not in a.layers[1]]
     assert added and all(w == 0.5 for _, w in added) and "act2" not in [l for l, _ in added]
     assert not torch.equal(a.images[1], b.images[1])
+
+
+def test_channel_later_layers_keeps_the_first_n_after_the_unit(lm, refs, tmp_path):
+    """Settings.channel_later_layers N keeps the first N matched layers after the unit (0: all of them)."""
+    targets = {"channel:act1:2": refs}
+    base = small().replace(channel_relevance=False, channel_later_weight=0.5)
+    every = visualize(lm, list(targets), targets, settings=base, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    one = visualize(lm, list(targets), targets, settings=base.replace(channel_later_layers=1), class_layers=LAYERS,
+                    cache=DiskCache(str(tmp_path)))
+    assert [l for l, w in every.layers[0] if w == 0.5] == ["act2", "act3"]
+    assert [l for l, w in one.layers[0] if w == 0.5] == ["act2"]
+    assert not torch.equal(every.images[0], one.images[0])
+    with pytest.raises(ValueError, match="channel_later_layers must be >= 0"):
+        base.replace(channel_later_layers=-1)

@@ -69,7 +69,9 @@ class SortMatch(Objective):
         later = float(self.settings.channel_later_weight)
         if later > 0:
             have = {l for l, _ in plan} | {target.layer}
-            plan += [(l, later) for l, _ in self.class_layers if l not in have]
+            after = [(l, later) for l, _ in self.class_layers if l not in have]
+            n = int(self.settings.channel_later_layers)
+            plan += after[:n] if n > 0 else after
         return plan
 
     def enter_stage(self, engine, slot):

@@ -324,15 +324,20 @@ class ActMax(Objective):
     ``class_loss="ce"``: class targets take the cross-entropy of their class (DeepInversion's).
     ``units_only``: class targets get nothing (0) from it: an activation term for unit targets alone, composed with
     another objective (``Settings.channel_activation_weight``). ``classes_only``: unit targets get nothing from it
-    (``Settings.class_logit_weight``).
+    (``Settings.class_logit_weight``). ``channel_norm`` N > 0: a unit's activation is scaled by N / C, C the
+    channel count of its layer, as a matching loss averages over a layer's channels
+    (``Settings.channel_activation_norm``).
     """
 
     def __init__(self, unit: Union[None, str, Target] = None, class_loss: str = "logit",
-                 units_only: bool = False, classes_only: bool = False) -> None:
+                 units_only: bool = False, classes_only: bool = False, channel_norm: int = 0) -> None:
         if class_loss not in ("logit", "ce"):
             raise ValueError(f"ActMax class_loss must be 'logit' or 'ce', got {class_loss!r}")
         if units_only and classes_only:
             raise ValueError("ActMax: units_only and classes_only exclude each other")
+        if isinstance(channel_norm, bool) or not isinstance(channel_norm, int) or channel_norm < 0:
+            raise ValueError(f"ActMax channel_norm must be a whole number >= 0, got {channel_norm!r}")
+        self.channel_norm = channel_norm
         self.unit = parse_target(unit) if unit is not None else None
         self.class_loss = class_loss
         self.units_only = bool(units_only)
@@ -399,6 +404,8 @@ class ActMax(Objective):
                 act = f.gather(2, ch.view(-1, 1, 1, 1).expand(-1, R, 1, f.shape[-1]))[:, :, 0].mean(-1)
             else:
                 act = _unit_activation(f, ts, grid, ctx.view.shape[-1], ctx.engine.loaded.input_size)
+            if self.channel_norm:
+                act = act * (self.channel_norm / f.shape[2])
             scores = scores.index_put((idx,), act)
         loss = -scores.mean(1)
         if self.class_loss == "ce" and len(cls_pos):

@@ -22,7 +22,7 @@ MINIMUM = {
     "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
     "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
     "channel_target_weight": 0.0, "channel_activation_weight": 0.0, "channel_later_weight": 0.0, "class_logit_weight": 0.0,
-    "loss_every": 1,
+    "channel_activation_norm": 0, "channel_later_layers": 0, "loss_every": 1,
     "resample_cache_mb": 0,
 }
 
@@ -129,9 +129,17 @@ class Settings:
     # matching loss (0: none, the paper; class targets never get it). Unlike channel_target_weight, which matches
     # the unit's distribution to its references' and so holds its activation near theirs, this pushes it up
     channel_activation_weight: float = 0.0
+    # 0: that weight applies as it is; N > 0: it is scaled by N / C, C the channel count of the unit's layer. The
+    # matching loss averages its rows over the C channels of a layer while the activation term reads one unit, so
+    # at a fixed weight the term grows with the layer's width: on lite0 the unit's activation reached 0.53x, 1.7x
+    # and 3.5x its references' at the 24-, 80- and 192-channel _blocks.2, _blocks.7 and _blocks.14
+    channel_activation_norm: int = 0
     # weight of the matched layers after a unit target's own layer (the class targets' layers that run later), matched
     # against the unit's top-k references too (0: none, the paper: only the layers up to the unit's)
     channel_later_weight: float = 0.0
+    # how many of those later layers (the first N after the unit; 0: all): the step's forward and backward run only
+    # as far as the last layer matched, so fewer later layers make an early unit's step cheaper
+    channel_later_layers: int = 0
     # weight of a logit term for class targets: minus the class logit, added to the matching loss (0: none, the
     # paper; unit targets never get it)
     class_logit_weight: float = 0.0
