@@ -145,16 +145,21 @@ def patches(model, pool: ImageSet, idx, locs, grid, rf: int, size: int, mode: st
 # Settings that only VITAL's loss reads: a baseline's saved run is keyed without them, so that a change to the
 # preset's VITAL terms does not rerun the baselines.
 VITAL_ONLY = ("channel_activation_weight", "channel_activation_norm", "channel_later_weight", "channel_later_layers",
-              "class_logit_weight")
+              "channel_later_stages", "class_logit_weight")
+# Settings added after runs were saved: left out of the key at their default, so that those runs stay valid.
+KEY_OMITS_AT_DEFAULT = {"channel_later_stages": 0}
 
 
 def run_key(model: str, layer: str, chans: Sequence[int], method: str, s, vsize, seed: int, n_pool: int,
             k: int) -> str:
     """The saved run's key: everything that makes its images."""
     d = s.to_dict()
+    for f, default in KEY_OMITS_AT_DEFAULT.items():
+        if d.get(f) == default:
+            d.pop(f)
     if method != "vital":
         for f in VITAL_ONLY:
-            d.pop(f)
+            d.pop(f, None)
     return hashlib.sha256(json.dumps([model, layer, list(chans), method, sorted(d.items()), vsize, seed, n_pool, k],
                                      default=str).encode()).hexdigest()[:12]
 

@@ -195,3 +195,26 @@ def test_channel_later_layers_keeps_the_first_n_after_the_unit(lm, refs, tmp_pat
     assert not torch.equal(every.images[0], one.images[0])
     with pytest.raises(ValueError, match="channel_later_layers must be >= 0"):
         base.replace(channel_later_layers=-1)
+
+
+def test_channel_later_stages_matches_later_layers_in_the_first_stages_only(lm, refs, tmp_path):
+    """Settings.channel_later_stages N: a unit's later layers are matched in the first N stages only (the recorded
+    plan still names them; 0: every stage)."""
+    from vital_fast.optim.matching import SortMatch
+    from vital_fast.optim.targets import parse_target
+
+    targets = {"channel:act1:2": refs}
+    base = small().replace(channel_relevance=False, channel_later_weight=0.5)
+    first = base.replace(channel_later_stages=1)
+    every = visualize(lm, list(targets), targets, settings=base, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    one = visualize(lm, list(targets), targets, settings=first, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    assert every.layers == one.layers and not torch.equal(every.images, one.images)
+    sm = SortMatch(first, LAYERS)
+
+    class _E:
+        loaded = lm
+
+    t = parse_target("channel:act1:2")
+    assert [l for l, w in sm.plan(_E, t, 0) if w == 0.5] == ["act2", "act3"]
+    assert [l for l, w in sm.plan(_E, t, 1) if w == 0.5] == []
+    assert sm.plan(_E, t) == sm.plan(_E, t, 0)

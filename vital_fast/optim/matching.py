@@ -59,7 +59,9 @@ class SortMatch(Objective):
             self._logit = class_logit_layer(engine.loaded)
         return self._logit
 
-    def plan(self, engine, target):
+    def plan(self, engine, target, stage: Optional[int] = None):
+        """The (layer, weight) pairs a target is matched at; ``stage``: at that stage of the schedule (a unit's
+        later layers only in its first ``channel_later_stages`` stages), ``None``: at any of them."""
         if not target.is_unit:
             return list(self.class_layers)
         plan = plan_layers_before(engine.loaded, target.layer, self.class_layers, self.settings.channel_stem_weight)
@@ -67,7 +69,8 @@ class SortMatch(Objective):
         if w > 0 and all(l != target.layer for l, _ in plan):
             plan.append((target.layer, w))
         later = float(self.settings.channel_later_weight)
-        if later > 0:
+        stages = int(self.settings.channel_later_stages)
+        if later > 0 and (stage is None or stages == 0 or stage < stages):
             have = {l for l, _ in plan} | {target.layer}
             after = [(l, later) for l, _ in self.class_layers if l not in have]
             n = int(self.settings.channel_later_layers)
@@ -78,7 +81,7 @@ class SortMatch(Objective):
         from vital_fast.references.prototypes import channel_references, class_references
 
         t0 = time.perf_counter()
-        t, S, s, plan = slot.target, engine.sizes[slot.stage], self.settings, self.plan(engine, slot.target)
+        t, S, s, plan = slot.target, engine.sizes[slot.stage], self.settings, self.plan(engine, slot.target, slot.stage)
         if not t.is_unit:
             r = class_references(engine.loaded, t.key, slot.refset, plan, S, s, slot.seed, self.cache)
         else:

@@ -22,7 +22,8 @@ MINIMUM = {
     "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
     "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
     "channel_target_weight": 0.0, "channel_activation_weight": 0.0, "channel_later_weight": 0.0, "class_logit_weight": 0.0,
-    "channel_activation_norm": 0, "channel_later_layers": 0, "loss_every": 1,
+    "channel_activation_norm": 0, "channel_later_layers": 0, "channel_later_stages": 0,
+    "loss_every": 1,
     "resample_cache_mb": 0,
 }
 
@@ -140,6 +141,9 @@ class Settings:
     # how many of those later layers (the first N after the unit; 0: all): the step's forward and backward run only
     # as far as the last layer matched, so fewer later layers make an early unit's step cheaper
     channel_later_layers: int = 0
+    # in how many of the schedule's first stages those later layers are matched (0: every stage); 1 with the fast
+    # preset's half-resolution first stage matches them only at the cheap, low-resolution steps
+    channel_later_stages: int = 0
     # weight of a logit term for class targets: minus the class logit, added to the matching loss (0: none, the
     # paper; unit targets never get it)
     class_logit_weight: float = 0.0
