@@ -212,6 +212,21 @@ def test_identity_diff_names_the_field():
     assert any("model weights" in x for x in d) and any("lr: 0.1 there, 0.2 here" in x for x in d)
 
 
+def test_identity_diff_passes_a_setting_added_since_at_its_default():
+    """A folder written before a setting existed lacks it: at its default it is no difference (the old run ran as the
+    default does), anywhere else it is one."""
+    from vital_fast.optim import get_preset
+
+    new = get_preset("fast").to_dict()
+    old = {k: v for k, v in new.items() if k not in ("channel_later_stages", "channel_later_layers")}
+    ident = lambda s: run_identity(model="m", fingerprint="f", method="vital", seed=0, settings=s, size=None,
+                                   preset="fast")
+    assert identity_diff(ident(old), ident(new)) == []
+    d = identity_diff(ident(old), ident(dict(new, channel_later_stages=1)))
+    assert d and "channel_later_stages: None there, 1 here" in d[0]
+    assert identity_diff(ident(new), ident(old))  # a setting the newer folder holds and this run lacks
+
+
 # A second process that tries to take the lock of FOLDER: through FolderLock, or the way a lock library
 # that opens the lock file with O_TRUNC (filelock's UnixFileLock before 3.30) tries it.
 _SECOND = """

@@ -223,6 +223,19 @@ def check_identity_version(old: Mapping[str, Any], out: str, what: str = "--resu
                          f"writes version {IDENTITY_VERSION} and cannot continue it: {how}")
 
 
+# Every setting's default, registered by vital_fast.optim.presets when it defines Settings (runfolder imports no
+# other part of the package): a setting that an older folder lacks is no difference at its default.
+SETTING_DEFAULTS: Dict[str, Any] = {}
+
+
+def _added_at_default(name: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """A setting that ``old`` (written before the setting existed) lacks and ``new`` holds at its default: the old
+    run ran as the default does, so it is no difference."""
+    if name in old or name not in new or name not in SETTING_DEFAULTS:
+        return False
+    return _canon(SETTING_DEFAULTS[name]) == new[name]
+
+
 def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any],
                   names: Optional[Mapping[str, str]] = None) -> List[str]:
     """What differs between two identities, one short phrase per field (``names``: field -> words)."""
@@ -234,7 +247,9 @@ def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any],
         if a == b:
             continue
         if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
-            ks = [s for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+            ks = [s for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s) and not _added_at_default(s, a, b)]
+            if not ks:
+                continue
             out.append("settings " + ", ".join(f"{s}: {a.get(s)!r} there, {b.get(s)!r} here" for s in ks[:3]))
         elif all(isinstance(v, (str, int, float, bool, type(None))) for v in (a, b)):
             out.append(f"{names.get(k, k)}: {a!r} there, {b!r} here")

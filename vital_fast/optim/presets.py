@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
+from vital_fast.runfolder import SETTING_DEFAULTS
+
 # Allowed values and lower bounds of the fields, declared once: Settings checks them at construction, the CLI's
 # --set and --config read them (vital_fast.cli.settings_args). ``compile`` (any dynamo backend) and ``param`` (the
 # parametrization registry, or "auto") are checked against what is registered.
@@ -279,6 +281,10 @@ def _fast() -> Settings:
         channel_later_weight=0.3,
         class_logit_weight=0.1, amp="auto",
     )
+
+
+SETTING_DEFAULTS.update({f.name: f.default for f in dataclasses.fields(Settings)
+                         if f.default is not dataclasses.MISSING})
 
 
 PRESETS = {"paper": _paper, "fast": _fast}
