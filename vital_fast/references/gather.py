@@ -43,7 +43,8 @@ def gather_references(loaded, targets: Sequence, *, given: Optional[Mapping] = N
     """``given`` (keyed by target key or target; kept as given) with every other target's references added: a class
     target's from ``classes`` (a folder of class subfolders; without one it stays missing, for the caller to name),
     a unit target's top-``n_refs`` mined from ``pool`` (anything :func:`~vital_fast.references.pool.as_pool` takes;
-    without one they stay missing) at ``size`` px (default: the model's input size), as full images or patches (``mode``), in one pass per layer.
+    without one they stay missing) at ``size`` px (default: the model's input size), as full images or patches
+    (``mode``), in one pass per layer.
 
     ``check_pool``: fail before any mining when no image of the pool can be read. ``progress_for(label)``: a
     progress callback for each mining pass, or None."""
