@@ -8,8 +8,7 @@
 //
 // Same parallelization and ranking as sort_match_cpu.cpp; R̂ of the current row lives in the
 // thread's scratch. x and rel are read in place with their own strides and dtypes; rel is
-// converted row by row through a loader picked once per call (so the ranking code is
-// instantiated per x dtype only, not per (x, rel) dtype pair).
+// converted row by row through a loader picked once per call (row_rel.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +20,7 @@
 #include "checks.h"
 #include "row_grad.h"
 #include "row_io.h"
+#include "row_rel.h"
 #include "row_sort.h"
 
 namespace vital_fast {
@@ -28,7 +28,6 @@ namespace {
 
 constexpr const char* kFwd = "lrp_weight_fwd";
 constexpr const char* kBwd = "lrp_weight_bwd";
-constexpr double kLrpEps = 1e-6;  // as vital_fast.reference.LRP_EPS
 
 void check_fwd_args(const at::Tensor& x, const at::Tensor& rel, const at::Tensor& ref, bool cpu) {
   if (cpu) {
@@ -45,47 +44,16 @@ void check_fwd_args(const at::Tensor& x, const at::Tensor& rel, const at::Tensor
   checks::check_reference(kFwd, x, "x", ref, cpu);
 }
 
-// rel with its dtype erased: the ranking code is instantiated per x dtype only, and the rel row
-// is read through a loader picked once per call.
-struct RelArgs {
-  const void* p;
-  int64_t C, D, s0, s1, s2;
-};
-
-// w = R̂ of row `row`, as the reference computes it: (rel − lo) / ((hi − lo) + eps), a division,
-// in math_t.
-template <typename rel_t, typename math_t>
-void load_rhat(const RelArgs& a, int64_t row, int64_t end, math_t* tile, TileState& st,
-               math_t* __restrict w) {
-  const RowsView<rel_t> v(static_cast<const rel_t*>(a.p), a.C, a.D, a.s0, a.s1, a.s2);
-  const int64_t D = a.D;
-  visit_row<math_t>(v, row, end, tile, st, [&](auto load) {
-    for (int64_t i = 0; i < D; ++i) w[i] = load(i);
-    return 0;
-  });
-  math_t lo = w[0], hi = w[0];
-  for (int64_t i = 0; i < D; ++i) {
-    lo = w[i] < lo ? w[i] : lo;
-    hi = w[i] > hi ? w[i] : hi;
-  }
-  const math_t denom = (hi - lo) + static_cast<math_t>(kLrpEps);
-  for (int64_t i = 0; i < D; ++i) w[i] = (w[i] - lo) / denom;
-}
-
 template <typename x_t>
 void lrp_weight_fwd_kernel(const at::Tensor& x, const at::Tensor& rel, const at::Tensor& ref,
                            at::Tensor& loss, at::Tensor& saved) {
   using math_t = std::conditional_t<std::is_same_v<x_t, double>, double, float>;
-  using RhatLoader = void (*)(const RelArgs&, int64_t, int64_t, math_t*, TileState&, math_t*);
-  RhatLoader load_rhat_row = nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "lrp_weight_fwd_rel",
-                                  [&] { load_rhat_row = &load_rhat<scalar_t, math_t>; });
+  const RhatLoader<math_t> load_rhat_row = rhat_loader<math_t>(rel.scalar_type());
 
   const int64_t C = x.size(1), D = x.size(2);
   const RowsView<x_t> xv(x.const_data_ptr<x_t>(), C, D, x.stride(0), x.stride(1), x.stride(2));
-  const RelArgs ra{rel.const_data_ptr(), C, D, rel.stride(0), rel.stride(1), rel.stride(2)};
-  const int64_t rel_group = RowsView<x_t>::group_for(C, D, ra.s1, ra.s2);
-  const int64_t rel_tile = rel_group > 1 ? rel_group * D : 0;
+  const RelArgs ra = rel_args(rel);
+  const int64_t rel_tile = rel_tile_elems(ra);
   const math_t* rp = ref.const_data_ptr<math_t>();
   const int64_t ref_bs = ref.size(0) == 1 ? 0 : C * D;
   math_t* lp = loss.mutable_data_ptr<math_t>();

@@ -33,4 +33,6 @@ TORCH_LIBRARY(vital_fast, m) {
   m.def("sort_match_bwd(Tensor grad_loss, Tensor diff, ScalarType dtype) -> Tensor");
   m.def("lrp_weight_fwd(Tensor x, Tensor rel, Tensor ref) -> (Tensor, Tensor)");
   m.def("lrp_weight_bwd(Tensor grad_loss, Tensor saved, ScalarType dtype) -> Tensor");
+  // the prototype builder's sort-and-average (sorted_prototype_cpu.cpp): x, rel (K, C, D) -> (C, D)
+  m.def("sorted_rows_mean(Tensor x, Tensor? rel) -> Tensor");
 }

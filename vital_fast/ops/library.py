@@ -7,7 +7,8 @@ Every compiled backend's forward and backward is one operator in the ``vital_fas
 * Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): the same four with a ``_triton`` suffix, defined
   with ``torch.library.triton_op`` (inductor sees the kernels) in :mod:`vital_fast.ops.triton_ops`, which
   the backend choice imports once triton loaded (defining them imports triton and dynamo: not at ``import vital_fast``);
-* the prototype builder, ``sorted_prototype(Tensor features, int? q, Tensor? relevance, int channel_dim)``.
+* the prototype builder, ``sorted_prototype(Tensor features, int? q, Tensor? relevance, int channel_dim)``, whose
+  CPU path runs the C++ ``sorted_rows_mean(Tensor x, Tensor? rel)`` (the mean of K images' sorted rows).
 
 Each forward operator has its autograd registered through the library (``register_autograd``: the backward
 is the backend's ``*_bwd`` operator, elementwise) and a vmap rule (``register_vmap``: a vmapped dimension is
@@ -48,9 +49,18 @@ def bwd_fake(grad_loss: Tensor, saved: Tensor, dtype: torch.dtype) -> Tensor:
 
 @torch.library.custom_op(f"{LIB}::sorted_prototype", mutates_args=())
 def sorted_prototype_op(features: Tensor, q: Optional[int], relevance: Optional[Tensor], channel_dim: int) -> Tensor:
-    from vital_fast.oracle import sorted_prototype_reference
+    """On CPU tensors with the C++ backend, the mean of the sorted rows comes from ``sorted_rows_mean``
+    (csrc/sorted_prototype_cpu.cpp: rows ranked by radix, no sorted copy), then resampled here; elsewhere (CUDA,
+    where ``torch.sort`` is fast, or ``VITAL_FAST_BACKEND=reference``) from the reference."""
+    from vital_fast._backend import resolve
+    from vital_fast.oracle import as_rows, resample_quantiles, sorted_prototype_reference
 
     with torch.no_grad():
+        if resolve("sorted_prototype", features.device) == "cpp":
+            rows = as_rows(features.detach(), channel_dim)
+            rel = None if relevance is None else as_rows(relevance.detach(), channel_dim)
+            proto = torch.ops.vital_fast.sorted_rows_mean(rows, rel)
+            return resample_quantiles(proto, q if q is not None else proto.shape[-1])
         return sorted_prototype_reference(features.detach(), q, relevance=relevance, channel_dim=channel_dim)
 
 
