@@ -86,10 +86,15 @@ def test_result_does_not_depend_on_the_thread_count():
     assert torch.equal(one, two)
 
 
-def test_forced_reference_backend_runs_the_reference(monkeypatch):
+def test_forced_backends(monkeypatch):
     f = torch.randn(4, 3, 11, 11)
+    want = sorted_prototype_reference(f, 8)
+    assert torch.equal(vital_fast.sorted_prototype(f, 8, backend="reference"), want)
+    assert torch.equal(vital_fast.sorted_prototype(f, 8, backend="cpp"), vital_fast.sorted_prototype(f, 8))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vital_fast.sorted_prototype(f, 8, backend="gpu")
     monkeypatch.setenv("VITAL_FAST_BACKEND", "reference")
-    assert torch.equal(vital_fast.sorted_prototype(f, 8), sorted_prototype_reference(f, 8))
+    assert torch.equal(vital_fast.sorted_prototype(f, 8), want)
 
 
 def test_operator_passes_opcheck_and_refuses_bad_input():

@@ -48,15 +48,20 @@ def bwd_fake(grad_loss: Tensor, saved: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @torch.library.custom_op(f"{LIB}::sorted_prototype", mutates_args=())
-def sorted_prototype_op(features: Tensor, q: Optional[int], relevance: Optional[Tensor], channel_dim: int) -> Tensor:
-    """On CPU tensors with the C++ backend, the mean of the sorted rows comes from ``sorted_rows_mean``
-    (csrc/sorted_prototype_cpu.cpp: rows ranked by radix, no sorted copy), then resampled here; elsewhere (CUDA,
-    where ``torch.sort`` is fast, or ``VITAL_FAST_BACKEND=reference``) from the reference."""
-    from vital_fast._backend import resolve
+def sorted_prototype_op(features: Tensor, q: Optional[int], relevance: Optional[Tensor], channel_dim: int,
+                        backend: str = "auto") -> Tensor:
+    """``backend`` ``"cpp"``: the mean of the sorted rows from the C++ ``sorted_rows_mean``
+    (csrc/sorted_prototype_cpu.cpp: rows ranked by radix, no sorted copy), resampled here; ``"reference"``:
+    :func:`~vital_fast.oracle.sorted_prototype_reference`; ``"auto"``: the C++ kernel for CPU tensors once the
+    extension is loaded, else the reference (on CUDA ``torch.sort`` is fast). :func:`vital_fast.sorted_prototype`
+    passes the backend :mod:`vital_fast._backend` chose."""
     from vital_fast.oracle import as_rows, resample_quantiles, sorted_prototype_reference
 
+    if backend == "auto":
+        on_cpu = features.device.type == "cpu"
+        backend = "cpp" if on_cpu and hasattr(torch.ops.vital_fast, "sorted_rows_mean") else "reference"
     with torch.no_grad():
-        if resolve("sorted_prototype", features.device) == "cpp":
+        if backend == "cpp":
             rows = as_rows(features.detach(), channel_dim)
             rel = None if relevance is None else as_rows(relevance.detach(), channel_dim)
             proto = torch.ops.vital_fast.sorted_rows_mean(rows, rel)
@@ -65,7 +70,7 @@ def sorted_prototype_op(features: Tensor, q: Optional[int], relevance: Optional[
 
 
 @sorted_prototype_op.register_fake
-def _(features, q, relevance, channel_dim):
+def _(features, q, relevance, channel_dim, backend="auto"):
     cd = channel_dim % features.dim()
     C = features.shape[cd]
     D = 1

@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from vital_fast import _validate
+from vital_fast import _backend, _validate
+from vital_fast.ops.library import sorted_prototype_op  # torch.ops.vital_fast.sorted_prototype
 from vital_fast.oracle import channel_importance_reference
 
 
@@ -16,6 +17,7 @@ def sorted_prototype(
     *,
     relevance: Optional[torch.Tensor] = None,
     channel_dim: int = 1,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """The reference prototype of K images: the mean of their sorted rows, as Q quantiles.
 
@@ -36,6 +38,9 @@ def sorted_prototype(
         prototype that :func:`lrp_weight` matches against.
     channel_dim : int
         The channel dimension.
+    backend : str, optional
+        ``"cpp"`` or ``"reference"`` forces one (``"triton"`` runs the reference: ``torch.sort`` on the GPU);
+        default: from the device, or ``VITAL_FAST_BACKEND``.
 
     Returns
     -------
@@ -61,10 +66,9 @@ def sorted_prototype(
         raise ValueError(f"{op}: 'q' must be a positive int or None, got {q!r}")
     if features.shape[0] == 0:
         raise ValueError(f"{op}: 'features' holds no images (K = 0), shape {tuple(features.shape)}")
-    from vital_fast.ops.library import sorted_prototype_op  # torch.ops.vital_fast.sorted_prototype
-
+    b = "cpp" if _backend.resolve(op, features.device, backend) == "cpp" else "reference"
     return sorted_prototype_op(features.detach(), q, None if relevance is None else relevance.detach(),
-                               channel_dim)
+                               channel_dim, b)
 
 
 def channel_importance(relevance: torch.Tensor, *, channel_dim: int = 1) -> torch.Tensor:
