@@ -7,8 +7,11 @@
 Each round runs the preset (``--preset``, default ``fast``) and then every ``--vital`` variant (settings overrides, as in
 :mod:`benchmarks.bench_channels`) on the same channels of each layer, with the same random reference images and the
 prototype cache off, so that a recipe pays for its prototypes too (the matched layers it adds cost references as well
-as steps). The table gives each variant's median over the rounds and its ratio to the preset's (under 1: faster).
-Quality is not measured here (:mod:`benchmarks.bench_channels` does that).
+as steps). The table gives each variant's median over the rounds and its ratio to the preset's (under 1: faster), in
+three columns: all of it per target-step (references included, as the first column always was), the step alone
+(``timings["s_per_target_step"]``: what a longer schedule converges to) and the references per target (their
+prototypes, computed once per target and stage). Quality is not measured here (:mod:`benchmarks.bench_channels`
+does that).
 """
 
 from __future__ import annotations
@@ -57,15 +60,18 @@ def main(argv=None) -> int:
             targets = [f"channel:{layer}:{c}" for c in range(a.channels)]
             for name, s in variants.items():
                 t0 = time.perf_counter()
-                visualize(model, targets, {t: refs for t in targets}, settings=s, seed=0,
-                          cache=DiskCache(enabled=False))
-                times[(layer, name)].append((time.perf_counter() - t0) / (a.steps * len(targets)))
-    print(f"| layer | recipe | s per target-step (median of {a.rounds}) | ratio to {a.preset} |\n|---|---|---:|---:|")
+                res = visualize(model, targets, {t: refs for t in targets}, settings=s, seed=0,
+                                cache=DiskCache(enabled=False))
+                times[(layer, name)].append(((time.perf_counter() - t0) / (a.steps * len(targets)),
+                                             res.timings["s_per_target_step"],
+                                             res.timings["references_s"] / len(targets)))
+    print(f"| layer | recipe | s per target-step (median of {a.rounds}) | ratio to {a.preset} | step alone | ratio | "
+          f"references s per target | ratio |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for layer in a.layers:
-        ref = statistics.median(times[(layer, a.preset)])
+        ref = [statistics.median(col) for col in zip(*times[(layer, a.preset)])]
         for name in variants:
-            m = statistics.median(times[(layer, name)])
-            print(f"| {layer} | {name} | {m:.4f} | {m / ref:.2f} |")
+            m = [statistics.median(col) for col in zip(*times[(layer, name)])]
+            print(f"| {layer} | {name} | " + " | ".join(f"{v:.4f} | {v / r:.2f}" for v, r in zip(m, ref)) + " |")
     print(f"\n{a.model}, {a.channels} channels per layer, {a.steps} steps, {a.threads} threads, prototype cache off",
           file=sys.stderr)
     return 0

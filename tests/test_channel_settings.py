@@ -218,3 +218,42 @@ def test_channel_later_stages_matches_later_layers_in_the_first_stages_only(lm, 
     assert [l for l, w in sm.plan(_E, t, 0) if w == 0.5] == ["act2", "act3"]
     assert [l for l, w in sm.plan(_E, t, 1) if w == 0.5] == []
     assert sm.plan(_E, t) == sm.plan(_E, t, 0)
+
+
+def test_channel_later_every_matches_later_layers_at_every_nth_step(lm, refs, tmp_path, monkeypatch):
+    """Settings.channel_later_every N: a unit's later layers are tapped and matched at every N-th step of a stage only,
+    at N times their weight (the recorded plan still names them at their own weight); batched equals alone."""
+    from vital_fast.optim import matching
+
+    seen = []
+    real = matching.SortMatch._groups_for
+
+    def spy(self, ctx):
+        groups = real(self, ctx)
+        seen.append([(sl.step, [p for g in groups for p in g["layers"]]) for sl in ctx.slots])
+        return groups
+
+    monkeypatch.setattr(matching.SortMatch, "_groups_for", spy)
+    targets = {"channel:act1:2": refs}
+    base = small().replace(channel_relevance=False, channel_later_weight=0.5)
+    every = visualize(lm, list(targets), targets, settings=base, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    seen.clear()
+    two = visualize(lm, list(targets), targets, settings=base.replace(channel_later_every=2), class_layers=LAYERS,
+                    cache=DiskCache(str(tmp_path)))
+    assert every.layers == two.layers and [l for l, w in two.layers[0] if w == 0.5] == ["act2", "act3"]
+    assert not torch.equal(every.images, two.images)
+    steps = [s[0] for s in seen]
+    assert [st for st, _ in steps] == [0, 1, 0, 1, 2]  # the stages' steps (2, then 3)
+    for st, layers in steps:
+        later = [(l, w) for l, w in layers if l in ("act2", "act3")]
+        assert later == ([("act2", 1.0), ("act3", 1.0)] if st % 2 == 0 else [])
+    with pytest.raises(ValueError, match="channel_later_every must be >= 1"):
+        base.replace(channel_later_every=0)
+
+    monkeypatch.setattr(matching.SortMatch, "_groups_for", real)
+    s = base.replace(channel_later_every=2)
+    both = {"channel:act1:2": refs, "channel:act2:3": refs}
+    together = visualize(lm, list(both), both, settings=s, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+    for i, t in enumerate(both):
+        alone = visualize(lm, [t], {t: refs}, settings=s, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
+        torch.testing.assert_close(together.images[i], alone.images[0], rtol=0, atol=1e-6)

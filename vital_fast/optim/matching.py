@@ -3,6 +3,7 @@ relevance-weighted for channel targets (:class:`SortMatch`), and the grouped los
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -40,7 +41,7 @@ class SortMatch(Objective):
         self.class_layers = list(class_layers) if class_layers is not None else None
         self.cache = cache
         self._logit: Optional[str] = None
-        self._groups: Dict[int, Tuple[tuple, list]] = {}
+        self._groups: Dict[Tuple[int, tuple], Tuple[tuple, list]] = {}
         self._shared = None  # the SharedRelevance of the step now running (its starts name their slots)
         self._unshared: set = set()  # layers whose module runs more than once: their starts never share
 
@@ -62,20 +63,26 @@ class SortMatch(Objective):
     def plan(self, engine, target, stage: Optional[int] = None):
         """The (layer, weight) pairs a target is matched at; ``stage``: at that stage of the schedule (a unit's
         later layers only in its first ``channel_later_stages`` stages), ``None``: at any of them."""
+        head, later = self._plan_parts(engine, target, stage)
+        return head + later
+
+    def _plan_parts(self, engine, target, stage: Optional[int]):
+        """A target's plan in two parts: the layers up to a unit's own, and those after it
+        (``channel_later_weight``)."""
         if not target.is_unit:
-            return list(self.class_layers)
+            return list(self.class_layers), []
         plan = plan_layers_before(engine.loaded, target.layer, self.class_layers, self.settings.channel_stem_weight)
         w = float(getattr(self.settings, "channel_target_weight", 0.0) or 0.0)
         if w > 0 and all(l != target.layer for l, _ in plan):
             plan.append((target.layer, w))
         later = float(self.settings.channel_later_weight)
         stages = int(self.settings.channel_later_stages)
-        if later > 0 and (stage is None or stages == 0 or stage < stages):
-            have = {l for l, _ in plan} | {target.layer}
-            after = [(l, later) for l, _ in self.class_layers if l not in have]
-            n = int(self.settings.channel_later_layers)
-            plan += after[:n] if n > 0 else after
-        return plan
+        if not (later > 0 and (stage is None or stages == 0 or stage < stages)):
+            return plan, []
+        have = {l for l, _ in plan} | {target.layer}
+        after = [(l, later) for l, _ in self.class_layers if l not in have]
+        n = int(self.settings.channel_later_layers)
+        return plan, (after[:n] if n > 0 else after)
 
     def enter_stage(self, engine, slot):
         from vital_fast.references.prototypes import channel_references, class_references
@@ -91,18 +98,39 @@ class SortMatch(Objective):
                                    cache=self.cache)
         slot.state["refs"] = r
         slot.state["rel"] = {}
+        slot.state["every"] = None
+        every = int(self.settings.channel_later_every)
+        later = {l for l, _ in self._plan_parts(engine, t, slot.stage)[1]} if every > 1 else set()
+        if later and len(later) < len(r.layers):  # the later layers at every N-th step, at N times their weight
+            on = dataclasses.replace(r, layers=[(l, w * every if l in later else w) for l, w in r.layers])
+            off = dataclasses.replace(r, layers=[(l, w) for l, w in r.layers if l not in later])
+            slot.state["every"] = (every, on, off)
         engine.t_refs += time.perf_counter() - t0
 
+    @staticmethod
+    def _step_refs(slot):
+        """What the slot is matched against at this step: its references, without the later layers at the steps
+        ``channel_later_every`` skips."""
+        e = slot.state.get("every")
+        if e is None:
+            return slot.state["refs"]
+        return e[1] if slot.step % e[0] == 0 else e[2]
+
     def layers(self, slots):
-        return sorted({l for sl in slots for l, _ in sl.state["refs"].layers})
+        return sorted({l for sl in slots for l, _ in self._step_refs(sl).layers})
 
     def _groups_for(self, ctx) -> list:
-        key = tuple((sl.uid, sl.stage) for sl in ctx.slots)
-        hit = self._groups.get(ctx.size)
+        refs = [self._step_refs(sl) for sl in ctx.slots]
+        key = tuple((sl.uid, sl.stage, id(r)) for sl, r in zip(ctx.slots, refs))
+        # one entry per side, and per pattern of steps with and without the later layers (channel_later_every)
+        ons = tuple(sl.state["every"] is not None and r is sl.state["every"][1] for sl, r in zip(ctx.slots, refs))
+        hit = self._groups.get((ctx.size, ons))
         if hit is None or hit[0] != key:
-            hit = (key, build_groups(ctx.targets, [sl.state["refs"] for sl in ctx.slots], ctx.view.device,
+            hit = (key, build_groups(ctx.targets, refs, ctx.view.device,
                                      keep_bytes=self.settings.resample_cache_mb * 2 ** 20))
-            self._groups[ctx.size] = hit
+            if len(self._groups) >= 8:  # a sweep's refilled batches make new patterns: keep a few
+                self._groups.clear()
+            self._groups[(ctx.size, ons)] = hit
         return hit[1]
 
     def _due(self, slots) -> List[int]:
@@ -303,7 +331,7 @@ def build_groups(targets: Sequence[Target], refs: Sequence[Any], dev, keep_bytes
 
     groups: Dict[tuple, dict] = {}
     for i, (t, r) in enumerate(zip(targets, refs)):
-        gkey = ("unit", t.layer) if t.is_unit else ("class",)
+        gkey = ("unit", t.layer, tuple(r.layers)) if t.is_unit else ("class",)  # channel_later_every: on and off
         g = groups.setdefault(gkey, {"kind": t.kind, "layer": t.layer, "members": [], "layers": r.layers,
                                      "keep_bytes": int(keep_bytes)})
         g["members"].append((i, t, r))

@@ -24,7 +24,7 @@ MINIMUM = {
     "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
     "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
     "channel_target_weight": 0.0, "channel_activation_weight": 0.0, "channel_later_weight": 0.0, "class_logit_weight": 0.0,
-    "channel_activation_norm": 0, "channel_later_layers": 0, "channel_later_stages": 0,
+    "channel_activation_norm": 0, "channel_later_layers": 0, "channel_later_stages": 0, "channel_later_every": 1,
     "loss_every": 1,
     "resample_cache_mb": 0,
 }
@@ -146,6 +146,10 @@ class Settings:
     # in how many of the schedule's first stages those later layers are matched (0: every stage); 1 with the fast
     # preset's half-resolution first stage matches them only at the cheap, low-resolution steps
     channel_later_stages: int = 0
+    # match those later layers at every N-th step of a stage only (1: every step), at N times their weight, so that
+    # their time-averaged pull stays the same; the other steps run forward and backward only as far as the unit's
+    # own layer (or the last layer before it that is matched), as lrp_every does for relevance
+    channel_later_every: int = 1
     # weight of a logit term for class targets: minus the class logit, added to the matching loss (0: none, the
     # paper; unit targets never get it)
     class_logit_weight: float = 0.0
