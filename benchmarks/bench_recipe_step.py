@@ -10,13 +10,17 @@ prototype cache off, so that a recipe pays for its prototypes too (the matched l
 as steps). The table gives each variant's median over the rounds and its ratio to the preset's (under 1: faster), in
 three columns: all of it per target-step (references included, as the first column always was), the step alone
 (``timings["s_per_target_step"]``: what a longer schedule converges to) and the references per target (their
-prototypes, computed once per target and stage). Quality is not measured here (:mod:`benchmarks.bench_channels`
+prototypes, computed once per target and stage). The variant key ``prototypes=reference`` builds that variant's
+prototypes with the plain-torch reference (``torch.sort``, as before the C++ kernel), e.g. ``--vital
+"today:channel_activation_weight=0.0;channel_later_weight=0.0;prototypes='reference'"`` times the channel recipe of
+the issue that asked for the specific channels, as it ran then. Quality is not measured here (:mod:`benchmarks.bench_channels`
 does that).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -25,7 +29,9 @@ import torch
 
 from benchmarks.bench_channels import parse_variant
 from vital_fast.models import load_model
+from vital_fast.ops.prototype import sorted_prototype
 from vital_fast.optim import get_preset, visualize
+from vital_fast.references import prototypes
 from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet
 
@@ -45,8 +51,12 @@ def main(argv=None) -> int:
     model = load_model(a.model)
     base = get_preset(a.preset).with_steps(a.steps)
     variants = {a.preset: base}
+    proto_backend = {}
     for v in a.vital:
         name, kw = parse_variant(v)
+        proto_backend[name] = kw.pop("prototypes", None)
+        if proto_backend[name] not in (None, "reference", "cpp"):
+            ap.error(f"--vital {v}: prototypes must be 'reference' or 'cpp', got {proto_backend[name]!r}")
         try:
             variants[name] = base.replace(**kw)
         except ValueError as err:
@@ -59,9 +69,14 @@ def main(argv=None) -> int:
         for layer in a.layers:
             targets = [f"channel:{layer}:{c}" for c in range(a.channels)]
             for name, s in variants.items():
+                pb = proto_backend.get(name)
+                prototypes.sorted_prototype = functools.partial(sorted_prototype, backend=pb) if pb else sorted_prototype
                 t0 = time.perf_counter()
-                res = visualize(model, targets, {t: refs for t in targets}, settings=s, seed=0,
-                                cache=DiskCache(enabled=False))
+                try:
+                    res = visualize(model, targets, {t: refs for t in targets}, settings=s, seed=0,
+                                    cache=DiskCache(enabled=False))
+                finally:
+                    prototypes.sorted_prototype = sorted_prototype
                 times[(layer, name)].append(((time.perf_counter() - t0) / (a.steps * len(targets)),
                                              res.timings["s_per_target_step"],
                                              res.timings["references_s"] / len(targets)))
