@@ -41,7 +41,7 @@ class SortMatch(Objective):
         self.class_layers = list(class_layers) if class_layers is not None else None
         self.cache = cache
         self._logit: Optional[str] = None
-        self._groups: Dict[Tuple[int, tuple], Tuple[tuple, list]] = {}
+        self._groups: Dict[int, Tuple[tuple, Dict[tuple, list]]] = {}
         self._shared = None  # the SharedRelevance of the step now running (its starts name their slots)
         self._unshared: set = set()  # layers whose module runs more than once: their starts never share
 
@@ -88,7 +88,9 @@ class SortMatch(Objective):
         from vital_fast.references.prototypes import channel_references, class_references
 
         t0 = time.perf_counter()
-        t, S, s, plan = slot.target, engine.sizes[slot.stage], self.settings, self.plan(engine, slot.target, slot.stage)
+        t, S, s = slot.target, engine.sizes[slot.stage], self.settings
+        head, after = self._plan_parts(engine, t, slot.stage)
+        plan = head + after
         if not t.is_unit:
             r = class_references(engine.loaded, t.key, slot.refset, plan, S, s, slot.seed, self.cache)
         else:
@@ -100,7 +102,7 @@ class SortMatch(Objective):
         slot.state["rel"] = {}
         slot.state["every"] = None
         every = int(self.settings.channel_later_every)
-        later = {l for l, _ in self._plan_parts(engine, t, slot.stage)[1]} if every > 1 else set()
+        later = {l for l, _ in after} if every > 1 else set()
         if later and len(later) < len(r.layers):  # the later layers at every N-th step, at N times their weight
             on = dataclasses.replace(r, layers=[(l, w * every if l in later else w) for l, w in r.layers])
             off = dataclasses.replace(r, layers=[(l, w) for l, w in r.layers if l not in later])
@@ -121,17 +123,17 @@ class SortMatch(Objective):
 
     def _groups_for(self, ctx) -> list:
         refs = [self._step_refs(sl) for sl in ctx.slots]
-        key = tuple((sl.uid, sl.stage, id(r)) for sl, r in zip(ctx.slots, refs))
-        # one entry per side, and per pattern of steps with and without the later layers (channel_later_every)
-        ons = tuple(sl.state["every"] is not None and r is sl.state["every"][1] for sl, r in zip(ctx.slots, refs))
-        hit = self._groups.get((ctx.size, ons))
-        if hit is None or hit[0] != key:
-            hit = (key, build_groups(ctx.targets, refs, ctx.view.device,
-                                     keep_bytes=self.settings.resample_cache_mb * 2 ** 20))
-            if len(self._groups) >= 8:  # a sweep's refilled batches make new patterns: keep a few
-                self._groups.clear()
-            self._groups[(ctx.size, ons)] = hit
-        return hit[1]
+        key = tuple((sl.uid, sl.stage) for sl in ctx.slots)
+        entry = self._groups.get(ctx.size)
+        if entry is None or entry[0] != key:  # one entry per side, for the slots now on it
+            entry = self._groups[ctx.size] = (key, {})
+        # per pattern of steps with and without the later layers (channel_later_every): at most N of them
+        pattern = tuple(id(r) for r in refs)
+        groups = entry[1].get(pattern)
+        if groups is None:
+            groups = entry[1][pattern] = build_groups(ctx.targets, refs, ctx.view.device,
+                                                      keep_bytes=self.settings.resample_cache_mb * 2 ** 20)
+        return groups
 
     def _due(self, slots) -> List[int]:
         every = max(1, self.settings.lrp_every)
