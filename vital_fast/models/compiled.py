@@ -22,8 +22,8 @@ from torch import nn
 
 from vital_fast.models.taps import _first_tensor, _is_script, _script_error, _unwrap, resolve_layer
 
-__all__ = ["COMPILE_DEBUG_BACKENDS", "PersistentTaps", "TappedForward", "compile_backends", "resolve_compile",
-           "tapped_outputs"]
+__all__ = ["COMPILE_DEBUG_BACKENDS", "PersistentTaps", "TappedForward", "compile_backends", "compiled_frames",
+           "resolve_compile", "tapped_outputs"]
 
 # torch.compile's debug backends (no code generation: dynamo's graph run as is, or through AOTAutograd)
 COMPILE_DEBUG_BACKENDS = ("eager", "aot_eager")
@@ -154,3 +154,12 @@ def tapped_outputs(outs: Sequence[torch.Tensor], layers: Sequence[str], logits: 
     """``TappedForward``'s tuple as ``({layer: output}, logits or None)``."""
     feats = dict(zip(layers, outs[:len(layers)]))
     return feats, (outs[len(layers)] if logits else None)
+
+
+def compiled_frames() -> int:
+    """How many frames torch dynamo has compiled in this process (a change: the call compiled)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - a torch without dynamo's counters: no compile time recorded
+        return 0
+    return int(counters["frames"]["ok"])

@@ -42,6 +42,9 @@ network runs channels-last (:mod:`vital_fast.models.layout`): its 4-D weights ar
 first slot's references are computed and given back by :meth:`Engine.close`, and each step's views enter
 in that layout.
 
+**Batch norms folded.** ``settings.fold_batchnorm`` (:mod:`vital_fast.models.folding`): an eager step that
+computes no relevance and brings no hooks runs with eval-mode batch norms folded into their convolutions.
+
 **Shared forward.** An objective may ask to share the step's eager forward pass
 (``objective.forward_pass(engine, slots)``): VITAL's relevance of channel targets (and of class targets
 with ``class_relevance``) then comes from the step's own pass (:class:`~vital_fast.references.shared_relevance.SharedRelevance`)
@@ -58,7 +61,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from vital_fast.models.compiled import resolve_compile
+from vital_fast.models.compiled import compiled_frames, resolve_compile
+from vital_fast.models.folding import BatchNormFold, resolve_fold
 from vital_fast.models.layout import ChannelsLast, resolve_channels_last
 from vital_fast.optim.objectives import Objective, StepContext, check_per_element
 from vital_fast.optim.parametrizations import Parametrization
@@ -188,12 +192,12 @@ class Engine:
         self.dev = next(iter(loaded.model.parameters())).device
         self.amp = resolve_amp(getattr(self.s, "amp", None), self.dev)
         self.precision = precision_name(self.amp)
-        # the torch.compile backend of the network's forward (None: eager); see _forward_compiled
         self.compile_backend = resolve_compile(getattr(self.s, "compile", None))
         # channels-last layout of the network for the run (vital_fast.models.layout): converted before the
         # first slot's references (so that every slot's are computed in one layout), given back by close()
         self.channels_last = resolve_channels_last(getattr(self.s, "channels_last", None), loaded.family, self.dev)
         self._layout = None
+        self.fold = BatchNormFold(loaded.model) if resolve_fold(getattr(self.s, "fold_batchnorm", None)) else None
         self._taps = None  # PersistentTaps while a compiled forward has hooks on the model
         self._compiled: Dict[Tuple[Tuple[str, ...], bool], Any] = {}
         self._compiled_now = False  # the latest compiled forward compiled (a first call or a new shape)
@@ -399,6 +403,8 @@ class Engine:
                 stack.enter_context(hooks)
             if shared is not None:  # before the taps: they see what it re-attaches
                 stack.enter_context(shared)
+            elif hooks is None and self.fold is not None:  # relevance and hooks see the network as it is
+                stack.enter_context(self.fold.applied(x, layers))
             stack.enter_context(autocast(self.amp, self.dev))
             if layers and not logits_needed:
                 feats = FeatureTaps(model, layers, stop_after=True).run(x, pad=False)  # padded above where needed
@@ -442,12 +448,12 @@ class Engine:
                 self._taps = PersistentTaps(self.loaded.model)
             fn = torch.compile(TappedForward(self._taps, key[0], key[1]), backend=self.compile_backend)
             self._compiled[key] = fn
-        frames = _compiled_frames()
+        frames = compiled_frames()
         try:
             outs = fn(x)
         finally:
             self._taps.reset()
-        self._compiled_now = _compiled_frames() != frames
+        self._compiled_now = compiled_frames() != frames
         return tapped_outputs(outs, key[0], key[1])
 
     def close(self) -> None:
@@ -459,6 +465,8 @@ class Engine:
         if taps is not None:
             taps.close()
         layout, self._layout = self._layout, None
+        if self.fold is not None:  # its weights are in the layout of the run: found again by a later step
+            self.fold.pairs = None
         if layout is not None:
             layout.restore()
             from vital_fast.references.lrp_rules import forget_clamped_params
@@ -590,11 +598,3 @@ def stack_rows(t: torch.Tensor, n: int) -> List[torch.Tensor]:
     """The ``n`` one-element rows of a stacked ``(n, ...)`` tensor, as views (one op)."""
     return list(t.split(1)) if n > 1 else [t]
 
-
-def _compiled_frames() -> int:
-    """How many frames torch dynamo has compiled in this process (a change: the call compiled)."""
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:  # pragma: no cover - a torch without dynamo's counters: no compile time recorded
-        return 0
-    return int(counters["frames"]["ok"])

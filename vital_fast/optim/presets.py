@@ -18,6 +18,7 @@ CHOICES = {
     "lrp_composite": ("paper", "epsilon_plus", "epsilon_plus_flat"),
     "amp": ("off", "bf16", "fp16", "auto"),
     "channels_last": ("auto", "on", "off"),
+    "fold_batchnorm": ("auto", "off"),
     "rules_dtype": ("auto", "float32"),
 }
 MINIMUM = {
@@ -166,6 +167,10 @@ class Settings:
     # CPU and CUDA: the same values, faster convolutions), "on" (any model) or "off" (as the model comes);
     # see vital_fast.models.layout
     channels_last: str = "auto"
+    # the step's eager forward with each eval-mode batch norm folded into the convolution before it: "auto" (where
+    # the network has such pairs, found and checked on the first step's input) or "off"; the same values up to
+    # rounding, one elementwise pass less per batch norm each way; see vital_fast.models.folding
+    fold_batchnorm: str = "auto"
     # VITAL's image parametrization: "pixel" (the paper's), "fourier" (the fast preset's), "maco", or "auto"
     # (per target kind: Fourier for class targets, pixels for channels); see vital_fast.optim.methods
     param: str = "pixel"
