@@ -3,21 +3,24 @@
 An eval-mode ``BatchNorm`` is an affine map per channel, ``y = (x − μ) s + β`` with ``s = γ / √(σ² + ε)``. When
 its input is a convolution's output and nothing else reads that output, the convolution with weights ``W s``
 and bias ``(b − μ) s + β`` gives ``y`` directly, and the batch norm can pass its input through. The step's
-forward and backward then skip one elementwise pass per batch norm, in and out: on efficientnet-lite0 (49
-batch norms) a forward + backward at B = 8, 224 px, one thread of an AMD EPYC ran 0.64x as long
-(``python -m benchmarks.bench_recipe_step --fold``). The values are the same up to rounding.
+forward and backward then skip one elementwise pass per batch norm, in and out. On efficientnet-lite0 (49 batch
+norms; B = 8, one thread of an AMD EPYC) the network's forward took 0.57-0.76x and its backward 0.63-0.78x as long
+(``python -m benchmarks.bench_fold``), the fast preset's channel step alone 0.88-0.92x (``python -m
+benchmarks.bench_recipe_step --vital "nofold:fold_batchnorm='off'"``: the loss, the views and the update stay).
+The values are the same up to rounding.
 
-The pairs are found, not assumed: :class:`BatchNormFold` runs the network once on the first step's input with
-hooks, and a batch norm is folded when its input is the very tensor its convolution returned (each called
-once). The folded network is then checked against the unfolded one on that input (every output tensor, to
-``1e-3`` of its largest value in float32; ``3e-2`` in half precision); a network that fails, or has no pair,
-runs as it is. A pair is left unfolded in a step that taps its convolution, or a module that holds the
-convolution but not its batch norm (their output would change).
+The pairs are found, not assumed: :class:`BatchNormFold` runs the network once on the first element of the
+first step's input with hooks, and a batch norm is folded when its input is the very tensor its convolution
+returned (each called once). The folded network is then checked against the unfolded one on that input (every
+output tensor, to ``1e-3`` of its largest value in float32; ``3e-2`` in half precision); a network that fails, or
+has no pair, runs as it is. A pair is left unfolded in a step that taps its convolution, or a module that holds
+the convolution but not its batch norm (their output would change).
 
 The folded weights are set on the convolutions (other ``Parameter`` objects, so that the backward after the
 block reads the ones its graph saved) only for the duration of :meth:`BatchNormFold.applied`, and everything
 is given back on exit, an error or an interrupt included: what the user holds is as it was, and relevance,
-references and objectives with hooks of their own (BatchNorm statistics) see the network as it is. The engine does not fold under ``torch.compile``.
+references and objectives with hooks of their own (BatchNorm statistics) see the network as it is. The engine
+does not fold under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ class BatchNormFold:
         """Within the block, the network's batch norms folded (but those of pairs guarded by a tap in
         ``layers``); yields how many are folded. ``x``: the step's input, probed at the first call."""
         if self.pairs is None:
-            self.pairs = self._probe(x.detach())
+            self.pairs = self._probe(x.detach()[:1])  # one element: the pairs do not depend on the batch
         tapped = set(layers)
         pairs = [p for p in self.pairs if not (p.guards & tapped)]
         with self._swapped(pairs):
