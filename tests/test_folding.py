@@ -145,3 +145,14 @@ def test_runs_with_and_without_folding_agree():
         h.remove()
     for a, b in zip(out["off"].images, out["auto"].images):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_a_parametrized_convolution_is_left_alone():
+    net = Net().double().eval()
+    torch.nn.utils.parametrizations.weight_norm(net.proj)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    out0, g0, _ = _run(net, x)
+    out1, g1, n = _run(net, x, BatchNormFold(net))
+    assert n == 2
+    torch.testing.assert_close(out1, out0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)

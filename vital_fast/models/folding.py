@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 from torch.utils._pytree import tree_leaves
 
 __all__ = ["FOLD_CHOICES", "BatchNormFold", "resolve_fold"]
@@ -116,7 +117,8 @@ class BatchNormFold:
         handles = []
         try:
             for m in names:
-                if isinstance(m, _CONVS) and isinstance(getattr(m, "weight", None), torch.Tensor):
+                if (isinstance(m, _CONVS) and isinstance(m._parameters.get("weight"), nn.Parameter)
+                        and not is_parametrized(m)):  # a weight computed from others is not ours to set
                     handles.append(m.register_forward_hook(conv_hook))
                 elif _foldable_bn(m):
                     handles.append(m.register_forward_pre_hook(bn_hook))
