@@ -11,10 +11,9 @@ as steps). The table gives each variant's median over the rounds and its ratio t
 three columns: all of it per target-step (references included, as the first column always was), the step alone
 (``timings["s_per_target_step"]``: what a longer schedule converges to) and the references per target (their
 prototypes, computed once per target and stage). The variant key ``prototypes=reference`` builds that variant's
-prototypes with the plain-torch reference (``torch.sort``, as before the C++ kernel), e.g. ``--vital
-"today:channel_activation_weight=0.0;channel_later_weight=0.0;prototypes='reference'"`` times the channel recipe of
-the issue that asked for the specific channels, as it ran then. Quality is not measured here (:mod:`benchmarks.bench_channels`
-does that).
+prototypes with the plain-torch reference (``torch.sort``, as before the C++ kernel); ``--vital today`` (:data:`TODAY`)
+times the channel recipe of the issue that asked for the specific channels, as it ran then. Quality is not measured
+here (:mod:`benchmarks.bench_channels` does that).
 """
 
 from __future__ import annotations
@@ -36,6 +35,12 @@ from vital_fast.references.cache import DiskCache
 from vital_fast.references.images import ImageSet
 
 
+# ``--vital today``: the channel recipe of the issue that asked for specific channels, as it ran when it was filed (no
+# activation term, no later layers, prototypes by torch.sort, batch norms as they are)
+TODAY = ("today:channel_activation_weight=0.0;channel_later_weight=0.0;channel_later_every=1;prototypes='reference';"
+         "fold_batchnorm='off'")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="efficientnet-lite0")
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
     variants = {a.preset: base}
     proto_backend = {}
     for v in a.vital:
-        name, kw = parse_variant(v)
+        name, kw = parse_variant(TODAY if v == "today" else v)
         proto_backend[name] = kw.pop("prototypes", None)
         if proto_backend[name] not in (None, "reference", "cpp"):
             ap.error(f"--vital {v}: prototypes must be 'reference' or 'cpp', got {proto_backend[name]!r}")
