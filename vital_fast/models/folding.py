@@ -66,20 +66,23 @@ class _Pair:
 
     def __init__(self, conv: nn.Module, bn: nn.Module, conv_name: str, bn_name: str) -> None:
         self.conv, self.bn = conv, bn
-        with torch.no_grad():
-            s = bn.running_var.double().add(bn.eps).rsqrt()
+        with torch.no_grad():  # in float64 on the CPU (MPS has no float64), then in the weight's device and dtype
+            def f64(t: torch.Tensor) -> torch.Tensor:
+                return t.detach().to("cpu", torch.float64)
+
+            s = f64(bn.running_var).add(bn.eps).rsqrt()
             if bn.weight is not None:
-                s = s * bn.weight.double()
-            shift = -bn.running_mean.double() * s
+                s = s * f64(bn.weight)
+            shift = -f64(bn.running_mean) * s
             if bn.bias is not None:
-                shift = shift + bn.bias.double()
+                shift = shift + f64(bn.bias)
             w = conv.weight
             fmt = torch.channels_last if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) \
                 and not w.is_contiguous() else torch.contiguous_format
-            w = (w.double() * s.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype).contiguous(memory_format=fmt)
-            b = shift if conv.bias is None else conv.bias.double() * s + shift
-            self.weight = nn.Parameter(w, requires_grad=False)
-            self.bias = nn.Parameter(b.to(w.dtype), requires_grad=False)
+            folded = (f64(w) * s.view(-1, *([1] * (w.dim() - 1)))).to(w.device, w.dtype).contiguous(memory_format=fmt)
+            b = shift if conv.bias is None else f64(conv.bias) * s + shift
+            self.weight = nn.Parameter(folded, requires_grad=False)
+            self.bias = nn.Parameter(b.to(w.device, w.dtype), requires_grad=False)
         # a tap on one of these modules reads the convolution's own output, which folding changes
         self.guards = set(_prefixes(conv_name)) - set(_prefixes(bn_name))
 
