@@ -148,7 +148,8 @@ VITAL_ONLY = ("channel_activation_weight", "channel_activation_norm", "channel_l
               "channel_later_stages", "channel_later_every", "class_logit_weight")
 # Settings added after runs were saved: left out of the key at their default, so that those runs stay valid
 # (fold_batchnorm changes images only by rounding).
-KEY_OMITS_AT_DEFAULT = {"channel_later_stages": 0, "channel_later_every": 1, "fold_batchnorm": "auto"}
+KEY_OMITS_AT_DEFAULT = {"channel_later_stages": 0, "channel_later_every": 1, "fold_batchnorm": "auto",
+                        "channel_prototype": "mean"}
 
 
 def run_key(model: str, layer: str, chans: Sequence[int], method: str, s, vsize, seed: int, n_pool: int,

@@ -91,6 +91,36 @@ def test_relevance_off_matches_plain_prototypes(lm, refs, tmp_path):
     assert set(weighted.importance) == {"act1", "act2"}  # a different cache entry, with relevance
 
 
+def test_pooled_prototypes_are_the_quantiles_of_all_references_together(lm, refs, tmp_path):
+    """Settings.channel_prototype="pooled": per channel, the quantiles of the K references' values taken as one
+    row (the mixture of their distributions), with and without relevance; "mean" (the default) keeps the
+    barycenter and its cache entry."""
+    from vital_fast.oracle import resample_quantiles
+    from vital_fast.references.images import load_images
+    from vital_fast.references.prototypes import _features, channel_references, prepare_inputs
+
+    imgs = load_images(refs)
+    cache = DiskCache(str(tmp_path))
+
+    def protos(**kw):
+        return channel_references(lm, T, "act3", 2, imgs, record_layers=LAYERS[:2], size=16,
+                                  settings=small(channel_relevance=False, **kw), cache=cache)
+
+    mean, pooled = protos(), protos(channel_prototype="pooled")
+    feats = _features(lm, prepare_inputs(lm, imgs, 16, 0, None), ["act1", "act2"])
+    for l in ("act1", "act2"):
+        f = feats[l].float()
+        rows = f.transpose(0, 1).reshape(f.shape[1], -1).sort(-1).values  # (C, K·D): every reference's values
+        torch.testing.assert_close(pooled.prototypes[l], resample_quantiles(rows, 16))
+        assert not torch.allclose(pooled.prototypes[l], mean.prototypes[l])
+    torch.testing.assert_close(protos().prototypes["act1"], mean.prototypes["act1"])
+    rel = channel_references(lm, T, "act3", 2, imgs, record_layers=LAYERS[:2], size=16,
+                             settings=small(channel_prototype="pooled"), cache=cache)
+    assert rel.prototypes["act1"].shape == pooled.prototypes["act1"].shape and set(rel.importance) == {"act1", "act2"}
+    with pytest.raises(ValueError, match="channel_prototype must be one of mean, pooled"):
+        small(channel_prototype="median")
+
+
 def test_to_dict_records_every_field_and_round_trips():
     """No neutral-value shims (issue 24): every field is recorded; the run identity carries a version instead."""
     import dataclasses

@@ -15,6 +15,7 @@ from vital_fast.runfolder import SETTING_DEFAULTS
 # parametrization registry, or "auto") are checked against what is registered.
 CHOICES = {
     "channel_refs": ("image", "patch"),
+    "channel_prototype": ("mean", "pooled"),
     "lrp_composite": ("paper", "epsilon_plus", "epsilon_plus_flat"),
     "amp": ("off", "bf16", "fp16", "auto"),
     "channels_last": ("auto", "on", "off"),
@@ -151,6 +152,10 @@ class Settings:
     # their time-averaged pull stays the same; the other steps run forward and backward only as far as the unit's
     # own layer (or the last layer before it that is matched), as lrp_every does for relevance
     channel_later_every: int = 1
+    # what a unit's references are matched as, per channel: "mean" (the mean of their sorted rows, the Wasserstein
+    # barycenter of the K distributions: DESIGN.md §1, the paper) or "pooled" (the quantiles of all K references'
+    # values together: the distribution of an image made of pieces of each, rather than of their average)
+    channel_prototype: str = "mean"
     # weight of a logit term for class targets: minus the class logit, added to the matching loss (0: none, the
     # paper; unit targets never get it)
     class_logit_weight: float = 0.0

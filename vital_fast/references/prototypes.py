@@ -181,6 +181,14 @@ def _relevance_of(loaded, x: torch.Tensor, start_layer: str, index, names: Seque
                                family=loaded.family, composite=settings.lrp_composite, location=loc)
 
 
+def _pool_rows(f: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``(K, C, *spatial)`` (or ``(K, N, C)`` tokens, ``channel_dim=-1``) as one image whose rows hold all K
+    images' values: ``(1, C, K·D)`` (or ``(1, K·N, C)``)."""
+    if channel_dim == 1:
+        return f.transpose(0, 1).reshape(1, f.shape[1], -1)
+    return f.reshape(1, -1, f.shape[-1])
+
+
 def channel_references(
     loaded,
     target_key: str,
@@ -207,6 +215,9 @@ def channel_references(
     use_rel = bool(getattr(settings, "channel_relevance", True))
     parts["relevance"] = use_rel
     names = [l for l, _ in record_layers]
+    pooled = getattr(settings, "channel_prototype", "mean") == "pooled"
+    if pooled:  # the key of the barycenter (the default) stays what it was: caches made before stay valid
+        parts["prototype"] = "pooled"
 
     def compute():
         x = prepare_inputs(loaded, images, size, 0, None)
@@ -218,6 +229,8 @@ def channel_references(
             r = rel[l].float().cpu() if use_rel else None
             cd = loaded.channel_dim_of(l)  # tokens (B, N, C): channels last, CLS included
             d = f.numel() // (f.shape[0] * f.shape[cd])
+            if pooled:  # the K references' rows as one row of K·D values per channel
+                f, r = _pool_rows(f, cd), None if r is None else _pool_rows(r, cd)
             protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), relevance=r, channel_dim=cd)
             if use_rel:
                 imp[l] = channel_importance(r, channel_dim=cd)
