@@ -35,6 +35,11 @@ and seeds. Per layer and method, over all seeds:
   nearest-neighbour similarity (well above 1: it reproduces one patch);
 - FD: Fréchet distance, in the judge's features, between the visualizations and the reference patches.
 
+Besides the methods, with the patch row (the default): ``patch (held out)``, a real top-k patch in place of a
+visualization against the channels' other patches; ``mosaic of 4 top-k``, four of a channel's top-k patches
+pasted as the quadrants of one image, against all k (what an image made of pieces of its references scores);
+and ``mosaic, other 4 held out``, the same images against the four patches they hold none of.
+
 ``--vital NAME:KEY=VALUE;...`` adds a VITAL variant with settings overrides (e.g.
 ``--vital images:channel_refs=image`` or ``--vital lrp4:lrp_every=4``); values are parsed as Python
 literals. The key ``size`` sets the visualization's side instead (pixels, or ``rf``: the layer's
@@ -217,6 +222,49 @@ def patch_row(model, layer: str, chans: Sequence[int], maxp, ref_feats, mean_top
     return row
 
 
+def mosaic(images: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """Four images as the quadrants of one ``size`` x ``size`` image."""
+    h = size // 2
+    t = [torch.nn.functional.interpolate(im[None], size=(h, h), mode="bilinear", antialias=True,
+                                         align_corners=False)[0] for im in images]
+    out = torch.cat([torch.cat(t[:2], 2), torch.cat(t[2:4], 2)], 1)
+    return torch.nn.functional.interpolate(out[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def mosaic_rows(judge, layer: str, chans: Sequence[int], maxp, ref_feats, size: int) -> List[dict]:
+    """Two rows of real patches pasted together in place of a visualization: each channel's first four top-k
+    patches as the quadrants of one image (and its last four), judged against all k (``mosaic of 4 top-k``:
+    what an image made of pieces of its references scores) and against the other four only (``mosaic, other 4
+    held out``). The first says how much this 2-AFC rewards reproducing the references, the second what the
+    same kind of image scores on patches it was not made of."""
+    k = min(len(maxp[c]) for c in chans)
+    if k < 8:
+        return []
+    halves = [list(range(4)), list(range(4, 8))]
+    rows = []
+    for name, held in (("mosaic of 4 top-k", False), ("mosaic, other 4 held out", True)):
+        afc_k = afc_n = 0.0
+        feats = []
+        for h, rest in (halves, halves[::-1]):
+            vf = judge_features(judge, [mosaic([maxp[c][i] for i in h], size) for c in chans], "vis")
+            refs = [ref_feats[c][rest] if held else ref_feats[c] for c in chans]
+            r = two_afc(list(vf), refs)
+            afc_k, afc_n = afc_k + r["n_correct"], afc_n + r["n_trials"]
+            feats.append(vf)
+        lo, hi = wilson_interval(afc_k, int(afc_n))
+        copies = [copy_index(f[i], ref_feats[c]) for f in feats for i, c in enumerate(chans)]
+        fd = frechet_distance(np.concatenate(feats), np.concatenate([ref_feats[c] for c in chans]))
+        row = {"layer": layer, "method": name, "afc": afc_k / afc_n, "afc_ci": [lo, hi], "afc_trials": int(afc_n),
+               "minmax": float("nan"), "minmax_ci": [float("nan")] * 2, "minmax_trials": 0,
+               "activation": float("nan"), "activation_median": float("nan"), "fd": fd, "specificity": float("nan"),
+               "spec_ratio": float("nan"), "copy": float(np.mean(copies)), "s_per_target_step": float("nan"),
+               "settings": {}}
+        print(f"| {layer} | {name} | {100 * row['afc']:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}] | - | - | - | - | "
+              f"{row['copy']:.2f} | {fd:.1f} | - |", flush=True)
+        rows.append(row)
+    return rows
+
+
 def topk_indices(scores: torch.Tensor, k: int, crops: int, distinct: bool, largest: bool = True) -> torch.Tensor:
     """Per channel (a column of ``scores`` ``(N, n)``), the ``k`` highest (or lowest) crops; with ``distinct``, from
     ``k`` different photographs (crop ``i`` comes from photograph ``i // crops``): the best crop of each."""
@@ -297,6 +345,7 @@ def main(argv=None) -> int:
         targets = [f"channel:{layer}:{c}" for c in chans]
         if a.patch_row:
             rows.append(patch_row(model, layer, chans, maxp, ref_feats, mean_top))
+            rows += mosaic_rows(judge, layer, chans, maxp, ref_feats, size)
         for vname, (method, kw) in variants.items():
             kw = dict(kw)
             vsize = kw.pop("size", None)  # the visualization's side: pixels, or "rf" (the receptive field's)
@@ -371,9 +420,10 @@ def main(argv=None) -> int:
               f"{100 * r['minmax_ci'][1]:.0f}] of {r['minmax_trials']}")
         print(f"| {r['layer']} | {r['method']} | {100 * r['afc']:.0f} % [{100 * r['afc_ci'][0]:.0f}, "
               f"{100 * r['afc_ci'][1]:.0f}] of {r['afc_trials']} | {mm} | "
-              f"{r['activation']:.2f} | {100 * r['specificity']:.0f} % | {r['spec_ratio']:.2f} | "
-              + " | ".join("-" if not np.isfinite(r[k]) else f"{r[k]:{f}}"
-                           for k, f in (("copy", ".2f"), ("fd", ".1f"), ("s_per_target_step", ".3f"))) + " |")
+              + " | ".join("-" if not np.isfinite(r[k]) else f"{r[k] * m:{f}}{unit}"
+                           for k, f, m, unit in (("activation", ".2f", 1, ""), ("specificity", ".0f", 100, " %"),
+                                                 ("spec_ratio", ".2f", 1, ""), ("copy", ".2f", 1, ""),
+                                                 ("fd", ".1f", 1, ""), ("s_per_target_step", ".3f", 1, ""))) + " |")
     print(f"\npool: {len(pool)} crops of {n_photos} photographs; top-k from "
           f"{'distinct photographs' if a.distinct else 'any crops'}; seeds {a.seeds}; preset {a.preset}; "
           f"judge {a.judge}; threads {torch.get_num_threads()}")
