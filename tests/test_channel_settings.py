@@ -177,6 +177,31 @@ def test_channel_activation_norm_scales_the_term_by_the_layers_width(lm, refs, t
         ActMax(units_only=True, channel_norm=1.5)
 
 
+def test_channel_activation_top_averages_the_strongest_positions(lm, refs, tmp_path):
+    """Settings.channel_activation_top q: the activation term reads the mean of a channel's strongest q share of
+    positions (1.0: the mean over all, the term as it was); the run takes it, and values outside (0, 1] are refused."""
+    from types import SimpleNamespace
+
+    from vital_fast.optim.objectives import StepContext
+    from vital_fast.optim.targets import parse_target
+
+    f = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    slots = [SimpleNamespace(target=parse_target(f"channel:act3:{c}")) for c in (2, 5)]
+    ctx = StepContext(engine=SimpleNamespace(loaded=lm), slots=slots, image=f, view=torch.zeros(2, 3, 8, 8),
+                      features={"act3": f})
+    rows = f[[0, 1], [2, 5]].flatten(1)  # (2, 16)
+    torch.testing.assert_close(ActMax(units_only=True)(ctx), -rows.mean(1))
+    torch.testing.assert_close(ActMax(units_only=True, top=0.25)(ctx), -rows.topk(4, dim=1).values.mean(1))
+    torch.testing.assert_close(ActMax(units_only=True, top=0.01)(ctx), -rows.max(1).values)
+    all_, top = (run(lm, refs, tmp_path, channel_relevance=False, channel_target_weight=1.0,
+                     channel_activation_weight=1.0, channel_activation_top=q).images for q in (1.0, 0.25))
+    assert torch.isfinite(top).all() and not torch.equal(all_, top)
+    with pytest.raises(ValueError, match=r"channel_activation_top must be in \(0, 1\]"):
+        small(channel_activation_top=1.5)
+    with pytest.raises(ValueError, match="ActMax top must be a share"):
+        ActMax(units_only=True, top=0)
+
+
 def test_class_logit_weight_pushes_classes_and_leaves_units(lm, refs, tmp_path):
     """Settings.class_logit_weight adds minus the class logit to a class target's loss (unit targets get nothing from
     it; their recorded plan has no logits); 0 is the recipe without it."""

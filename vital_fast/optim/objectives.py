@@ -326,18 +326,23 @@ class ActMax(Objective):
     another objective (``Settings.channel_activation_weight``). ``classes_only``: unit targets get nothing from it
     (``Settings.class_logit_weight``). ``channel_norm`` N > 0: a unit's activation is scaled by N / C, C the
     channel count of its layer, as a matching loss averages over a layer's channels
-    (``Settings.channel_activation_norm``).
+    (``Settings.channel_activation_norm``). ``top`` < 1: a channel's activation is the mean of its strongest
+    ``top`` share of positions instead of all (``Settings.channel_activation_top``).
     """
 
     def __init__(self, unit: Union[None, str, Target] = None, class_loss: str = "logit",
-                 units_only: bool = False, classes_only: bool = False, channel_norm: int = 0) -> None:
+                 units_only: bool = False, classes_only: bool = False, channel_norm: int = 0,
+                 top: float = 1.0) -> None:
         if class_loss not in ("logit", "ce"):
             raise ValueError(f"ActMax class_loss must be 'logit' or 'ce', got {class_loss!r}")
         if units_only and classes_only:
             raise ValueError("ActMax: units_only and classes_only exclude each other")
         if isinstance(channel_norm, bool) or not isinstance(channel_norm, int) or channel_norm < 0:
             raise ValueError(f"ActMax channel_norm must be a whole number >= 0, got {channel_norm!r}")
+        if isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 1:
+            raise ValueError(f"ActMax top must be a share of positions in (0, 1], got {top!r}")
         self.channel_norm = channel_norm
+        self.top = float(top)
         self.unit = parse_target(unit) if unit is not None else None
         self.class_loss = class_loss
         self.units_only = bool(units_only)
@@ -401,7 +406,10 @@ class ActMax(Objective):
             grid = tuple(f.shape[2:]) if f.dim() == 4 else (f.shape[2], 1)
             f = f.reshape(B, R, f.shape[1], -1)[idx]                                      # (n, R, C, D)
             if all(t.whole_channel is not None for t in ts):
-                act = f.gather(2, ch.view(-1, 1, 1, 1).expand(-1, R, 1, f.shape[-1]))[:, :, 0].mean(-1)
+                act = f.gather(2, ch.view(-1, 1, 1, 1).expand(-1, R, 1, f.shape[-1]))[:, :, 0]     # (n, R, D)
+                if self.top < 1:
+                    act = act.topk(max(1, round(self.top * act.shape[-1])), dim=-1).values
+                act = act.mean(-1)
             else:
                 act = _unit_activation(f, ts, grid, ctx.view.shape[-1], ctx.engine.loaded.input_size)
             if self.channel_norm:

@@ -83,6 +83,8 @@ def check_setting(name: str, value: Any) -> None:
             get_parametrization(value)
     if name in MINIMUM and value < MINIMUM[name]:
         raise ValueError(f"setting {name} must be >= {MINIMUM[name]}, got {value!r}")
+    if name == "channel_activation_top" and not 0 < value <= 1:
+        raise ValueError(f"setting channel_activation_top must be in (0, 1], got {value!r}")
     if name == "lr" and not value > 0:
         raise ValueError(f"setting lr must be > 0, got {value!r}")
     if name == "betas" and not all(0 <= b < 1 for b in value):
@@ -139,6 +141,9 @@ class Settings:
     # at a fixed weight the term grows with the layer's width: on lite0 the unit's activation reached 0.53x, 1.7x
     # and 3.5x its references' at the 24-, 80- and 192-channel _blocks.2, _blocks.7 and _blocks.14
     channel_activation_norm: int = 0
+    # the share of a channel target's positions that term averages, its strongest ones (1.0: every position, the
+    # mean; 0.1: the top tenth), so that it can push a few places of the image and leave the rest to the matching
+    channel_activation_top: float = 1.0
     # weight of the matched layers after a unit target's own layer (the class targets' layers that run later), matched
     # against the unit's top-k references too (0: none, the paper: only the layers up to the unit's)
     channel_later_weight: float = 0.0
