@@ -229,11 +229,11 @@ def channel_references(
             r = rel[l].float().cpu() if use_rel else None
             cd = loaded.channel_dim_of(l)  # tokens (B, N, C): channels last, CLS included
             d = f.numel() // (f.shape[0] * f.shape[cd])
+            if use_rel:  # per reference image, as with the mean: pooling changes the prototypes only
+                imp[l] = channel_importance(r, channel_dim=cd)
             if pooled:  # the K references' rows as one row of K·D values per channel
                 f, r = _pool_rows(f, cd), None if r is None else _pool_rows(r, cd)
             protos[l] = sorted_prototype(f, q=min(settings.quantiles, d), relevance=r, channel_dim=cd)
-            if use_rel:
-                imp[l] = channel_importance(r, channel_dim=cd)
         return {"prototypes": protos, "importance": imp, "n": int(x.shape[0])}
 
     def validate(val):
