@@ -149,12 +149,13 @@ def patches(model, pool: ImageSet, idx, locs, grid, rf: int, size: int, mode: st
 
 # Settings that only VITAL's loss reads: a baseline's saved run is keyed without them, so that a change to the
 # preset's VITAL terms does not rerun the baselines.
-VITAL_ONLY = ("channel_activation_weight", "channel_activation_norm", "channel_activation_top", "channel_later_weight",
+VITAL_ONLY = ("channel_activation_weight", "channel_activation_norm", "channel_activation_top", "channel_activation_rfs",
+              "channel_later_weight",
               "channel_later_layers", "channel_later_stages", "channel_later_every", "class_logit_weight")
 # Settings added after runs were saved: left out of the key at their default, so that those runs stay valid
 # (fold_batchnorm changes images only by rounding).
 KEY_OMITS_AT_DEFAULT = {"channel_later_stages": 0, "channel_later_every": 1, "fold_batchnorm": "auto",
-                        "channel_prototype": "mean", "channel_activation_top": 1.0}
+                        "channel_prototype": "mean", "channel_activation_top": 1.0, "channel_activation_rfs": 0.0}
 
 
 def run_key(model: str, layer: str, chans: Sequence[int], method: str, s, vsize, seed: int, n_pool: int,

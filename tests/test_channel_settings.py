@@ -312,3 +312,41 @@ def test_channel_later_every_matches_later_layers_at_every_nth_step(lm, refs, tm
     for i, t in enumerate(both):
         alone = visualize(lm, [t], {t: refs}, settings=s, class_layers=LAYERS, cache=DiskCache(str(tmp_path)))
         torch.testing.assert_close(together.images[i], alone.images[0], rtol=0, atol=1e-6)
+
+
+def test_channel_activation_rfs_reads_what_the_receptive_fields_cover(lm, refs, tmp_path):
+    """Settings.channel_activation_rfs n: the activation term reads the strongest min(1, n (rf / side)^2) share of a
+    channel's positions, rf the unit's receptive field measured at setup, scaled by the square root of that share at
+    the model's input size; the run takes it; bad values are refused."""
+    from types import SimpleNamespace
+
+    from vital_fast.optim.objectives import StepContext
+    from vital_fast.optim.targets import parse_target
+    from vital_fast.references.mining import receptive_field
+
+    f = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    slots = [SimpleNamespace(target=parse_target(f"channel:act3:{c}")) for c in (2, 5)]
+    rows = f[[0, 1], [2, 5]].flatten(1)  # (2, 16)
+    rf = receptive_field(lm, "act3", 32)
+    assert 1 < rf < 32
+    for side, n in ((32, 1.0), (32, 4.0), (16, 1.0), (8, 1.0)):
+        ctx = StepContext(engine=SimpleNamespace(loaded=lm), slots=slots, image=f, view=torch.zeros(2, 3, side, side),
+                          features={"act3": f})
+        obj = ActMax(units_only=True, rfs=n)
+        obj.setup(SimpleNamespace(loaded=lm), [s.target for s in slots])
+        k = max(1, round(min(1.0, n * (rf / side) ** 2) * 16))
+        scale = min(1.0, n * (rf / 32) ** 2) ** 0.5  # at the model's input size: the mean's gradient L2 norm
+        torch.testing.assert_close(obj(ctx), -rows.topk(k, dim=1).values.mean(1) * scale)
+        if side == 8:  # the receptive field covers the whole image: the mean
+            assert k == 16
+    state = torch.random.get_rng_state()
+    receptive_field(lm, "act3", 32)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probe leaves the run's random stream alone
+    all_, some, whole = (run(lm, refs, tmp_path, channel_relevance=False, channel_target_weight=1.0,
+                             channel_activation_weight=1.0, channel_activation_rfs=n).images for n in (0.0, 1.0, 100.0))
+    assert torch.isfinite(some).all() and not torch.equal(all_, some)
+    assert torch.equal(all_, whole)  # receptive fields that cover the image: the mean, the run as without them
+    with pytest.raises(ValueError, match=r"channel_activation_rfs must be >= 0"):
+        small(channel_activation_rfs=-1.0)
+    with pytest.raises(ValueError, match="give one of them"):
+        ActMax(units_only=True, top=0.5, rfs=1.0)

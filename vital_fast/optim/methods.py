@@ -210,7 +210,7 @@ def _vital(s: Settings, o, param, ctx) -> Recipe:
     obj: Objective = SortMatch(s, ctx.get("class_layers"), ctx.get("cache"))
     if s.channel_activation_weight:
         obj = obj + s.channel_activation_weight * ActMax(units_only=True, channel_norm=s.channel_activation_norm,
-                                                         top=s.channel_activation_top)
+                                                         top=s.channel_activation_top, rfs=s.channel_activation_rfs)
     if s.class_logit_weight:
         obj = obj + s.class_logit_weight * ActMax(classes_only=True)
     if s.tv_l1 or s.tv_l2 or s.l2:

@@ -327,12 +327,16 @@ class ActMax(Objective):
     (``Settings.class_logit_weight``). ``channel_norm`` N > 0: a unit's activation is scaled by N / C, C the
     channel count of its layer, as a matching loss averages over a layer's channels
     (``Settings.channel_activation_norm``). ``top`` < 1: a channel's activation is the mean of its strongest
-    ``top`` share of positions instead of all (``Settings.channel_activation_top``).
+    ``top`` share of positions instead of all (``Settings.channel_activation_top``). ``rfs`` > 0 instead: that
+    share is what ``rfs`` receptive fields of the unit cover of the image, ``min(1, rfs * (rf / side) ** 2)``, so
+    a small unit's term reads about one patch's worth of positions and a unit that sees the whole image its mean;
+    the term is then scaled by the square root of the share at the model's input size, which gives its gradient
+    on the unit's map the L2 norm of the mean's (``Settings.channel_activation_rfs``).
     """
 
     def __init__(self, unit: Union[None, str, Target] = None, class_loss: str = "logit",
                  units_only: bool = False, classes_only: bool = False, channel_norm: int = 0,
-                 top: float = 1.0) -> None:
+                 top: float = 1.0, rfs: float = 0.0) -> None:
         if class_loss not in ("logit", "ce"):
             raise ValueError(f"ActMax class_loss must be 'logit' or 'ce', got {class_loss!r}")
         if units_only and classes_only:
@@ -341,6 +345,14 @@ class ActMax(Objective):
             raise ValueError(f"ActMax channel_norm must be a whole number >= 0, got {channel_norm!r}")
         if isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 1:
             raise ValueError(f"ActMax top must be a share of positions in (0, 1], got {top!r}")
+        if isinstance(rfs, bool) or not isinstance(rfs, (int, float)) or not rfs >= 0:
+            raise ValueError(f"ActMax rfs must be a number of receptive fields >= 0, got {rfs!r}")
+        if rfs and top < 1:
+            raise ValueError("ActMax: top and rfs each set the share of positions; give one of them (Settings: "
+                             "channel_activation_top < 1 needs channel_activation_rfs=0)")
+        self.rfs = float(rfs)
+        self._rf: Dict[str, int] = {}
+        self._scale: Dict[str, float] = {}
         self.channel_norm = channel_norm
         self.top = float(top)
         self.unit = parse_target(unit) if unit is not None else None
@@ -365,6 +377,22 @@ class ActMax(Objective):
 
         if self.unit is not None:
             check_targets(engine.loaded, [self.unit])
+        if self.rfs and not self.classes_only:
+            from vital_fast.references.mining import receptive_field
+
+            size = engine.loaded.input_size
+            for layer in {t.layer for t in self._targets_of(targets) if t.is_unit} - set(self._rf):
+                self._rf[layer] = receptive_field(engine.loaded, layer, size)
+                self._scale[layer] = self._share(layer, size) ** 0.5
+
+    def _targets_of(self, targets: Sequence[Target]) -> List[Target]:
+        return [self.unit] if self.unit is not None else list(targets)
+
+    def _share(self, layer: str, side: int) -> float:
+        """The share of a channel's positions the term reads on an image of ``side`` pixels."""
+        if not self.rfs:
+            return self.top
+        return min(1.0, self.rfs * (self._rf.get(layer, side) / side) ** 2)
 
     def plan(self, engine, target):
         t = self.unit or target
@@ -407,9 +435,10 @@ class ActMax(Objective):
             f = f.reshape(B, R, f.shape[1], -1)[idx]                                      # (n, R, C, D)
             if all(t.whole_channel is not None for t in ts):
                 act = f.gather(2, ch.view(-1, 1, 1, 1).expand(-1, R, 1, f.shape[-1]))[:, :, 0]     # (n, R, D)
-                if self.top < 1:
-                    act = act.topk(max(1, round(self.top * act.shape[-1])), dim=-1).values
-                act = act.mean(-1)
+                share = self._share(layer, ctx.view.shape[-1])
+                if share < 1:
+                    act = act.topk(max(1, round(share * act.shape[-1])), dim=-1).values
+                act = act.mean(-1) * self._scale.get(layer, 1.0)
             else:
                 act = _unit_activation(f, ts, grid, ctx.view.shape[-1], ctx.engine.loaded.input_size)
             if self.channel_norm:

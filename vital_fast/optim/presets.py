@@ -26,7 +26,7 @@ MINIMUM = {
     "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
     "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
     "channel_target_weight": 0.0, "channel_activation_weight": 0.0, "channel_later_weight": 0.0, "class_logit_weight": 0.0,
-    "channel_activation_norm": 0, "channel_later_layers": 0, "channel_later_stages": 0, "channel_later_every": 1,
+    "channel_activation_norm": 0, "channel_activation_rfs": 0.0, "channel_later_layers": 0, "channel_later_stages": 0, "channel_later_every": 1,
     "loss_every": 1,
     "resample_cache_mb": 0,
 }
@@ -144,6 +144,9 @@ class Settings:
     # the share of a channel target's positions that term averages, its strongest ones (1.0: every position, the
     # mean; 0.1: the top tenth), so that it can push a few places of the image and leave the rest to the matching
     channel_activation_top: float = 1.0
+    # > 0: that share is instead what this many of the unit's receptive fields cover of the image (min(1, n * (rf /
+    # side)^2)): about one patch's worth of positions at an early layer, every position (the mean) at a late one
+    channel_activation_rfs: float = 0.0
     # weight of the matched layers after a unit target's own layer (the class targets' layers that run later), matched
     # against the unit's top-k references too (0: none, the paper: only the layers up to the unit's)
     channel_later_weight: float = 0.0

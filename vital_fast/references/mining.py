@@ -53,11 +53,12 @@ class TopK:
 
 
 def receptive_field(loaded, layer: str, size: int) -> int:
-    """Side in input pixels of the region that influences the center unit of ``layer`` (measured by a gradient)."""
+    """Side in input pixels of the region that influences the center unit of ``layer`` (measured by a gradient; the
+    probe's noise comes from a generator of its own, so the caller's random stream is left as it was)."""
     from vital_fast.models import FeatureTaps
 
     dev = next(iter(loaded.model.parameters())).device
-    x = torch.randn(1, 3, size, size, device=dev, requires_grad=True)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev).requires_grad_()
     with FeatureTaps(loaded.model, [layer], stop_after=True) as taps:
         a = taps.run(x.to(loaded.dtype))[layer]
     if a.dim() != 4:
