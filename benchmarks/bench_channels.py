@@ -38,7 +38,9 @@ and seeds. Per layer and method, over all seeds:
 Besides the methods, with the patch row (the default): ``patch (held out)``, a real top-k patch in place of a
 visualization against the channels' other patches; ``mosaic of 4 top-k``, four of a channel's top-k patches
 pasted as the quadrants of one image, against all k (what an image made of pieces of its references scores);
-and ``mosaic, other 4 held out``, the same images against the four patches they hold none of.
+and ``mosaic, other 4 held out``, the same images against the four patches they hold none of. ``--crop-row``: for
+each VITAL variant, ``NAME, strongest crop``, the square of the receptive field around the channel's strongest
+position on its visualization, resized as the patches are (the image cut as its references were).
 
 ``--vital NAME:KEY=VALUE;...`` adds a VITAL variant with settings overrides (e.g.
 ``--vital images:channel_refs=image`` or ``--vital lrp4:lrp_every=4``); values are parsed as Python
@@ -223,6 +225,24 @@ def patch_row(model, layer: str, chans: Sequence[int], maxp, ref_feats, mean_top
     return row
 
 
+def strongest_crops(model, images: torch.Tensor, layer: str, chans: Sequence[int], rf: int, size: int):
+    """Image i's square of ``rf`` pixels around channel ``chans[i]``'s strongest position, resized to ``size``:
+    the visualization cut as its references were."""
+    with torch.no_grad(), FeatureTaps(model.model, [layer], stop_after=True) as taps:
+        a = taps.run(model.normalize(images))[layer].float()
+    h, w = a.shape[-2:]
+    side = max(1, min(rf, images.shape[-1]))
+    out = []
+    for i, c in enumerate(chans):
+        y, x = divmod(int(a[i, c].flatten().argmax()), w)
+        cy, cx = (y + 0.5) * images.shape[-2] / h, (x + 0.5) * images.shape[-1] / w
+        y0 = int(round(min(max(cy - side / 2, 0), images.shape[-2] - side)))
+        x0 = int(round(min(max(cx - side / 2, 0), images.shape[-1] - side)))
+        out.append(torch.nn.functional.interpolate(images[i:i + 1, :, y0:y0 + side, x0:x0 + side], size=(size, size),
+                                                   mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1))
+    return out
+
+
 def mosaic(images: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """Four images as the quadrants of one ``size`` x ``size`` image."""
     h = size // 2
@@ -309,6 +329,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-patch-row", dest="patch_row", action="store_false",
                     help="leave out the row of real top-k patches held out in turn (the judge's ceiling)")
+    ap.add_argument("--crop-row", action="store_true",
+                    help="for each VITAL variant a row more: the 2-AFC of each visualization's receptive-field square "
+                    "around its channel's strongest position, cut as its references were")
     ap.add_argument("--json", default=None, help="write the table's numbers as JSON")
     a = ap.parse_args(argv)
     if a.threads:
@@ -365,7 +388,7 @@ def main(argv=None) -> int:
             for t in refs:
                 refs[t].names = [f"{t}#{i}" for i in range(len(refs[t]))]
                 refs[t].hashes = [hashlib.sha256(im.numpy().tobytes()).hexdigest()[:16] for im in refs[t].images]
-            afc_k = afc_n = mm_k = 0.0
+            afc_k = afc_n = mm_k = crop_k = crop_n = 0.0
             acts, vis_all, secs, spec, ratios, copies = [], [], [], [], [], []
             for seed in a.seeds:
                 key = run_key(a.model, layer, chans, method, s, vsize, seed, len(pool), a.k)
@@ -395,6 +418,10 @@ def main(argv=None) -> int:
                 ratios += [float(v) for v in rat if np.isfinite(v)]
                 copies += [copy_index(vf[i], ref_feats[c]) for i, c in enumerate(chans)]
                 vis_all.append(vf)
+                if a.crop_row and method == "vital":
+                    cf = judge_features(judge, strongest_crops(model, images, layer, chans, rf, size), "vis")
+                    r = two_afc(list(cf), [ref_feats[c] for c in chans])
+                    crop_k, crop_n = crop_k + r["n_correct"], crop_n + r["n_trials"]
                 if seed == a.seeds[0]:
                     figure_rows.append((layer, vname, chans, images, maxp))
             mm_n = len(chans) * len(a.seeds)
@@ -413,6 +440,16 @@ def main(argv=None) -> int:
                   f"{100 * row['minmax']:.0f} % [{100 * mlo:.0f}, {100 * mhi:.0f}] | {row['activation']:.2f} | "
                   f"{100 * row['specificity']:.0f} % | {row['spec_ratio']:.2f} | {row['copy']:.2f} | "
                   f"{fd:.1f} | {row['s_per_target_step']:.3f} |", flush=True)
+            if crop_n:
+                lo, hi = wilson_interval(crop_k, int(crop_n))
+                nan = float("nan")
+                rows.append({"layer": layer, "method": f"{vname}, strongest crop", "afc": crop_k / crop_n,
+                             "afc_ci": [lo, hi], "afc_trials": int(crop_n), "minmax": nan, "minmax_ci": [nan] * 2,
+                             "minmax_trials": 0, "activation": nan, "activation_median": nan, "fd": nan,
+                             "specificity": nan, "spec_ratio": nan, "copy": nan, "s_per_target_step": nan,
+                             "settings": kw})
+                print(f"| {layer} | {vname}, strongest crop | {100 * crop_k / crop_n:.0f} % [{100 * lo:.0f}, "
+                      f"{100 * hi:.0f}] | - | - | - | - | - | - | - |", flush=True)
     print("\n| layer | method | 2-AFC own vs other, 95 % CI | 2-AFC max vs min | activation / top-k mean | "
           "specificity | own / strongest other | copy | FD to patches | s per target-step |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
