@@ -1,10 +1,11 @@
 """Direction targets against channel targets on efficientnet-lite0, with offline photographs.
 
-    python -m benchmarks.bench_directions [--layer _blocks.10] [--crops 24] [--channels 4] [--random 4]
+    python -m benchmarks.bench_directions [--layer _blocks.10] [--crops 8] [--channels 4] [--random 4]
                                           [--steps N] [--seed 0] [--threads 2]
 
-The pool: ``--crops`` random crops of each offline photograph (:func:`offline_photo_paths`, 9 photos),
-in memory. The targets, all with VITAL's ``fast`` preset (``--steps`` scales it), at ``--layer``:
+The pool: ``--crops`` random crops of each offline photograph, in memory: those of the Python packages
+(:func:`offline_photo_paths`) and, when Debian's wallpaper packages are installed, their photographs too (the pool of
+:mod:`benchmarks.bench_channels`, 46 photographs). The targets, all with VITAL's ``fast`` preset (``--steps`` scales it), at ``--layer``:
 
 * ``--channels`` channels picked by a rule fixed in advance: the largest mean top-k activation over the pool;
 * ``--random`` random directions (Gaussian, unit length, seeded);
@@ -24,6 +25,7 @@ import sys
 
 import torch
 
+from benchmarks.bench_channels import build_pool
 from vital_fast.cli.demo import DEMO_LAYER
 from vital_fast.evaluate.afc import afc_of_images
 from vital_fast.models import load_model
@@ -50,7 +52,7 @@ def crops_of(paths, n, size, seed):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layer", default=DEMO_LAYER)
-    ap.add_argument("--crops", type=int, default=24)
+    ap.add_argument("--crops", type=int, default=8)
     ap.add_argument("--channels", type=int, default=4)
     ap.add_argument("--random", type=int, default=4)
     ap.add_argument("--steps", type=int, default=None)
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
         s = s.replace(**scaled_stages(s, a.steps))
     size = model.input_size
     paths = offline_photo_paths()
-    pool = crops_of(paths, a.crops, size + 32, a.seed)
+    pool, n_photos = build_pool(size + 32, a.crops, a.seed)
     k = min(s.n_refs, len(pool))
 
     top = mine_topk(model, a.layer, pool, None, k, size, cache)
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         f"1 probe direction (cat vs other photos; held-out accuracy {probe.accuracy:.2f} on {probe.n_test})": [probe_t],
     }
     targets = [t for ts in groups.values() for t in ts]
-    print(f"efficientnet-lite0 {a.layer}: pool of {len(pool)} crops of {len(paths)} photographs, top-{k} references, "
+    print(f"efficientnet-lite0 {a.layer}: pool of {len(pool)} crops of {n_photos} photographs, top-{k} references, "
           f"fast preset ({s.steps} steps), seed {a.seed}, {a.threads} threads", file=sys.stderr)
     res = visualize(model, targets, pool=pool, settings=s, seed=a.seed, size=size, cache=cache)
     refs = {t.key: r for t, r in zip(res.targets, res.references)}
