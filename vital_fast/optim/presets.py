@@ -26,7 +26,8 @@ MINIMUM = {
     "warmup": 0, "jitter": 0.0, "scale": 0.0, "rotate": 0.0, "init_std": 0.0, "tv_l1": 0.0, "tv_l2": 0.0,
     "l2": 0.0, "quantiles": 2, "n_refs": 1, "ref_crops": 0, "lrp_every": 1, "channel_stem_weight": 0.0,
     "channel_target_weight": 0.0, "channel_activation_weight": 0.0, "channel_later_weight": 0.0, "class_logit_weight": 0.0,
-    "channel_activation_norm": 0, "channel_activation_rfs": 0.0, "channel_later_layers": 0, "channel_later_stages": 0, "channel_later_every": 1,
+    "channel_activation_norm": 0, "channel_activation_rfs": 0.0, "channel_later_layers": 0, "channel_later_stages": 0,
+    "channel_later_every": 1,
     "loss_every": 1,
     "resample_cache_mb": 0,
 }
